@@ -1,0 +1,1 @@
+"""cfrl_jax: classifier-first RL post-training of Qwen models, with exact empirical-NTK probes."""
