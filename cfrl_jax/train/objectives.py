@@ -1,0 +1,102 @@
+"""Loss functions of (params, batch) for the learner, one per algorithm.
+
+Each builder closes over the model config and the algorithm's settings and
+returns loss_fn(params, batch) -> (loss, metrics), where batch is a dict of
+arrays from the rollout (see Batch keys below). The policy forward pass is
+shared (`rollout.completion_stats`); the maths lives in cfrl_jax/rl/.
+
+Batch keys: tokens (B, P+N), mask (B, P+N), completion_mask (B, N), old_logp (B, N),
+advantages (B,) or (B, N), optionally ref_logp (B, N), returns (B, N), old_values (B, N).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from cfrl_jax.models import qwen
+from cfrl_jax.rl import grpo, ppo, reinforce, sft
+from cfrl_jax.train.rollout import completion_stats
+
+
+def _policy_metrics(logp, entropy, max_prob, mask):
+  n = jnp.maximum(mask.sum(), 1.0)
+  return {'entropy': (entropy * mask).sum() / n, 'mean_prob': (jnp.exp(logp) * mask).sum() / n,
+          'max_prob': (max_prob * mask).sum() / n}
+
+
+def grpo_objective(cfg: qwen.QwenConfig, prompt_len: int, rl):
+  """GRPO / DAPO / Dr. GRPO clipped surrogate with an optional KL to the reference."""
+
+  def loss_fn(params, batch):
+    logp, entropy, max_prob, _ = completion_stats(cfg, params, batch['tokens'], batch['mask'], prompt_len)
+    mask = batch['completion_mask']
+    loss, m = grpo.grpo_loss(
+        logp, batch['old_logp'], batch.get('ref_logp'), batch['advantages'], mask,
+        clip_low=rl.clip_low, clip_high=rl.clip_high, kl_coef=rl.kl_coef,
+        kl_estimator=rl.kl_estimator, aggregation=rl.aggregation,
+        max_tokens=rl.max_new_tokens)
+    return loss, dict(m, **_policy_metrics(logp, entropy, max_prob, mask))
+
+  return loss_fn
+
+
+def reinforce_objective(cfg: qwen.QwenConfig, prompt_len: int, rl):
+  """REINFORCE with the advantages computed by the trainer (baseline or RLOO)."""
+
+  def loss_fn(params, batch):
+    logp, entropy, max_prob, _ = completion_stats(cfg, params, batch['tokens'], batch['mask'], prompt_len)
+    mask = batch['completion_mask']
+    # The trainer already subtracted the configured baseline (or RLOO's leave-one-out mean).
+    loss, m = reinforce.reinforce_loss(
+        logp, batch['advantages'], mask, baseline='none', aggregation=rl.aggregation,
+        max_tokens=rl.max_new_tokens, ref_logp=batch.get('ref_logp'), kl_coef=rl.kl_coef,
+        kl_estimator=rl.kl_estimator)
+    return loss, dict(m, **_policy_metrics(logp, entropy, max_prob, mask))
+
+  return loss_fn
+
+
+def ppo_policy_objective(cfg: qwen.QwenConfig, prompt_len: int, rl):
+  """PPO's clipped policy loss on GAE token advantages.
+
+  The critic is trained separately; a KL penalty, if any, is already in the token
+  rewards behind the advantages (the classic PPO-RLHF placement).
+  """
+
+  def loss_fn(params, batch):
+    logp, entropy, max_prob, _ = completion_stats(cfg, params, batch['tokens'], batch['mask'], prompt_len)
+    mask = batch['completion_mask']
+    loss, m = ppo.ppo_policy_loss(logp, batch['old_logp'], batch['advantages'], mask,
+                                  clip_low=rl.clip_low, clip_high=rl.clip_high)
+    return loss, dict(m, **_policy_metrics(logp, entropy, max_prob, mask))
+
+  return loss_fn
+
+
+def critic_values(cfg: qwen.QwenConfig, critic, tokens, mask, prompt_len: int):
+  """V(s) before each completion token: (B, N). critic = {'backbone', 'value_head'}."""
+  phi, _ = qwen.features(cfg, critic['backbone'], tokens, mask)
+  return ppo.value_head(critic['value_head'], phi[:, prompt_len - 1:-1])
+
+
+def critic_objective(cfg: qwen.QwenConfig, prompt_len: int, rl):
+  """Clipped value loss of the critic (its own backbone copy plus a scalar head)."""
+
+  def loss_fn(critic, batch):
+    values = critic_values(cfg, critic, batch['tokens'], batch['mask'], prompt_len)
+    loss, m = ppo.value_loss(values, batch['old_values'], batch['returns'], batch['completion_mask'],
+                             clip=rl.ppo.value_clip)
+    return loss, m
+
+  return loss_fn
+
+
+def sft_objective(cfg: qwen.QwenConfig, prompt_len: int, aggregation: str = 'token_mean'):
+  """Cross-entropy on completion tokens (Expert Iteration, LP-FT, pretraining)."""
+
+  def loss_fn(params, batch):
+    logp, entropy, max_prob, _ = completion_stats(cfg, params, batch['tokens'], batch['mask'], prompt_len)
+    mask = batch['completion_mask']
+    loss, m = sft.sft_loss(logp, mask, aggregation=aggregation)
+    return loss, dict(m, **_policy_metrics(logp, entropy, max_prob, mask))
+
+  return loss_fn

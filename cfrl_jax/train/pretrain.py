@@ -1,0 +1,118 @@
+"""Pretraining a tiny Qwen2-architecture model from scratch on a task's multi-format corpus.
+
+This is the Echo Chamber recipe at toy scale: the base model learns every
+solution format of the task's pretraining mixture, so that RL afterwards can be
+seen to select among them. The result is a real HF checkpoint directory
+(config.json, model.safetensors, tokenizer files) cached under
+`config.pretrain.cache_dir/base-<hash>`, the hash covering everything that
+changes the base (task, mixture, architecture, tokenizer size, pretraining
+settings, seed), so only the first run pays for it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from cfrl_jax import tokenization
+from cfrl_jax.models import hf, qwen
+from cfrl_jax.tasks import tokenizer as task_tokenizer
+from cfrl_jax.train import learner, objectives, sft_data
+
+LENGTH_BUCKET = 8
+
+
+def cache_key(config) -> str:
+  parts = {
+      'task': config.task.to_dict(), 'arch': config.model.arch.to_dict(),
+      'vocab': config.tokenizer.vocab_size, 'seed': config.seed,
+      'pretrain': {k: v for k, v in config.pretrain.to_dict().items() if k != 'cache_dir'},
+      'version': 1,
+  }
+  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def is_complete(path: str) -> bool:
+  return all(os.path.exists(os.path.join(path, f)) for f in ('config.json', 'model.safetensors', 'tokenizer.json',
+                                                             'pretrain.json'))
+
+
+def pretrained_base(config, task, *, progress: bool | None = None) -> str:
+  """Directory of the cached base model for this config, pretraining it first if needed."""
+  path = os.path.join(config.pretrain.cache_dir, f'base-{cache_key(config)}')
+  if is_complete(path):
+    return path
+  progress = config.log.progress if progress is None else progress
+  tmp = path + '.partial'
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  summary = pretrain(config, task, tmp, progress=progress)
+  with open(os.path.join(tmp, 'pretrain.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  shutil.rmtree(path, ignore_errors=True)
+  os.replace(tmp, path)   # the cache entry appears only once it is complete
+  return path
+
+
+def _length_sorted_batches(lengths: np.ndarray, batch_size: int, rng: np.random.RandomState) -> list[np.ndarray]:
+  """Batches of similar-length examples in random order (saves ~1.3x of padding)."""
+  order = np.argsort(lengths + rng.uniform(0, 1, len(lengths)), kind='stable')
+  batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+  rng.shuffle(batches)
+  return batches
+
+
+def pretrain(config, task, out_dir: str, *, progress: bool = True) -> dict:
+  """Trains tokenizer + model from scratch on task.pretraining_corpus; writes an HF dir. Returns a summary."""
+  from cfrl_jax.policy import arch_config, make_policy
+  pc = config.pretrain
+  t0 = time.time()
+  pairs = task.pretraining_corpus(pc.num_examples, config.seed)
+  texts = [p + c for p, c in pairs]
+  tok = task_tokenizer.train_tokenizer(texts, out_dir, vocab_size=config.tokenizer.vocab_size)
+  tok = tokenization.load_tokenizer(out_dir)
+  cfg = arch_config(config, len(tok), tokenization.stop_ids(tok), tokenization.pad_id(tok))
+  params = qwen.init_params(cfg, jax.random.PRNGKey(config.seed))
+  policy = make_policy(cfg, tok, None)   # pretraining text is plain, never chat-formatted
+
+  completion_lengths = np.array([len(tok(c, add_special_tokens=False)['input_ids']) + 1 for _, c in pairs])
+  rng = np.random.RandomState(config.seed)
+  batches = []
+  while len(batches) < pc.steps:
+    batches += _length_sorted_batches(completion_lengths, pc.batch_size, rng)
+  batches = batches[:pc.steps]
+
+  ocfg = learner.OptimConfig(weight_decay=pc.weight_decay, grad_clip=1.0)
+  tx, opt_state = learner.init_stage(cfg, params, 0, ocfg)
+  updates = {}
+  losses = []
+  bar = tqdm(range(pc.steps), desc='pretrain', disable=not progress, dynamic_ncols=True)
+  for step in bar:
+    idx = batches[step]
+    n_new = int(math.ceil(completion_lengths[idx].max() / LENGTH_BUCKET) * LENGTH_BUCKET)
+    data = sft_data.encode_pairs(policy, [pairs[i] for i in idx], max_new_tokens=n_new)
+    P = data.pop('prompt_len')
+    if P not in updates:
+      updates[P] = learner.make_update(cfg, objectives.sft_objective(cfg, P), tx, 0)
+    # Warmup then cosine decay to 10%: a from-scratch run needs the decay to settle.
+    frac = min(1.0, (step + 1) / max(pc.warmup_steps, 1))
+    lr = pc.lr * frac * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / pc.steps)))
+    res = updates[P](params, opt_state, {k: jnp.asarray(v) for k, v in data.items()},
+                     {'head': jnp.float32(lr), 'backbone': jnp.float32(lr)})
+    if not bool(res.finite):
+      raise FloatingPointError(f'Pretraining step {step}: non-finite loss; lower config.pretrain.lr (now {pc.lr}).')
+    params, opt_state = res.params, res.opt_state
+    losses.append(float(res.loss))
+    bar.set_postfix(loss=f'{np.mean(losses[-10:]):.3f}')
+  bar.close()
+  hf.save_pretrained(cfg, params, out_dir)
+  return {'steps': pc.steps, 'examples': pc.steps * pc.batch_size, 'final_loss': float(np.mean(losses[-10:])),
+          'seconds': time.time() - t0, 'num_params': qwen.count_params(params), 'cache_key': cache_key(config)}

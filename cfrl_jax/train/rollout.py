@@ -1,0 +1,75 @@
+"""Rollouts: prompts -> sampled completions -> rewards, as arrays the losses consume.
+
+Sequences are laid out as [left-padded prompt | right-padded completion]:
+
+    tokens (B, P + N), mask (B, P + N); completion token j sits at column P + j
+    and is predicted from position P + j - 1.
+
+Rows are group-major: prompt i's G samples are rows i*G .. i*G + G - 1.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cfrl_jax import sampling, tokenization
+from cfrl_jax.models import qwen
+from cfrl_jax.tasks import rewards as task_rewards
+
+
+class Rollout(NamedTuple):
+  """One batch of experience. Arrays are numpy on the host until the learner takes them."""
+  tokens: np.ndarray            # (B, P+N) int32
+  mask: np.ndarray              # (B, P+N) int32
+  completion_mask: np.ndarray   # (B, N) float32: 1 on generated tokens (stop token included)
+  old_logp: np.ndarray          # (B, N) float32: log pi_old(token) at temperature 1
+  rewards: np.ndarray           # (B,) float32, weighted sum of the reward functions
+  reward_parts: dict            # name -> (B,) float32, each reward function separately
+  prompts: list                 # B prompt strings (each repeated G times)
+  completions: list             # B decoded completions
+  rows: list                    # B task rows (the columns reward functions saw)
+
+
+def completion_stats(cfg: qwen.QwenConfig, params, tokens, mask, prompt_len: int):
+  """Per-token statistics of the completion part of [prompt | completion] sequences.
+
+  Only the N completion positions go through the head, which at real vocabulary
+  sizes is most of the cost. Returns logp, entropy, max_prob (all (B, N) float32)
+  and phi (B, P+N, d).
+  """
+  phi, _ = qwen.features(cfg, params['backbone'], tokens, mask)
+  z = qwen.logits(cfg, qwen.head_params(cfg, params), phi[:, prompt_len - 1:-1])
+  logp_all = jax.nn.log_softmax(z, axis=-1)
+  logp = jnp.take_along_axis(logp_all, tokens[:, prompt_len:, None], axis=-1)[..., 0]
+  probs = jnp.exp(logp_all)
+  entropy = -jnp.sum(probs * logp_all, axis=-1)
+  return logp, entropy, jnp.max(probs, axis=-1), phi
+
+
+def collect(policy, params, rows: list[dict[str, Any]], reward_fns, key, *, group_size: int,
+            max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0,
+            greedy: bool = False) -> Rollout:
+  """Samples `group_size` completions for each row's prompt and scores them."""
+  rep_rows = [r for r in rows for _ in range(group_size)]
+  prompts = [r['prompt'] for r in rep_rows]
+  p_tokens, p_mask = tokenization.encode_prompts(
+      policy.tokenizer, prompts, chat_template=policy.chat_template, system_prompt=policy.system_prompt)
+  out = sampling.sample(
+      policy.cfg, params, p_tokens, p_mask, key, max_new_tokens=max_new_tokens,
+      temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+      stop_token_ids=policy.stop_ids, pad_id=policy.pad_id)
+  c_tokens, c_mask = np.asarray(out.tokens), np.asarray(out.mask)
+  completions = tokenization.decode_completions(policy.tokenizer, c_tokens, c_mask, stop_token_ids=policy.stop_ids)
+  columns = {k: [r.get(k) for r in rep_rows] for k in rep_rows[0] if k != 'prompt'}
+  total, parts = task_rewards.combine_rewards(reward_fns, prompts, completions, columns)
+  return Rollout(
+      tokens=np.concatenate([p_tokens, c_tokens], axis=1).astype(np.int32),
+      mask=np.concatenate([p_mask, c_mask], axis=1).astype(np.int32),
+      completion_mask=c_mask.astype(np.float32),
+      old_logp=np.asarray(out.logprobs, np.float32),
+      rewards=np.asarray(total, np.float32),
+      reward_parts={k: np.asarray(v, np.float32) for k, v in parts.items()},
+      prompts=prompts, completions=completions, rows=rep_rows)

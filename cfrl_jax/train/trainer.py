@@ -1,0 +1,423 @@
+"""The RL loop: prompts -> rollout -> rewards -> advantages -> update(s) -> metrics -> eval/probe -> checkpoint.
+
+One function, `train`, runs any algorithm of config.rl.algorithm with or without
+CF-RL's head-only first stage. Everything random is derived from (seed, step),
+so a run killed at any point and resumed with config.resume=True continues
+with bit-identical parameters and metrics.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from cfrl_jax import metrics as metrics_lib
+from cfrl_jax.models import qwen
+from cfrl_jax.rl import advantages as adv_lib
+from cfrl_jax.rl import expert_iteration, ppo
+from cfrl_jax.train import checkpoint as ckpt_lib
+from cfrl_jax.train import learner, objectives, rollout
+
+ALGORITHMS = ('grpo', 'reinforce', 'rloo', 'ppo', 'expert_iteration', 'sft')
+PROMPT_BUCKET = 16
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+class TrainResult(NamedTuple):
+  params: Any
+  step: int
+  stage: int
+  last_metrics: dict
+
+
+# --- small pure helpers ------------------------------------------------------
+def prompt_rows(rows: list, step: int, n: int, seed: int) -> list:
+  """The n prompts of a step: consecutive slices of a per-epoch permutation of the rows."""
+  if not rows:
+    raise ValueError('The task has no training rows.')
+  out, pos = [], step * n
+  while len(out) < n:
+    epoch, offset = divmod(pos, len(rows))
+    perm = np.random.RandomState((seed * 1_000_003 + epoch) % 2**32).permutation(len(rows))
+    take = min(n - len(out), len(rows) - offset)
+    out.extend(rows[i] for i in perm[offset:offset + take])
+    pos += take
+  return out
+
+
+def pad_prompt_columns(r: rollout.Rollout, prompt_len: int, max_new_tokens: int, pad_id: int):
+  """Left-pads the prompt part to `prompt_len` and right-pads completions to `max_new_tokens`,
+  so the learner compiles once per prompt bucket instead of once per batch."""
+  B, T = r.tokens.shape
+  N = r.completion_mask.shape[1]
+  P = T - N
+  lp, rp = prompt_len - P, max_new_tokens - N
+  if lp < 0 or rp < 0:
+    raise ValueError(f'Rollout of prompt length {P} / completion {N} exceeds bucket {prompt_len} / {max_new_tokens}.')
+  tokens = np.pad(r.tokens, ((0, 0), (lp, rp)), constant_values=pad_id)
+  mask = np.pad(r.mask, ((0, 0), (lp, rp)))
+  pad_c = lambda x: np.pad(x, ((0, 0), (0, rp)))
+  return r._replace(tokens=tokens, mask=mask, completion_mask=pad_c(r.completion_mask),
+                    old_logp=pad_c(r.old_logp))
+
+
+def bucket(n: int, size: int = PROMPT_BUCKET) -> int:
+  return max(size, int(math.ceil(n / size)) * size)
+
+
+def learning_rate(base: float, step: int, start: int, warmup: int) -> float:
+  """Linear warmup from `start` over `warmup` steps, then constant."""
+  if warmup <= 0:
+    return base
+  return base * min(1.0, (step - start + 1) / warmup)
+
+
+def head_norm(cfg: qwen.QwenConfig, params) -> float:
+  return float(jnp.linalg.norm(qwen.head_params(cfg, params)['w'].astype(jnp.float32)))
+
+
+def should_switch(cfrl, step_in_stage: int, train_metrics: dict) -> bool:
+  """CF-RL stage one ends after `stage1_steps`, or earlier/later by a reward or entropy criterion."""
+  if step_in_stage >= cfrl.max_stage1_steps:
+    return True
+  if cfrl.switch_on == 'steps':
+    return step_in_stage >= cfrl.stage1_steps
+  if cfrl.switch_on == 'reward':
+    return train_metrics.get('reward_mean', -np.inf) >= cfrl.switch_threshold
+  if cfrl.switch_on == 'entropy':
+    return train_metrics.get('entropy', np.inf) <= cfrl.switch_threshold
+  raise ValueError(f"config.cfrl.switch_on={cfrl.switch_on!r}; expected 'steps', 'reward' or 'entropy'.")
+
+
+def _abstract(tree):
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _copy(tree):
+  return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def _device_batch(d: dict) -> dict:
+  return {k: jnp.asarray(v) for k, v in d.items() if v is not None}
+
+
+# --- the loop ----------------------------------------------------------------
+class Trainer:
+  """Holds what one run needs between steps; `run()` executes config.rl.steps steps."""
+
+  def __init__(self, config, policy, params, task, run_dir: str, *,
+               eval_fn: Callable | None = None, probe_fn: Callable | None = None,
+               progress: bool = True):
+    rl = config.rl
+    if rl.algorithm not in ALGORITHMS:
+      raise ValueError(f'config.rl.algorithm={rl.algorithm!r}; expected one of {ALGORITHMS}.')
+    self.config, self.rl, self.policy, self.task = config, rl, policy, task
+    self.cfg = policy.cfg
+    self.run_dir = run_dir
+    self.eval_fn, self.probe_fn, self.progress = eval_fn, probe_fn, progress
+    self.ocfg = learner.OptimConfig(b1=rl.b1, b2=rl.b2, eps=rl.eps, weight_decay=rl.weight_decay,
+                                    grad_clip=rl.grad_clip)
+    self.key = jax.random.PRNGKey(config.seed)
+    self.params = params
+    self.ref_params = _copy(params) if rl.kl_coef > 0 else None
+    self.stage = 1 if config.cfrl.enabled else 0
+    self.stage_start = 0
+    self.tx, self.opt_state = learner.init_stage(self.cfg, params, self.stage, self.ocfg)
+    self.critic = self.critic_tx = self.critic_opt = None
+    if rl.algorithm == 'ppo':
+      self.critic = {'backbone': _copy(params['backbone']),
+                     'value_head': ppo.init_value_head(self.cfg.hidden_size, jax.random.PRNGKey(config.seed + 1))}
+      self.critic_tx = optax.chain(optax.clip_by_global_norm(rl.grad_clip) if rl.grad_clip > 0 else optax.identity(),
+                                   optax.adamw(rl.ppo.critic_lr, b1=rl.b1, b2=rl.b2, eps=rl.eps))
+      self.critic_opt = self.critic_tx.init(self.critic)
+    self._updates: dict = {}
+    self._jitted: dict = {}
+    self.step = 0
+    self.writer = metrics_lib.MetricsWriter(run_dir, tensorboard=config.log.tensorboard)
+    self.ckpt = ckpt_lib.Checkpointer(run_dir, max_to_keep=config.checkpoint.max_to_keep)
+    if config.resume:
+      self._resume()
+
+  # -- state ------------------------------------------------------------------
+  def _train_state(self):
+    return {'opt_state': self.opt_state, 'critic': self.critic, 'critic_opt': self.critic_opt,
+            'rng': self.key}
+
+  def _meta(self):
+    return {'stage': self.stage, 'stage_start': self.stage_start, 'data_position': self.step * self.rl.prompts_per_step,
+            'algorithm': self.rl.algorithm, 'model_config': dataclasses.asdict(self.cfg)}
+
+  def save(self):
+    # The reference policy is not saved: it is the base model the run (and a resumed run) starts from.
+    self.ckpt.save(self.step, self.params, self._train_state(), self._meta())
+    self.ckpt.wait()
+
+  def _resume(self):
+    step = self.ckpt.latest_step()
+    if step is None:
+      return
+    meta = self.ckpt.restore_meta(step)
+    if meta.get('algorithm') != self.rl.algorithm:
+      raise ValueError(f"Cannot resume: the checkpoint at step {step} was written by algorithm "
+                       f"{meta.get('algorithm')!r}, the config asks for {self.rl.algorithm!r}.")
+    if meta['stage'] != self.stage:
+      prev = self.opt_state if (self.stage == 1 and meta['stage'] == 2) else None
+      self.tx, self.opt_state = learner.init_stage(self.cfg, self.params, meta['stage'], self.ocfg, prev)
+    self.stage, self.stage_start = meta['stage'], meta['stage_start']
+    params, train_state, _ = self.ckpt.restore(step, _abstract(self.params), _abstract(self._train_state()))
+    self.params = jax.tree_util.tree_map(jnp.asarray, params)
+    train_state = jax.tree_util.tree_map(jnp.asarray, train_state)
+    self.opt_state, self.critic = train_state['opt_state'], train_state['critic']
+    self.critic_opt, self.key = train_state['critic_opt'], train_state['rng']
+    self.step = step
+    self.writer.truncate_after(step)
+
+  # -- jitted pieces --------------------------------------------------------------
+  def _update_fn(self, kind: str, prompt_len: int):
+    k = (kind, prompt_len, self.stage)
+    if k not in self._updates:
+      rl, cfg = self.rl, self.cfg
+      builders = {'grpo': objectives.grpo_objective, 'reinforce': objectives.reinforce_objective,
+                  'rloo': objectives.reinforce_objective, 'ppo': objectives.ppo_policy_objective}
+      if kind == 'sft':
+        loss_fn = objectives.sft_objective(cfg, prompt_len)
+      else:
+        loss_fn = builders[kind](cfg, prompt_len, rl)
+      self._updates[k] = learner.make_update(cfg, loss_fn, self.tx, self.stage)
+    return self._updates[k]
+
+  def _jit(self, name: str, prompt_len: int, fn):
+    k = (name, prompt_len)
+    if k not in self._jitted:
+      self._jitted[k] = jax.jit(fn)
+    return self._jitted[k]
+
+  def _logp(self, params, batch, prompt_len):
+    cfg = self.cfg
+    f = self._jit('logp', prompt_len,
+                  lambda p, t, m: rollout.completion_stats(cfg, p, t, m, prompt_len)[0])
+    return f(params, jnp.asarray(batch.tokens), jnp.asarray(batch.mask))
+
+  def _critic_update(self, prompt_len):
+    k = ('critic_update', prompt_len)
+    if k not in self._jitted:
+      loss_fn = objectives.critic_objective(self.cfg, prompt_len, self.rl)
+      tx = self.critic_tx
+
+      def step(critic, opt, batch):
+        (loss, m), g = jax.value_and_grad(loss_fn, has_aux=True)(critic, batch)
+        upd, opt = tx.update(g, opt, critic)
+        return optax.apply_updates(critic, upd), opt, dict(m, value_loss=loss)
+
+      self._jitted[k] = jax.jit(step, donate_argnums=(0, 1))
+    return self._jitted[k]
+
+  def _lrs(self) -> dict:
+    rl, cfrl = self.rl, self.config.cfrl
+    if self.stage == 1:
+      return {'head': learning_rate(cfrl.stage1_head_lr, self.step, 0, rl.warmup_steps), 'backbone': 0.0}
+    head_lr = rl.head_lr if rl.head_lr > 0 else rl.lr
+    return {'head': learning_rate(head_lr, self.step, self.stage_start, rl.warmup_steps),
+            'backbone': learning_rate(rl.lr, self.step, self.stage_start, rl.warmup_steps)}
+
+  def _apply(self, kind, prompt_len, batch: dict):
+    update = self._update_fn(kind, prompt_len)
+    lrs = {k: jnp.float32(v) for k, v in self._lrs().items()}
+    res = update(self.params, self.opt_state, _device_batch(batch), lrs)
+    if not bool(res.finite):
+      self.params, self.opt_state = res.params, res.opt_state   # unchanged by the skipped update
+      self.save()
+      raise NonFiniteLossError(
+          f'Step {self.step}: the {kind} loss or its gradient is not finite (loss={float(res.loss)}). '
+          f'The update was skipped and the last good state is saved at {self.ckpt.directory}/{self.step}. '
+          'Lower config.rl.lr / stage-one head lr, check rewards for NaN, or enable grad clipping, '
+          'then resume with --config.resume=True.')
+    self.params, self.opt_state = res.params, res.opt_state
+    return {k: float(v) for k, v in res.metrics.items()} | {'loss': float(res.loss)}
+
+  # -- one step of each algorithm ----------------------------------------------
+  def _rollout(self, key, rows, group_size):
+    rl = self.rl
+    r = rollout.collect(self.policy, self.params, rows, self.task.reward_fns, key,
+                        group_size=group_size, max_new_tokens=rl.max_new_tokens,
+                        temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k)
+    P = r.tokens.shape[1] - r.completion_mask.shape[1]
+    prompt_len = bucket(P)
+    return pad_prompt_columns(r, prompt_len, rl.max_new_tokens, self.policy.pad_id), prompt_len
+
+  def _minibatches(self, key, batch: dict, epochs: int, num_minibatches: int):
+    B = len(batch['tokens'])
+    if B % num_minibatches:
+      raise ValueError(f'config.rl.minibatches={num_minibatches} does not divide the rollout batch of {B} rows.')
+    size = B // num_minibatches
+    for e in range(epochs):
+      perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, e), B)) if num_minibatches > 1 else np.arange(B)
+      for i in range(num_minibatches):
+        idx = perm[i * size:(i + 1) * size]
+        yield {k: (v[idx] if isinstance(v, np.ndarray) and v.shape[:1] == (B,) else v) for k, v in batch.items()}
+
+  def _policy_gradient_step(self, key):
+    rl = self.rl
+    rows = prompt_rows(self.task.train, self.step, rl.prompts_per_step, self.config.seed)
+    r, P = self._rollout(jax.random.fold_in(key, 0), rows, rl.group_size)
+    rewards = r.rewards
+    if rl.algorithm == 'grpo':
+      advantages = np.asarray(adv_lib.group_normalized(rewards, rl.group_size, scale_by_std=rl.scale_by_std))
+    elif rl.algorithm == 'rloo':
+      advantages = np.asarray(adv_lib.rloo(rewards, rl.group_size))
+    elif rl.algorithm == 'reinforce':
+      base = {'batch_mean': adv_lib.batch_mean_baseline,
+              'group_mean': lambda x: adv_lib.group_mean_baseline(x, rl.group_size),
+              'rloo': lambda x: adv_lib.rloo(x, rl.group_size),
+              'none': lambda x: x}
+      if rl.baseline not in base:
+        raise ValueError(f'config.rl.baseline={rl.baseline!r}; expected one of {sorted(base)}.')
+      advantages = np.asarray(base[rl.baseline](rewards))
+    batch = {'tokens': r.tokens, 'mask': r.mask, 'completion_mask': r.completion_mask}
+    if rl.recompute_old_logp:
+      batch['old_logp'] = np.asarray(self._logp(self.params, r, P))
+    else:
+      batch['old_logp'] = r.old_logp
+    if self.ref_params is not None:
+      batch['ref_logp'] = np.asarray(self._logp(self.ref_params, r, P))
+    extra = {}
+    if rl.algorithm == 'ppo':
+      values = np.asarray(self._jit('values', P, lambda c, t, m: objectives.critic_values(self.cfg, c, t, m, P))(
+          self.critic, jnp.asarray(r.tokens), jnp.asarray(r.mask)))
+      if self.ref_params is not None:
+        token_rewards = ppo.token_rewards_with_kl_penalty(
+            rewards, batch['old_logp'], batch.pop('ref_logp'), r.completion_mask, rl.kl_coef,
+            estimator=rl.kl_estimator)
+      else:
+        token_rewards = adv_lib.terminal_token_rewards(rewards, r.completion_mask)
+      a, returns = adv_lib.gae(token_rewards, values, r.completion_mask, gamma=rl.ppo.gamma, lam=rl.ppo.lam)
+      advantages = np.asarray(adv_lib.masked_whiten(a, r.completion_mask))
+      batch.update(returns=np.asarray(returns), old_values=values)
+    batch['advantages'] = np.asarray(advantages, np.float32)
+    kind = 'grpo' if rl.algorithm in ('grpo',) else rl.algorithm
+    if rl.algorithm == 'rloo':
+      kind = 'rloo'
+    params_before = self.params if self.probe_fn is not None else None
+    if params_before is not None:
+      params_before = _copy(params_before)
+    sums: dict[str, list] = {}
+    for mb in self._minibatches(jax.random.fold_in(key, 1), batch, rl.epochs, rl.minibatches):
+      m = self._apply(kind, P, mb)
+      if rl.algorithm == 'ppo':
+        self.critic, self.critic_opt, cm = self._critic_update(P)(self.critic, self.critic_opt, _device_batch(mb))
+        m.update({k: float(v) for k, v in cm.items()})
+      for k, v in m.items():
+        sums.setdefault(k, []).append(v)
+    out = {k: float(np.mean(v)) for k, v in sums.items()}
+    out.update(self._rollout_metrics(r))
+    return out, (params_before, batch, P)
+
+  def _expert_iteration_step(self, key):
+    rl = self.rl
+    rows = prompt_rows(self.task.train, self.step, rl.prompts_per_step, self.config.seed)
+    r, _ = self._rollout(jax.random.fold_in(key, 0), rows, rl.ei.samples_per_prompt)
+    selected, stats = expert_iteration.select_for_sft(
+        r.prompts, r.completions, r.rewards, group_size=rl.ei.samples_per_prompt,
+        threshold=rl.ei.threshold, dedupe=True)
+    out = dict(self._rollout_metrics(r), **{f'ei_{k}': float(v) for k, v in stats.items()})
+    if not selected:
+      return out, None
+    from cfrl_jax.train import sft_data
+    data = sft_data.encode_pairs(self.policy, selected, max_new_tokens=rl.max_new_tokens)
+    P = data['prompt_len']
+    batch = {k: v for k, v in data.items() if k != 'prompt_len'}
+    n = len(batch['tokens'])
+    mb = min(rl.ei.batch_size, n)
+    sums: dict[str, list] = {}
+    for e in range(rl.ei.sft_epochs):
+      perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, 10 + e), n))
+      for i in range(0, n, mb):
+        idx = perm[i:i + mb]
+        if len(idx) < mb:   # keep one shape per epoch: wrap around instead of a ragged last batch
+          idx = np.concatenate([idx, perm[:mb - len(idx)]])
+        m = self._apply('sft', P, {k: v[idx] for k, v in batch.items()})
+        for k, v in m.items():
+          sums.setdefault(k, []).append(v)
+    out.update({k: float(np.mean(v)) for k, v in sums.items()})
+    return out, None
+
+  def _rollout_metrics(self, r: rollout.Rollout) -> dict:
+    lengths = r.completion_mask.sum(axis=1)
+    out = {'reward_mean': float(r.rewards.mean()), 'reward_std': float(r.rewards.std()),
+           'response_length': float(lengths.mean())}
+    for name, v in r.reward_parts.items():
+      out[f'reward_{name}'] = float(np.mean(v))
+    if 'correctness' in r.reward_parts:
+      out['accuracy'] = float(np.mean(r.reward_parts['correctness']))
+    n = max(float(r.completion_mask.sum()), 1.0)
+    out['sampled_logprob'] = float((r.old_logp * r.completion_mask).sum() / n)
+    if self.task.formats is not None:
+      fmts = [self.task.formats(c) for c in r.completions]
+      for name in self.task.formats.names + ('unknown',):
+        out[f'format_{name}'] = fmts.count(name) / len(fmts)
+    return out
+
+  # -- the loop -------------------------------------------------------------------
+  def run(self) -> TrainResult:
+    rl, config = self.rl, self.config
+    last: dict = {}
+    if self.step == 0 and self.eval_fn is not None and config.eval.every > 0:
+      self.writer.write(0, 'eval', self.eval_fn(self.params, 0))
+    bar = tqdm(total=rl.steps, initial=self.step, disable=not self.progress, desc=f'{rl.algorithm}', dynamic_ncols=True)
+    try:
+      while self.step < rl.steps:
+        t0 = time.perf_counter()
+        key = jax.random.fold_in(self.key, self.step)
+        if rl.algorithm == 'expert_iteration':
+          m, probe_ctx = self._expert_iteration_step(key)
+        elif rl.algorithm == 'sft':
+          raise ValueError("config.rl.algorithm='sft' is run by cfrl_jax.train.sft_data.finetune, not the RL loop.")
+        else:
+          m, probe_ctx = self._policy_gradient_step(key)
+        m.update(stage=self.stage, head_norm=head_norm(self.cfg, self.params),
+                 lr_head=self._lrs()['head'], lr_backbone=self._lrs()['backbone'],
+                 step_time=time.perf_counter() - t0)
+        self.step += 1
+        if self.probe_fn is not None and config.probe.every > 0 and probe_ctx is not None and \
+            (self.step % config.probe.every == 0 or self.step == 1):
+          self.writer.write(self.step, 'probe', self.probe_fn(probe_ctx[0], self.params, probe_ctx[1:], self.step))
+        last = self.writer.write(self.step, 'train', m)
+        if self.stage == 1 and should_switch(config.cfrl, self.step - self.stage_start, m):
+          self.tx, self.opt_state = learner.init_stage(self.cfg, self.params, 2, self.ocfg, self.opt_state)
+          self.stage, self.stage_start = 2, self.step
+          self._updates.clear()
+        if self.eval_fn is not None and config.eval.every > 0 and \
+            (self.step % config.eval.every == 0 or self.step == rl.steps):
+          self.writer.write(self.step, 'eval', self.eval_fn(self.params, self.step))
+        if config.checkpoint.every > 0 and (self.step % config.checkpoint.every == 0 or self.step == rl.steps):
+          self.save()
+        bar.update(1)
+        bar.set_postfix(stage=self.stage, reward=f"{m.get('reward_mean', float('nan')):.3f}",
+                        ent=f"{m.get('entropy', float('nan')):.3f}", loss=f"{m.get('loss', float('nan')):.3g}")
+    finally:
+      bar.close()
+      self.writer.flush()
+    return TrainResult(self.params, self.step, self.stage, last)
+
+  def close(self):
+    self.ckpt.close()
+    self.writer.close()
+
+
+def train(config, policy, params, task, run_dir: str, **kw) -> TrainResult:
+  trainer = Trainer(config, policy, params, task, run_dir, **kw)
+  try:
+    return trainer.run()
+  finally:
+    trainer.close()
