@@ -38,6 +38,8 @@ class Checkpointer:
 
   def __init__(self, run_dir: str, *, max_to_keep: int | None = None, keep_period: int | None = None,
                async_save: bool = False):
+    if max_to_keep is not None and max_to_keep < 1:
+      raise ValueError(f'max_to_keep={max_to_keep} would delete every checkpoint; use None to keep all.')
     self.directory = checkpoint_dir(run_dir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, keep_period=keep_period, create=True,

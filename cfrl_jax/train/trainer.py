@@ -145,7 +145,8 @@ class Trainer:
     self._jitted: dict = {}
     self.step = 0
     self.writer = metrics_lib.MetricsWriter(run_dir, tensorboard=config.log.tensorboard)
-    self.ckpt = ckpt_lib.Checkpointer(run_dir, max_to_keep=config.checkpoint.max_to_keep)
+    # max_to_keep == 0 means keep every checkpoint (orbax's None), which the rank-1 analysis needs.
+    self.ckpt = ckpt_lib.Checkpointer(run_dir, max_to_keep=config.checkpoint.max_to_keep or None)
     if config.resume:
       self._resume()
 
@@ -327,25 +328,26 @@ class Trainer:
     rl = self.rl
     rows = prompt_rows(self.task.train, self.step, rl.prompts_per_step, self.config.seed)
     r, _ = self._rollout(jax.random.fold_in(key, 0), rows, rl.ei.samples_per_prompt)
-    selected, stats = expert_iteration.select_for_sft(
-        r.prompts, r.completions, r.rewards, group_size=rl.ei.samples_per_prompt,
-        threshold=rl.ei.threshold, dedupe=True)
+    # Train on the sampled token ids themselves: re-tokenising decoded text is not an identity
+    # for byte-level BPE (a completion cut inside a multi-byte character decodes to U+FFFD).
+    keep, stats = expert_iteration.select_rows(
+        r.completions, r.rewards, group_size=rl.ei.samples_per_prompt, threshold=rl.ei.threshold, dedupe=True)
     out = dict(self._rollout_metrics(r), **{f'ei_{k}': float(v) for k, v in stats.items()})
-    if not selected:
+    if len(keep) == 0:
       return out, None
-    from cfrl_jax.train import sft_data
-    data = sft_data.encode_pairs(self.policy, selected, max_new_tokens=rl.max_new_tokens)
-    P = data['prompt_len']
-    batch = {k: v for k, v in data.items() if k != 'prompt_len'}
-    n = len(batch['tokens'])
-    mb = min(rl.ei.batch_size, n)
+    keep = np.asarray(keep)
+    P = r.tokens.shape[1] - r.completion_mask.shape[1]
+    batch = {'tokens': r.tokens[keep], 'mask': r.mask[keep], 'completion_mask': r.completion_mask[keep]}
+    # Pad with fully masked rows to whole minibatches: one compiled shape however many were kept.
+    n, mb = len(keep), rl.ei.batch_size
+    n_pad = -(-n // mb) * mb
+    batch = {k: np.concatenate([v, np.repeat(v[:1], n_pad - n, axis=0)]) for k, v in batch.items()}
+    batch['completion_mask'][n:] = 0.0
     sums: dict[str, list] = {}
     for e in range(rl.ei.sft_epochs):
-      perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, 10 + e), n))
-      for i in range(0, n, mb):
+      perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, 10 + e), n_pad))
+      for i in range(0, n_pad, mb):
         idx = perm[i:i + mb]
-        if len(idx) < mb:   # keep one shape per epoch: wrap around instead of a ragged last batch
-          idx = np.concatenate([idx, perm[:mb - len(idx)]])
         m = self._apply('sft', P, {k: v[idx] for k, v in batch.items()})
         for k, v in m.items():
           sums.setdefault(k, []).append(v)

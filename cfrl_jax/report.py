@@ -1,0 +1,1068 @@
+"""Plots and report.md from the metrics stream of one run or of a study (arms x seeds).
+
+Layouts read (see cfrl_jax/experiment.py, which writes them):
+  single run   <run>/metrics.jsonl (+ <run>/config.json)
+  study        <study>/<arm>/seed<k>/metrics.jsonl (+ <study>/study.json, written when the
+               study ends; without it the arms and seeds are found on disk, so a report of a
+               study still in progress works too). <study>/<arm>/metrics.jsonl counts as one seed.
+
+Conventions (stated in the report too):
+  - An arm's curve is the mean over its seeds at the steps every seed has logged; the
+    shaded band is the min-max over seeds (drawn with > 1 seed).
+  - "base" is the eval at step 0 (the model before RL); "final" is each seed's last eval.
+  - Training-step metrics are noisy per step, so "first"/"last" are means over the first/last
+    TRAIN_WINDOW training steps.
+  - Plus-minus on a single run is the eval's standard error over problems (pass@1_stderr); on
+    several seeds it is the standard deviation of the seed values.
+  - A difference counts as real only beyond 2 standard errors; the standard error of a seed
+    mean is the larger of the eval standard error (sqrt(mean se_i^2 / S)) and the seed
+    standard error (sd / sqrt(S)); otherwise the report says "within noise".
+  - Steps to target: the first eval step at which the seed-mean pass@1 >= target, so it is
+    resolved only to the eval interval. Default target: the best arm's base pass@1 plus half
+    of its gain (the midpoint of the best improvement).
+  - One record per (kind, step): when a step was logged twice (a resumed run), the last wins.
+
+Figures are drawn on matplotlib Figure objects with the Agg canvas (no pyplot, no global
+backend switch), so importing this module changes nothing for an interactive session.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+from cfrl_jax import metrics as metrics_lib
+
+TRAIN_WINDOW = 5
+DPI = 120
+PANEL_SIZE = (4.6, 3.9)     # inches per subplot; a single-panel figure is 7 x 4
+NOISE_SIGMAS = 2.0
+LOG_SCALE_SPAN = 20.0       # positive panels spanning more than this ratio get a log y axis
+
+ARM_LABELS = {
+    'grpo': 'GRPO', 'cfgrpo': 'CF-GRPO', 'ppo': 'PPO', 'cfppo': 'CF-PPO', 'rloo': 'RLOO',
+    'cfrloo': 'CF-RLOO', 'reinforce': 'REINFORCE', 'expert_iteration': 'Expert Iteration',
+}
+NTK_KEY = re.compile(r'^ntk_(R|G|cross|total)_(diag|offdiag)$')
+PASS_K_KEY = re.compile(r'^pass@(\d+)$')
+FORMAT_KEY = re.compile(r'^format_(.+)$')
+SEED_DIR = re.compile(r'^seed(\d+)$')
+FIGURES = ('accuracy', 'confidence', 'passk', 'formats', 'ntk', 'norms')
+
+
+def arm_label(arm: str) -> str:
+  return ARM_LABELS.get(arm, arm)
+
+
+# -- loading ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunMetrics:
+  """The metrics of one seed of one arm.
+
+  records: kind -> records sorted by step, one per step (the last one logged for it).
+  """
+  arm: str
+  seed: int | None
+  path: str
+  records: dict[str, list[dict[str, Any]]]
+
+  def series(self, kind: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps (n,) int, values (n,) float) of one metric; non-numeric and non-finite values are left out."""
+    pts = [(r['step'], r[key]) for r in self.records.get(kind, ())
+           if _is_number(r.get(key)) and math.isfinite(r[key])]
+    if not pts:
+      return np.zeros(0, dtype=int), np.zeros(0)
+    s, v = zip(*pts)
+    return np.asarray(s, dtype=int), np.asarray(v, dtype=float)
+
+  def record_at(self, kind: str, step: int) -> dict[str, Any] | None:
+    for r in self.records.get(kind, ()):
+      if r['step'] == step:
+        return r
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  """Runs grouped by arm (display order), plus what the directory says about them.
+
+  info: study.json ({} without one); run_config: a single run's config.json ({} otherwise);
+  missing: 'arm/seedK' runs that study.json names but that have no metrics.jsonl.
+  """
+  path: str
+  arms: dict[str, list[RunMetrics]]
+  info: dict[str, Any]
+  run_config: dict[str, Any]
+  missing: list[str]
+  single: bool
+
+  def keys(self, kind: str) -> list[str]:
+    """Every numeric metric key logged under `kind` by any run (sorted)."""
+    return logged_keys([r for runs in self.arms.values() for r in runs], kind)
+
+  @property
+  def config(self) -> dict[str, Any]:
+    return self.info.get('config') or self.run_config
+
+
+def logged_keys(runs: Sequence[RunMetrics], kind: str) -> list[str]:
+  """Every numeric metric key logged under `kind` by any of `runs` (sorted)."""
+  out = set()
+  for run in runs:
+    for r in run.records.get(kind, ()):
+      out.update(k for k, v in r.items() if k not in ('step', 'kind') and _is_number(v))
+  return sorted(out)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def load_run(path: str, arm: str, seed: int | None) -> RunMetrics:
+  """Reads and validates one metrics.jsonl (a run dir or the file itself)."""
+  file = os.path.join(path, 'metrics.jsonl') if os.path.isdir(path) else path
+  by_kind: dict[str, dict[int, dict]] = {}
+  for i, rec in enumerate(metrics_lib.read_metrics(file)):
+    if not isinstance(rec, dict):
+      raise ValueError(f'{file}: record {i + 1} is {type(rec).__name__}, not a JSON object; every line must be '
+                       '{"step": int, "kind": str, ...} as written by cfrl_jax.metrics.MetricsWriter.')
+    step, kind = rec.get('step'), rec.get('kind')
+    if not (_is_number(step) and float(step) == int(step)) or not isinstance(kind, str):
+      raise ValueError(f'{file}: record {i + 1} has step={step!r}, kind={kind!r}; every line needs an integer '
+                       '"step" and a string "kind" (as written by cfrl_jax.metrics.MetricsWriter).')
+    by_kind.setdefault(kind, {})[int(step)] = dict(rec, step=int(step))
+  records = {k: [v[s] for s in sorted(v)] for k, v in by_kind.items()}
+  return RunMetrics(arm=arm, seed=seed, path=file, records=records)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    try:
+      out = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path} is not valid JSON ({e}); fix or delete it.') from e
+  if not isinstance(out, dict):
+    raise ValueError(f'{path} holds a {type(out).__name__}; expected a JSON object.')
+  return out
+
+
+def _seed_dirs(arm_dir: str) -> list[tuple[int | None, str]]:
+  """(seed, dir) of the runs of one arm directory: seed<k>/ subdirs, or the dir itself."""
+  found = []
+  for name in os.listdir(arm_dir):
+    m = SEED_DIR.match(name)
+    if m and os.path.exists(os.path.join(arm_dir, name, 'metrics.jsonl')):
+      found.append((int(m.group(1)), os.path.join(arm_dir, name)))
+  if not found and os.path.exists(os.path.join(arm_dir, 'metrics.jsonl')):
+    return [(None, arm_dir)]
+  return sorted(found)
+
+
+def load_study(path: str) -> Study:
+  """Loads a single run dir or a study dir (layouts in the module docstring)."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'{path} is not a directory; pass a run dir (with metrics.jsonl) or a study dir '
+                            '(with <arm>/seed<k>/metrics.jsonl).')
+  path = os.path.normpath(path)
+  if os.path.exists(os.path.join(path, 'metrics.jsonl')):
+    name = os.path.basename(path)
+    m = SEED_DIR.match(name)
+    arm = os.path.basename(os.path.dirname(path)) if m else name
+    run = load_run(path, arm, int(m.group(1)) if m else None)
+    return Study(path=path, arms={arm: [run]}, info={}, run_config=_read_json(os.path.join(path, 'config.json')),
+                 missing=[], single=True)
+  info = _read_json(os.path.join(path, 'study.json'))
+  arms: dict[str, list[RunMetrics]] = {}
+  missing = []
+  if info:
+    for key in ('arms', 'seeds'):
+      if not isinstance(info.get(key), list):
+        raise ValueError(f"{path}/study.json has no list {key!r}; expected {{'arms': [...], 'seeds': [...], ...}} "
+                         'as written by cfrl_jax.experiment.run.')
+    for arm in info['arms']:
+      runs = []
+      for seed in info['seeds']:
+        run_dir = os.path.join(path, str(arm), f'seed{seed}')
+        if os.path.exists(os.path.join(run_dir, 'metrics.jsonl')):
+          runs.append(load_run(run_dir, str(arm), int(seed)))
+        else:
+          missing.append(f'{arm}/seed{seed}')
+      if runs:
+        arms[str(arm)] = runs
+  else:
+    for name in sorted(os.listdir(path)):
+      arm_dir = os.path.join(path, name)
+      if os.path.isdir(arm_dir):
+        runs = [load_run(d, name, seed) for seed, d in _seed_dirs(arm_dir)]
+        if runs:
+          arms[name] = runs
+  if not arms:
+    raise FileNotFoundError(f'No metrics.jsonl under {path}: expected {path}/metrics.jsonl (a run) or '
+                            f'{path}/<arm>/seed<k>/metrics.jsonl (a study).' +
+                            (f' study.json names {missing} but none has metrics.' if missing else ''))
+  return Study(path=path, arms=arms, info=info, run_config={}, missing=missing, single=False)
+
+
+# -- curves over seeds -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Curve:
+  """One metric of one arm over steps. steps, mean, low, high: (n,); low/high: min/max over seeds."""
+  steps: np.ndarray
+  mean: np.ndarray
+  low: np.ndarray
+  high: np.ndarray
+  num_seeds: int
+
+
+def arm_curve(runs: Sequence[RunMetrics], kind: str, key: str) -> Curve | None:
+  """Seed mean and min-max of `key` at the steps all seeds that log it share; None without data."""
+  per_seed = [r.series(kind, key) for r in runs]
+  per_seed = [(s, v) for s, v in per_seed if len(s)]
+  if not per_seed:
+    return None
+  steps = functools.reduce(np.intersect1d, [s for s, _ in per_seed])
+  if not len(steps):
+    return None
+  vals = np.stack([v[np.searchsorted(s, steps)] for s, v in per_seed])   # (S, n)
+  return Curve(steps, vals.mean(0), vals.min(0), vals.max(0), len(per_seed))
+
+
+def _eval_endpoint(runs: Sequence[RunMetrics], key: str, which: str) -> list[tuple[int, float]] | None:
+  """Per seed (step, value) of `key` at the base eval (step 0) or the last eval; None unless every seed has it."""
+  out = []
+  for run in runs:
+    s, v = run.series('eval', key)
+    if which == 'base':
+      if not len(s) or s[0] != 0:
+        return None
+      out.append((0, float(v[0])))
+    else:
+      if not len(s):
+        return None
+      out.append((int(s[-1]), float(v[-1])))
+  return out
+
+
+def _train_window(runs: Sequence[RunMetrics], key: str, which: str) -> float | None:
+  """Seed mean of the mean of `key` over the first/last TRAIN_WINDOW training steps; None unless every seed has it."""
+  vals = []
+  for run in runs:
+    _, v = run.series('train', key)
+    if not len(v):
+      return None
+    vals.append(float(np.mean(v[:TRAIN_WINDOW] if which == 'first' else v[-TRAIN_WINDOW:])))
+  return float(np.mean(vals))
+
+
+def first_step_at_or_above(curve: Curve | None, target: float) -> int | None:
+  """The first step where the curve's seed mean reaches `target`; None when it never does."""
+  if curve is None:
+    return None
+  hit = np.nonzero(curve.mean >= target)[0]
+  return int(curve.steps[hit[0]]) if len(hit) else None
+
+
+def stage2_starts(runs: Sequence[RunMetrics]) -> list[int]:
+  """Per seed, the first training step logged in CF-RL stage 2 (seeds that never switch are left out)."""
+  out = []
+  for run in runs:
+    s, v = run.series('train', 'stage')
+    hit = np.nonzero(v == 2)[0]
+    if len(hit):
+      out.append(int(s[hit[0]]))
+  return out
+
+
+# -- the numbers of the report ---------------------------------------------------
+
+
+@dataclasses.dataclass
+class ArmSummary:
+  """What the report says about one arm. Floats are seed means; None where the metric was not logged.
+
+  final_pm: the plus-minus of final_pass1 (eval s.e. with one seed, s.d. over seeds otherwise).
+  final_se / gain_se: standard errors used to judge noise (module docstring); None if unknown.
+  """
+  arm: str
+  label: str
+  num_seeds: int
+  base_pass1: float | None = None
+  final_pass1: float | None = None
+  final_pm: float | None = None
+  final_se: float | None = None
+  gain: float | None = None
+  gain_se: float | None = None
+  final_steps: list[int] = dataclasses.field(default_factory=list)
+  base_greedy: float | None = None
+  final_greedy: float | None = None
+  reward_first: float | None = None
+  reward_last: float | None = None
+  confidence_first: float | None = None
+  confidence_last: float | None = None
+  entropy_first: float | None = None
+  entropy_last: float | None = None
+  format_source: str | None = None            # 'eval' or 'train'
+  base_format: tuple[str, float] | None = None
+  final_format: tuple[str, float] | None = None
+  r_share_first: float | None = None
+  r_share_last: float | None = None
+  stage2_steps: list[int] = dataclasses.field(default_factory=list)
+  steps_to_target: int | None = None
+  steps_to_target_per_seed: list[int | None] = dataclasses.field(default_factory=list)
+  last_eval_step: int | None = None
+
+
+def _seed_se(values: Sequence[float]) -> float | None:
+  return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
+
+
+def _eval_se(se_sq: Sequence[float] | None) -> float | None:
+  """Standard error of a mean over seeds from per-seed squared standard errors."""
+  if se_sq is None:
+    return None
+  return math.sqrt(float(np.mean(se_sq)) / len(se_sq))
+
+
+def _noise_se(*ses: float | None) -> float | None:
+  known = [s for s in ses if s is not None and math.isfinite(s)]
+  return max(known) if known else None
+
+
+def _dominant_format(runs: Sequence[RunMetrics], names: list[str], source: str, which: str):
+  fractions = {}
+  for name in names:
+    if source == 'eval':
+      ends = _eval_endpoint(runs, f'format_{name}', which)
+      fractions[name] = None if ends is None else float(np.mean([v for _, v in ends]))
+    else:
+      fractions[name] = _train_window(runs, f'format_{name}', 'first' if which == 'base' else 'last')
+  fractions = {k: v for k, v in fractions.items() if v is not None}
+  if not fractions:
+    return None
+  best = max(fractions, key=fractions.get)
+  return best, fractions[best]
+
+
+def format_names(runs: Sequence[RunMetrics], kind: str) -> list[str]:
+  """Solution-format names logged as format_<name> under `kind` ('unknown' last)."""
+  names = [m.group(1) for k in logged_keys(runs, kind) for m in [FORMAT_KEY.match(k)] if m]
+  return sorted(names, key=lambda n: (n == 'unknown', n))
+
+
+def summarize_arm(study: Study, arm: str) -> ArmSummary:
+  runs = study.arms[arm]
+  out = ArmSummary(arm=arm, label=arm_label(arm), num_seeds=len(runs))
+  base, final = _eval_endpoint(runs, 'pass@1', 'base'), _eval_endpoint(runs, 'pass@1', 'final')
+  base_se, final_se = _eval_endpoint(runs, 'pass@1_stderr', 'base'), _eval_endpoint(runs, 'pass@1_stderr', 'final')
+  if final is not None:
+    finals = [v for _, v in final]
+    out.final_pass1 = float(np.mean(finals))
+    out.final_steps = [s for s, _ in final]
+    eval_se = _eval_se(None if final_se is None else [v ** 2 for _, v in final_se])
+    out.final_se = _noise_se(eval_se, _seed_se(finals))
+    out.final_pm = (float(np.std(finals, ddof=1)) if len(finals) > 1 else
+                    (final_se[0][1] if final_se is not None else None))
+  if base is not None:
+    out.base_pass1 = float(np.mean([v for _, v in base]))
+  if base is not None and final is not None:
+    gains = [f - b for (_, f), (_, b) in zip(final, base)]
+    out.gain = float(np.mean(gains))
+    both = None if base_se is None or final_se is None else [
+        b ** 2 + f ** 2 for (_, b), (_, f) in zip(base_se, final_se)]
+    out.gain_se = _noise_se(_eval_se(both), _seed_se(gains))
+  for attr, which in (('base_greedy', 'base'), ('final_greedy', 'final')):
+    ends = _eval_endpoint(runs, 'greedy_accuracy', which)
+    setattr(out, attr, None if ends is None else float(np.mean([v for _, v in ends])))
+  for prefix, key in (('reward', 'reward_mean'), ('confidence', 'mean_prob'), ('entropy', 'entropy')):
+    setattr(out, f'{prefix}_first', _train_window(runs, key, 'first'))
+    setattr(out, f'{prefix}_last', _train_window(runs, key, 'last'))
+  for source in ('eval', 'train'):
+    names = format_names(runs, source)
+    if names:
+      out.format_source = source
+      out.base_format = _dominant_format(runs, names, source, 'base')
+      out.final_format = _dominant_format(runs, names, source, 'final')
+      break
+  share = arm_curve(runs, 'probe', 'ntk_R_share')
+  if share is not None:
+    out.r_share_first, out.r_share_last = float(share.mean[0]), float(share.mean[-1])
+  out.stage2_steps = stage2_starts(runs)
+  curve = arm_curve(runs, 'eval', 'pass@1')
+  out.last_eval_step = None if curve is None else int(curve.steps[-1])
+  return out
+
+
+def default_target(summaries: Sequence[ArmSummary]) -> tuple[float | None, str]:
+  """The best arm's base pass@1 + half its gain, and a sentence saying so; (None, why) if no arm improved."""
+  known = [s for s in summaries if s.gain is not None]
+  if not known:
+    return None, 'no arm has both a base (step 0) and a final eval of pass@1'
+  best = max(known, key=lambda s: s.gain)
+  if best.gain <= 0:
+    return None, f'no arm improved pass@1 (best change {best.gain:+.3f}, {best.label})'
+  target = best.base_pass1 + 0.5 * best.gain
+  return target, (f"default: the best arm's ({best.label}) base pass@1 {best.base_pass1:.3f} + half of its gain "
+                  f'{best.gain:.3f}')
+
+
+@dataclasses.dataclass
+class TargetComparison:
+  """Steps to target of a CF-RL arm vs its plain-RL arm. ratio: cf / rl steps when both reached, else None;
+  text: the ratio as the report prints it (a bound when only one arm reached the target)."""
+  cf: str
+  rl: str
+  ratio: float | None
+  text: str
+
+
+def cf_pairs(arms: Sequence[str]) -> list[tuple[str, str]]:
+  """(CF-RL arm, its plain-RL arm) pairs present, e.g. ('cfgrpo', 'grpo')."""
+  return [(a, a[2:]) for a in arms if a.startswith('cf') and a[2:] in arms]
+
+
+def compare_steps(cf: ArmSummary, rl: ArmSummary) -> TargetComparison:
+  c, r = cf.steps_to_target, rl.steps_to_target
+  if c is not None and r is not None:
+    if r == 0:
+      return TargetComparison(cf.arm, rl.arm, None, f'n/a ({rl.label} met the target at its base eval)')
+    return TargetComparison(cf.arm, rl.arm, c / r, f'{c / r:.2f}')
+  if c is not None and rl.last_eval_step:
+    return TargetComparison(cf.arm, rl.arm, None,
+                            f'< {c / rl.last_eval_step:.2f} ({rl.label} not reached by step {rl.last_eval_step})')
+  if r is not None and r > 0 and cf.last_eval_step is not None:
+    return TargetComparison(cf.arm, rl.arm, None,
+                            f'> {cf.last_eval_step / r:.2f} ({cf.label} not reached by step {cf.last_eval_step})')
+  return TargetComparison(cf.arm, rl.arm, None, 'n/a (neither reached the target)' if c is None and r is None
+                          else 'n/a')
+
+
+@dataclasses.dataclass
+class ReportNumbers:
+  """Everything the tables and findings print. target_note says where the target came from."""
+  arms: dict[str, ArmSummary]
+  target: float | None
+  target_note: str
+  comparisons: list[TargetComparison]
+  eval_interval: int | None
+
+
+def summarize(study: Study, target_accuracy: float | None = None) -> ReportNumbers:
+  arms = {arm: summarize_arm(study, arm) for arm in study.arms}
+  if target_accuracy is not None:
+    if not 0.0 <= target_accuracy <= 1.0:
+      raise ValueError(f'target_accuracy={target_accuracy} is not a pass@1 in [0, 1].')
+    target, note = float(target_accuracy), 'given as target_accuracy'
+  else:
+    target, note = default_target(list(arms.values()))
+  for arm, s in arms.items():
+    if target is None:
+      continue
+    s.steps_to_target = first_step_at_or_above(arm_curve(study.arms[arm], 'eval', 'pass@1'), target)
+    s.steps_to_target_per_seed = [first_step_at_or_above(arm_curve([r], 'eval', 'pass@1'), target)
+                                  for r in study.arms[arm]]
+  comparisons = [] if target is None else [compare_steps(arms[c], arms[r]) for c, r in cf_pairs(list(arms))]
+  intervals = []
+  for runs in study.arms.values():
+    for run in runs:
+      s, _ = run.series('eval', 'pass@1')
+      intervals.extend(np.diff(s).tolist())
+  interval = int(np.median(intervals)) if intervals else None
+  return ReportNumbers(arms, target, note, comparisons, interval)
+
+
+# -- findings: sentences generated from the numbers -------------------------------
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+  return '—' if x is None or not math.isfinite(x) else f'{x:.{digits}f}'
+
+
+def _direction(a: float, b: float, up: str = 'rose', down: str = 'fell') -> str:
+  if round(a, 3) == round(b, 3):
+    return 'stayed at'
+  return up if b > a else down
+
+
+def _noise_clause(diff: float, se: float | None) -> str:
+  if se is None:
+    return 'no standard error was logged, so noise cannot be judged'
+  if abs(diff) > NOISE_SIGMAS * se:
+    return f'beyond noise ({NOISE_SIGMAS:g} s.e. = {NOISE_SIGMAS * se:.3f})'
+  return f'within noise ({NOISE_SIGMAS:g} s.e. = {NOISE_SIGMAS * se:.3f})'
+
+
+def _steps_sentence(cf: ArmSummary, rl: ArmSummary, comp: TargetComparison, target: float) -> str:
+  c, r = cf.steps_to_target, rl.steps_to_target
+  goal = f'the target pass@1 of {target:.3f}'
+  if c is not None and r is not None:
+    if c < r:
+      return f'{cf.label} reached {goal} in {c} steps vs {r} for {rl.label} (ratio {comp.text}).'
+    if c == r:
+      return f'{cf.label} did not beat {rl.label} to {goal}: both reached it at step {c}.'
+    return f'{cf.label} did not beat {rl.label} to {goal}: {c} steps vs {r} (ratio {comp.text}).'
+  if c is not None:
+    return f'{cf.label} reached {goal} in {c} steps; {rl.label} did not reach it by step {rl.last_eval_step}.'
+  if r is not None:
+    return (f'{cf.label} did not beat {rl.label} to {goal}: {cf.label} did not reach it by step '
+            f'{cf.last_eval_step}; {rl.label} reached it in {r} steps.')
+  return f'Neither {cf.label} nor {rl.label} reached {goal}.'
+
+
+def _final_sentence(a: ArmSummary, b: ArmSummary) -> str:
+  """Compares final pass@1 of arm `a` (the CF-RL arm, or the best arm) with `b`."""
+  diff = a.final_pass1 - b.final_pass1
+  se = None if a.final_se is None or b.final_se is None else math.hypot(a.final_se, b.final_se)
+  noise = _noise_clause(diff, se)
+  vals = f'{a.final_pass1:.3f} vs {b.final_pass1:.3f} ({diff:+.3f})'
+  real = se is not None and abs(diff) > NOISE_SIGMAS * se
+  if real and diff > 0:
+    return f'Final pass@1: {a.label} beat {b.label}, {vals}, {noise}.'
+  if real:
+    return f'Final pass@1: {a.label} did not beat {b.label}, {vals}; {b.label} is higher {noise}.'
+  if diff <= 0:
+    return f'Final pass@1: {a.label} did not beat {b.label}, {vals}, {noise}.'
+  return f'Final pass@1: {a.label} did not clearly beat {b.label}, {vals}, {noise}.'
+
+
+def findings(nums: ReportNumbers) -> list[str]:
+  """Plain sentences, each stating only what the numbers in the tables show."""
+  out = []
+  arms = nums.arms
+  if nums.target is not None:
+    for comp in nums.comparisons:
+      out.append(_steps_sentence(arms[comp.cf], arms[comp.rl], comp, nums.target))
+    if nums.comparisons and nums.eval_interval:
+      out.append(f'Steps to target are resolved to the eval interval ({nums.eval_interval} steps).')
+  else:
+    out.append(f'Steps to target were not computed: {nums.target_note}.')
+  with_final = [s for s in arms.values() if s.final_pass1 is not None]
+  pairs = cf_pairs(list(arms))
+  for c, r in pairs:
+    if arms[c].final_pass1 is not None and arms[r].final_pass1 is not None:
+      out.append(_final_sentence(arms[c], arms[r]))
+  if not pairs and len(with_final) > 1:
+    ranked = sorted(with_final, key=lambda s: -s.final_pass1)
+    out.append(_final_sentence(ranked[0], ranked[1]))
+  for s in arms.values():
+    if s.gain is not None:
+      verb = 'rose' if s.gain > 0 else 'fell' if s.gain < 0 else 'did not change'
+      out.append(f'{s.label}: pass@1 {verb} from {s.base_pass1:.3f} to {s.final_pass1:.3f} ({s.gain:+.3f}), '
+                 f'{_noise_clause(s.gain, s.gain_se)}.')
+    if s.base_greedy is not None and s.final_greedy is not None:
+      out.append(f'{s.label}: greedy accuracy {_direction(s.base_greedy, s.final_greedy)} '
+                 f'{_from_to(s.base_greedy, s.final_greedy)}.')
+    parts = []
+    if s.entropy_first is not None:
+      parts.append(f'entropy {_direction(s.entropy_first, s.entropy_last)} {_from_to(s.entropy_first, s.entropy_last)}')
+    if s.confidence_first is not None:
+      parts.append(f'confidence (mean sampled-token probability) {_direction(s.confidence_first, s.confidence_last)} '
+                   f'{_from_to(s.confidence_first, s.confidence_last)}')
+    if parts:
+      out.append(f'{s.label}: ' + '; '.join(parts) + f' (means over the first/last {TRAIN_WINDOW} training steps).')
+    if s.base_format is not None and s.final_format is not None:
+      (b, bf), (f, ff) = s.base_format, s.final_format
+      src = 'held-out samples' if s.format_source == 'eval' else 'training samples (no eval formats logged)'
+      if b == f:
+        out.append(f'{s.label}: the dominant format stayed {f} ({bf:.2f} → {ff:.2f} of {src}).')
+      else:
+        out.append(f'{s.label}: the dominant format shifted from {b} ({bf:.2f}) to {f} ({ff:.2f} of {src}).')
+    if s.stage2_steps:
+      out.append(f'{s.label}: CF-RL stage 2 (all parameters) started at step '
+                 f'{", ".join(map(str, s.stage2_steps))}' + (' (per seed).' if s.num_seeds > 1 else '.'))
+    if s.r_share_first is not None:
+      out.append(f'{s.label}: the R (feature) share of the NTK {_direction(s.r_share_first, s.r_share_last)} '
+                 f'{_from_to(s.r_share_first, s.r_share_last)} between the first and last probe.')
+  return out
+
+
+def _from_to(a: float, b: float) -> str:
+  return f'{a:.3f}' if round(a, 3) == round(b, 3) else f'from {a:.3f} to {b:.3f}'
+
+
+# -- figures ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Line:
+  """One metric drawn for every arm in a panel; style tells lines of the same arm apart."""
+  kind: str
+  key: str
+  style: str = '-'
+  name: str = ''
+
+
+@dataclasses.dataclass(frozen=True)
+class Panel:
+  title: str
+  ylabel: str
+  lines: tuple[Line, ...]
+  log_if_positive: bool = False
+  stage_switch: bool = False
+  hline: float | None = None
+  hline_label: str = ''
+
+
+def _colors(arms: Sequence[str]) -> dict[str, Any]:
+  from matplotlib import colormaps
+  cmap = colormaps['tab10']
+  return {arm: cmap(i % 10) for i, arm in enumerate(arms)}
+
+
+def _new_figure(n_panels: int, max_cols: int = 3):
+  from matplotlib.figure import Figure
+  ncols = 2 if n_panels == 4 else min(n_panels, max_cols)
+  nrows = math.ceil(n_panels / ncols)
+  size = (7.0, 4.0) if n_panels == 1 else (PANEL_SIZE[0] * ncols, PANEL_SIZE[1] * nrows)
+  fig = Figure(figsize=size, dpi=DPI, layout='constrained')
+  axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+  for ax in axes[n_panels:]:
+    ax.set_visible(False)
+  return fig, list(axes[:n_panels])
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  FigureCanvasAgg(fig)
+  fig.savefig(os.path.join(out_dir, f'{name}.png'), dpi=DPI)
+  return f'{name}.png'
+
+
+def _band_note(study: Study) -> str:
+  seeds = max(len(r) for r in study.arms.values())
+  return f'; shaded: min–max over {seeds} seeds' if seeds > 1 else ''
+
+
+def _draw_curve(ax, curve: Curve, color, style: str, label: str | None = None):
+  ax.plot(curve.steps, curve.mean, style, color=color, lw=1.6, label=label,
+          marker='o' if len(curve.steps) == 1 else None)
+  if curve.num_seeds > 1:
+    ax.fill_between(curve.steps, curve.low, curve.high, color=color, alpha=0.18, lw=0)
+
+
+def _legend(ax, colors: dict[str, Any], arms: Sequence[str], styles: Sequence[tuple[str, str]], extra=()):
+  from matplotlib.lines import Line2D
+  handles = [Line2D([], [], color=colors[a], lw=2, label=arm_label(a)) for a in arms]
+  if len(styles) > 1:
+    handles += [Line2D([], [], color='0.3', ls=s, lw=1.6, label=n) for s, n in styles]
+  handles += list(extra)
+  ax.legend(handles=handles, fontsize=7, loc='best', framealpha=0.8)
+
+
+def _draw_panels(study: Study, panels: Sequence[Panel], out_dir: str, name: str, suptitle: str) -> str | None:
+  """Draws the panels that have data (arms as colours, Line.style per metric); None if none has."""
+  curves = {}
+  for p in panels:
+    for ln in p.lines:
+      for arm, runs in study.arms.items():
+        c = arm_curve(runs, ln.kind, ln.key)
+        if c is not None:
+          curves[(p.title, ln, arm)] = c
+  drawn = [p for p in panels if any((p.title, ln, a) in curves for ln in p.lines for a in study.arms)]
+  if not drawn:
+    return None
+  colors = _colors(list(study.arms))
+  fig, axes = _new_figure(len(drawn))
+  for ax, p in zip(axes, drawn):
+    present_arms = [a for a in study.arms if any((p.title, ln, a) in curves for ln in p.lines)]
+    present_lines = [ln for ln in p.lines if any((p.title, ln, a) in curves for a in study.arms)]
+    values = []
+    for ln in present_lines:
+      for arm in present_arms:
+        c = curves.get((p.title, ln, arm))
+        if c is not None:
+          _draw_curve(ax, c, colors[arm], ln.style)
+          values.append(c.low)
+    lo, hi = np.min(np.concatenate(values)), np.max(np.concatenate(values))
+    if p.log_if_positive and lo > 0 and hi / lo >= LOG_SCALE_SPAN:
+      ax.set_yscale('log')
+    extra = []
+    if p.stage_switch:
+      from matplotlib.lines import Line2D
+      for arm in present_arms:
+        for step in sorted(set(stage2_starts(study.arms[arm]))):
+          ax.axvline(step, color=colors[arm], ls=':', lw=1.2)
+      if any(stage2_starts(study.arms[a]) for a in present_arms):
+        extra.append(Line2D([], [], color='0.3', ls=':', lw=1.2, label='CF-RL stage 2 starts'))
+    if p.hline is not None:
+      from matplotlib.lines import Line2D
+      ax.axhline(p.hline, color='0.5', ls='--', lw=1)
+      extra.append(Line2D([], [], color='0.5', ls='--', lw=1, label=p.hline_label))
+    ax.set_title(p.title, fontsize=10)
+    ax.set_xlabel('RL step')
+    ax.set_ylabel(p.ylabel)
+    ax.grid(alpha=0.3)
+    _legend(ax, colors, present_arms, [(ln.style, ln.name or ln.key) for ln in present_lines], extra)
+  fig.suptitle(suptitle + _band_note(study), fontsize=11)
+  return _save(fig, out_dir, name)
+
+
+def figure_accuracy(study: Study, out_dir: str, target: float | None = None) -> str | None:
+  return _draw_panels(study, [
+      Panel('Held-out pass@1 (sampled)', 'pass@1', (Line('eval', 'pass@1'),),
+            hline=target, hline_label=f'target {target:.3f}' if target is not None else ''),
+      Panel('Held-out greedy accuracy', 'accuracy', (Line('eval', 'greedy_accuracy'),)),
+      Panel('Training reward (batch mean)', 'reward', (Line('train', 'reward_mean', '-', 'reward'),
+                                                      Line('train', 'accuracy', '--', 'correctness part'))),
+  ], out_dir, 'accuracy', 'Accuracy')
+
+
+def figure_confidence(study: Study, out_dir: str) -> str | None:
+  return _draw_panels(study, [
+      Panel('Confidence: mean prob. of sampled tokens', 'probability', (Line('train', 'mean_prob'),),
+            stage_switch=True),
+      Panel('Mean max-probability', 'probability', (Line('train', 'max_prob'),), stage_switch=True),
+      Panel('Mean token entropy', 'entropy (nats)', (Line('train', 'entropy'),), stage_switch=True),
+  ], out_dir, 'confidence', 'Confidence and entropy on training samples')
+
+
+def figure_norms(study: Study, out_dir: str) -> str | None:
+  head_kind = 'train' if 'head_norm' in study.keys('train') else 'probe'
+  return _draw_panels(study, [
+      Panel('Classifier (head) norm ||W||_F', 'norm', (Line(head_kind, 'head_norm'),)),
+      Panel('Gradient norms', 'norm', (Line('train', 'grad_norm_head', '-', 'head'),
+                                       Line('train', 'grad_norm_backbone', '--', 'backbone')),
+            log_if_positive=True),
+  ], out_dir, 'norms', 'Head and gradient norms')
+
+
+def figure_ntk(study: Study, out_dir: str) -> str | None:
+  keys = [k for k in study.keys('probe') if NTK_KEY.match(k)]
+  styles = {'R': '-', 'G': '--', 'cross': ':', 'total': '-.'}
+  panels = []
+  for part in ('diag', 'offdiag'):
+    lines = tuple(Line('probe', k, styles[NTK_KEY.match(k).group(1)], NTK_KEY.match(k).group(1))
+                  for k in sorted(keys, key=lambda k: list(styles).index(NTK_KEY.match(k).group(1)))
+                  if NTK_KEY.match(k).group(2) == part)
+    if lines:
+      where = 'same context (diagonal)' if part == 'diag' else 'across contexts (off-diagonal)'
+      panels.append(Panel(f'eNTK components, {where}', 'kernel value', lines, log_if_positive=True))
+  share = [k for k in study.keys('probe') if re.fullmatch(r'ntk_R_share', k)]
+  if share:
+    panels.append(Panel('R share of the eNTK', 'R / (R + G)', (Line('probe', share[0]),)))
+  if 'phi_cosine' in study.keys('probe'):
+    panels.append(Panel('Feature similarity: mean cos(phi, phi\')', 'cosine', (Line('probe', 'phi_cosine'),)))
+  return _draw_panels(study, panels, out_dir, 'ntk', 'Empirical NTK probes (R: from the head, G: from the backbone)')
+
+
+def figure_passk(study: Study, out_dir: str) -> str | None:
+  ks = sorted(int(m.group(1)) for k in study.keys('eval') for m in [PASS_K_KEY.match(k)] if m)
+  if len(ks) < 2:   # pass@1 alone is already in accuracy.png
+    ks = []
+  colors = _colors(list(study.arms))
+  per_arm = {}
+  for arm, runs in study.arms.items():
+    pts = {}
+    for which in ('base', 'final'):
+      xs, ys = [], []
+      for k in ks:
+        ends = _eval_endpoint(runs, f'pass@{k}', which)
+        if ends is not None:
+          xs.append(k)
+          ys.append(float(np.mean([v for _, v in ends])))
+      if xs:
+        pts[which] = (xs, ys)
+    if pts:
+      per_arm[arm] = pts
+  distinct = [a for a, runs in study.arms.items() if arm_curve(runs, 'eval', 'distinct_answers') is not None]
+  n = bool(per_arm) + bool(distinct)
+  if not n:
+    return None
+  from matplotlib.lines import Line2D
+  fig, axes = _new_figure(n)
+  axes = iter(axes)
+  if per_arm:
+    ax = next(axes)
+    for arm, pts in per_arm.items():
+      for which, style, marker in (('base', '--', 's'), ('final', '-', 'o')):
+        if which in pts:
+          ax.plot(*pts[which], style, marker=marker, color=colors[arm], lw=1.5, ms=4)
+    if len(ks) > 1:
+      ax.set_xscale('log', base=2)
+      ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_title('pass@k: base (step 0) vs last eval', fontsize=10)
+    ax.set_xlabel('k (samples per problem)')
+    ax.set_ylabel('pass@k')
+    ax.grid(alpha=0.3)
+    _legend(ax, colors, list(per_arm), [], [Line2D([], [], color='0.3', ls='--', marker='s', ms=4, label='base'),
+                                            Line2D([], [], color='0.3', ls='-', marker='o', ms=4, label='last eval')])
+  if distinct:
+    ax = next(axes)
+    for arm in distinct:
+      _draw_curve(ax, arm_curve(study.arms[arm], 'eval', 'distinct_answers'), colors[arm], '-')
+    ax.set_title('Distinct final answers per problem', fontsize=10)
+    ax.set_xlabel('RL step')
+    ax.set_ylabel('distinct answers')
+    ax.grid(alpha=0.3)
+    _legend(ax, colors, distinct, [])
+  fig.suptitle('Diversity: pass@k and distinct answers (held-out)' + _band_note(study), fontsize=11)
+  return _save(fig, out_dir, 'passk')
+
+
+def figure_formats(study: Study, out_dir: str) -> str | None:
+  every_run = [r for runs in study.arms.values() for r in runs]
+  source = 'eval' if format_names(every_run, 'eval') else 'train'
+  names = format_names(every_run, source)
+  arms = [a for a in study.arms if any(arm_curve(study.arms[a], source, f'format_{n}') is not None for n in names)]
+  if not arms:
+    return None
+  from matplotlib import colormaps
+  cmap = colormaps['Dark2']
+  fig, axes = _new_figure(len(arms))
+  for ax, arm in zip(axes, arms):
+    for i, name in enumerate(names):
+      c = arm_curve(study.arms[arm], source, f'format_{name}')
+      if c is not None:
+        _draw_curve(ax, c, cmap(i % 8), '-', label=name)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(arm_label(arm), fontsize=10)
+    ax.set_xlabel('RL step')
+    ax.set_ylabel('fraction of samples')
+    ax.grid(alpha=0.3)
+    ax.legend(title='format', fontsize=7, title_fontsize=7, loc='best', framealpha=0.8)
+  where = 'held-out samples' if source == 'eval' else 'training samples'
+  fig.suptitle(f'Solution formats over training ({where})' + _band_note(study), fontsize=11)
+  return _save(fig, out_dir, 'formats')
+
+
+# -- report.md ----------------------------------------------------------------------
+
+
+def _get(d: dict, dotted: str):
+  for part in dotted.split('.'):
+    if not isinstance(d, dict) or part not in d:
+      return None
+    d = d[part]
+  return d
+
+
+def _duration(seconds: float) -> str:
+  return f'{seconds:.0f} s' if seconds < 120 else f'{seconds / 60:.1f} min' if seconds < 7200 else \
+      f'{seconds / 3600:.1f} h'
+
+
+def _what_was_run(study: Study) -> list[str]:
+  cfg, info = study.config, study.info
+  lines = []
+  arms = ', '.join(f'{arm_label(a)} (`{a}`)' for a in study.arms)
+  if study.single:
+    seed = study.arms[next(iter(study.arms))][0].seed
+    lines.append(f'- A single run: {arms}' + (f', seed {seed}' if seed is not None else '') + '.')
+  else:
+    seeds = info.get('seeds') or sorted({r.seed for runs in study.arms.values() for r in runs if r.seed is not None})
+    lines.append(f'- Arms: {arms}; seeds: {", ".join(map(str, seeds)) or "one per arm"}.')
+  if study.missing:
+    lines.append(f'- **Missing runs** (named in study.json, no metrics.jsonl): {", ".join(study.missing)}.')
+  last = [int(r.records['train'][-1]['step']) for runs in study.arms.values() for r in runs if r.records.get('train')]
+  planned = _get(cfg, 'rl.steps')
+  if last:
+    logged = f'{min(last)}' if min(last) == max(last) else f'{min(last)}–{max(last)}'
+    lines.append(f'- RL steps: {planned if planned is not None else "?"} planned (config.rl.steps); '
+                 f'last training step logged: {logged}.')
+  if cfg:
+    algo = _get(cfg, 'rl.algorithm')
+    if study.single and algo is not None:
+      cf = _get(cfg, 'cfrl.enabled')
+      lines.append(f'- Algorithm: {algo}' + (' with CF-RL' if cf else '') + '.')
+    rl = [f'{n} {v}' for n, v in (('prompts/step', _get(cfg, 'rl.prompts_per_step')),
+                                  ('group size', _get(cfg, 'rl.group_size')), ('lr', _get(cfg, 'rl.lr')),
+                                  ('temperature', _get(cfg, 'rl.temperature')), ('KL coef', _get(cfg, 'rl.kl_coef')))
+          if v is not None]
+    if rl:
+      lines.append(f'- RL settings: {", ".join(rl)}.')
+    if any(a.startswith('cf') for a in study.arms) or (study.single and _get(cfg, 'cfrl.enabled')):
+      s1, hlr = _get(cfg, 'cfrl.stage1_steps'), _get(cfg, 'cfrl.stage1_head_lr')
+      how = _get(cfg, 'cfrl.switch_on')
+      if s1 is not None:
+        lines.append(f'- CF-RL stage 1 (head only): {s1} steps, head lr {hlr}, switch on {how}.')
+  model = []
+  source = _get(cfg, 'model.source')
+  if source:
+    model.append(f'source {source}' + (f' `{_get(cfg, "model.path")}`' if _get(cfg, 'model.path') else ''))
+  base = info.get('base') or {}
+  if base.get('num_params'):
+    model.append(f'{base["num_params"] / 1e6:.2f}M parameters')
+  elif source in ('pretrain', 'init') and _get(cfg, 'model.arch.hidden_size'):
+    model.append(f'hidden {_get(cfg, "model.arch.hidden_size")}, {_get(cfg, "model.arch.num_layers")} layers')
+  if base.get('steps') is not None:
+    model.append(f'pretrained {base["steps"]} steps' +
+                 (f' to loss {base["final_loss"]:.3f}' if _is_number(base.get('final_loss')) else '') +
+                 (f' in {_duration(base["seconds"])}' if _is_number(base.get('seconds')) else ''))
+  if model:
+    lines.append(f'- Model: {", ".join(model)}.')
+  n_problems = _get(cfg, 'eval.num_problems')
+  for runs in study.arms.values():
+    s, v = runs[0].series('eval', 'num_problems')
+    if len(v):
+      n_problems = int(v[-1])
+  ev = [f'{n_problems} held-out problems' if n_problems is not None else None,
+        f'{_get(cfg, "eval.samples")} samples each' if _get(cfg, 'eval.samples') is not None else None,
+        f'every {_get(cfg, "eval.every")} steps' if _get(cfg, 'eval.every') is not None else None]
+  if any(ev):
+    lines.append(f'- Evaluation: {", ".join(e for e in ev if e)}.')
+  timings = info.get('timings') or {}
+  if timings:
+    per_arm = []
+    for arm in study.arms:
+      t = [v for k, v in timings.items() if k.split('/')[0] == arm and _is_number(v)]
+      if t:
+        per_arm.append(f'{arm_label(arm)} {_duration(float(np.mean(t)))}')
+    total = timings.get('total')
+    lines.append('- Timings: ' + (f'total {_duration(total)}' if _is_number(total) else '') +
+                 (('; ' if _is_number(total) else '') + 'mean per run: ' + ', '.join(per_arm) if per_arm else '') + '.')
+  return lines
+
+
+def _pm(x: float | None, pm: float | None) -> str:
+  return _fmt(x) if pm is None or x is None or not math.isfinite(pm) else f'{x:.3f} ± {pm:.3f}'
+
+
+def _arrow(a: float | None, b: float | None) -> str:
+  return '—' if a is None and b is None else f'{_fmt(a)} → {_fmt(b)}'
+
+
+def results_table(nums: ReportNumbers) -> list[str]:
+  multi = any(s.num_seeds > 1 for s in nums.arms.values())
+  pm = 's.d. over seeds' if multi else 's.e.'
+  out = [f'| arm | seeds | pass@1 base | pass@1 final (± {pm}) | Δ pass@1 | final step '
+         '| greedy acc. base → final | train reward first → last | confidence first → last '
+         '| entropy first → last | dominant format base → final |',
+         '|' + '---|' * 11]
+  for s in nums.arms.values():
+    steps = '—' if not s.final_steps else (str(s.final_steps[0]) if len(set(s.final_steps)) == 1 else
+                                           f'{min(s.final_steps)}–{max(s.final_steps)}')
+    fmt = '—'
+    if s.final_format is not None:
+      b = f'{s.base_format[0]} ({s.base_format[1]:.2f})' if s.base_format else '—'
+      fmt = f'{b} → {s.final_format[0]} ({s.final_format[1]:.2f})'
+      fmt += ' [train]' if s.format_source == 'train' else ''
+    pm_value = s.final_pm if (s.num_seeds > 1 or not multi) else None   # match the column's header
+    gain = '—' if s.gain is None else f'{s.gain:+.3f}'
+    out.append(f'| {s.label} | {s.num_seeds} | {_fmt(s.base_pass1)} | {_pm(s.final_pass1, pm_value)} | '
+               f'{gain} | {steps} | {_arrow(s.base_greedy, s.final_greedy)} | '
+               f'{_arrow(s.reward_first, s.reward_last)} | {_arrow(s.confidence_first, s.confidence_last)} | '
+               f'{_arrow(s.entropy_first, s.entropy_last)} | {fmt} |')
+  return out
+
+
+def target_table(nums: ReportNumbers) -> list[str]:
+  if nums.target is None:
+    return [f'Not computed: {nums.target_note}. Pass target_accuracy (--target_accuracy) to set one.']
+  out = [f'Target pass@1: **{nums.target:.3f}** ({nums.target_note}).', '',
+         '| arm | first eval step with seed-mean pass@1 ≥ target | per seed | last eval step |', '|---|---|---|---|']
+  for s in nums.arms.values():
+    per_seed = ', '.join('not reached' if x is None else str(x) for x in s.steps_to_target_per_seed)
+    out.append(f'| {s.label} | {"not reached" if s.steps_to_target is None else s.steps_to_target} | '
+               f'{per_seed or "—"} | {"—" if s.last_eval_step is None else s.last_eval_step} |')
+  for comp in nums.comparisons:
+    out += ['', f'Steps-to-target ratio {arm_label(comp.cf)} / {arm_label(comp.rl)}: **{comp.text}** '
+                '(below 1: CF-RL got there in fewer steps).']
+  return out
+
+
+FIGURE_CAPTIONS = {   # name -> (heading, caption)
+    'accuracy': ('Accuracy', 'Held-out pass@1 (sampled) and greedy accuracy, and the training reward, per RL step.'),
+    'confidence': ('Confidence and entropy', 'Confidence (mean probability of sampled tokens), mean max-probability '
+                   'and entropy on training samples; dotted vertical lines: the first step of CF-RL stage 2.'),
+    'passk': ('pass@k and diversity', 'pass@k of the base model (dashed) and at the last eval (solid), and distinct '
+              'final answers per problem.'),
+    'formats': ('Solution formats', 'Fraction of samples in each solution format, one panel per arm.'),
+    'ntk': ('Empirical NTK', 'Empirical NTK components from the probes: R (head/feature part), G (backbone part), '
+            'cross terms and total (log scale when positive and spanning a wide range), the R share and the mean '
+            'cosine between features of different contexts.'),
+    'norms': ('Norms', 'Classifier norm and gradient norms of the head and the backbone.'),
+}
+FIGURE_NEEDS = {
+    'accuracy': 'eval pass@1 / greedy_accuracy or train reward_mean / accuracy',
+    'confidence': 'train mean_prob/max_prob/entropy',
+    'passk': 'eval pass@k or distinct_answers', 'formats': 'eval or train format_<name>',
+    'ntk': 'probe ntk_<R|G|cross|total>_<diag|offdiag>, ntk_R_share or phi_cosine',
+    'norms': 'head_norm or train grad_norm_head/grad_norm_backbone',
+}
+
+
+def report_markdown(study: Study, nums: ReportNumbers, figures: dict[str, str | None], *,
+                    title: str | None = None, analysis_md: str | None = None) -> str:
+  """The text of report.md. figures: name (FIGURES) -> PNG file name relative to the report, None if not drawn."""
+  title = title or _get(study.config, 'name') or os.path.basename(study.path)
+  md = [f'# {title}', '',
+        f'Generated by `cfrl_jax.report` from `{study.path}`.', '',
+        '## What was run', '', *_what_was_run(study), '',
+        '## Results', '', *results_table(nums), '',
+        f'Base: the eval at step 0; final: each seed\'s last eval; Δ: mean over seeds of final − base. '
+        f'Training metrics are means over the first/last {TRAIN_WINDOW} training steps. '
+        'Confidence: mean probability of the sampled tokens. Values are means over seeds.', '',
+        '## Steps to target accuracy', '', *target_table(nums), '',
+        '## Findings', '', *[f'- {f}' for f in findings(nums)], '',
+        f'A difference is called real only beyond {NOISE_SIGMAS:g} standard errors (per seed: pass@1_stderr over '
+        'problems; over seeds: the larger of that and the seed-to-seed standard error).', '',
+        '## Figures', '']
+  for name in FIGURES:
+    if figures.get(name):
+      heading, caption = FIGURE_CAPTIONS[name]
+      md += [f'### {heading}', '', caption, '', f'![{name}]({figures[name]})', '']
+  skipped = [f'`{n}.png` (needs {FIGURE_NEEDS[n]})' for n in FIGURES if not figures.get(n)]
+  if skipped:
+    md += ['Not drawn, no data logged: ' + '; '.join(skipped) + '.', '']
+  if analysis_md:
+    md += ['## Analysis', '', analysis_md.strip(), '']
+  return '\n'.join(md)
+
+
+def write_figures(study: Study, out_dir: str, target: float | None = None) -> dict[str, str | None]:
+  """Draws every figure that has data into out_dir; name -> PNG file name (None: nothing to draw)."""
+  return {
+      'accuracy': figure_accuracy(study, out_dir, target),
+      'confidence': figure_confidence(study, out_dir),
+      'passk': figure_passk(study, out_dir),
+      'formats': figure_formats(study, out_dir),
+      'ntk': figure_ntk(study, out_dir),
+      'norms': figure_norms(study, out_dir),
+  }
+
+
+def write_report(path: str, *, title: str | None = None, target_accuracy: float | None = None,
+                 analysis_md: str | None = None) -> str:
+  """Writes the figures (PNG) and report.md into `path` (a run or study dir); returns the report's path."""
+  study = load_study(path)
+  nums = summarize(study, target_accuracy)
+  figures = write_figures(study, study.path, nums.target)
+  out = os.path.join(study.path, 'report.md')
+  with open(out, 'w') as f:
+    f.write(report_markdown(study, nums, figures, title=title, analysis_md=analysis_md))
+  return out
+
+
+def _main(argv):
+  from absl import app, flags
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  if not f.run:
+    raise app.UsageError('--run=DIR is required: a run dir (metrics.jsonl) or a study dir (<arm>/seed<k>/).')
+  analysis = None
+  if f.analysis:
+    with open(f.analysis) as fh:
+      analysis = fh.read()
+  print(write_report(f.run, title=f.title, target_accuracy=f.target_accuracy, analysis_md=analysis))
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  flags.DEFINE_string('run', None, 'Run dir (with metrics.jsonl) or study dir (<arm>/seed<k>/metrics.jsonl).')
+  flags.DEFINE_string('title', None, 'Report title (default: the config name or the directory name).')
+  flags.DEFINE_float('target_accuracy', None, 'pass@1 target for "steps to target" (default: midpoint of the '
+                     "best arm's gain).")
+  flags.DEFINE_string('analysis', None, 'Markdown file appended to the report as an Analysis section.')
+  app.run(_main)

@@ -1,0 +1,310 @@
+"""Tests of cfrl_jax.report on synthetic metrics streams with hand-computed numbers.
+
+The synthetic study: arms grpo and cfgrpo x seeds 0, 1; evals at steps 0, 10, ..., 40 with
+pass@1_stderr 0.01; 40 training steps. Hand-computed values used below:
+  pass@1 seed means  grpo   0.20 0.23 0.26 0.31 0.35      cfgrpo  0.20 0.29 0.38 0.43 0.47
+  gains              grpo   0.14, 0.16 -> 0.15             cfgrpo  0.28, 0.26 -> 0.27
+  default target     cfgrpo base 0.20 + 0.27 / 2 = 0.335
+  steps to target    grpo 40 (0.35), cfgrpo 20 (0.38), ratio 20 / 40 = 0.5
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cfrl_jax import report
+
+EVAL_STEPS = [0, 10, 20, 30, 40]
+PASS1 = {
+    ('grpo', 0): [0.20, 0.22, 0.26, 0.30, 0.34],
+    ('grpo', 1): [0.20, 0.24, 0.26, 0.32, 0.36],
+    ('cfgrpo', 0): [0.20, 0.30, 0.40, 0.44, 0.48],
+    ('cfgrpo', 1): [0.20, 0.28, 0.36, 0.42, 0.46],
+}
+TRAIN_STEPS = 40
+
+
+def _write_jsonl(run_dir, records, extra_lines=()):
+  os.makedirs(run_dir, exist_ok=True)
+  with open(os.path.join(run_dir, 'metrics.jsonl'), 'w') as f:
+    for r in records:
+      f.write(json.dumps(r) + '\n')
+    for line in extra_lines:
+      f.write(line + '\n')
+
+
+def _run_records(arm, seed, pass1, *, probes=True, formats=True):
+  """Train, eval and probe records of one synthetic run. Entropy falls linearly from 0.5 (faster under CF)."""
+  cf = arm.startswith('cf')
+  recs = []
+  for i, step in enumerate(EVAL_STEPS):
+    r = {'step': step, 'kind': 'eval', 'pass@1': pass1[i], 'pass@1_stderr': 0.01, 'pass@4': min(1.0, pass1[i] + 0.3),
+         'greedy_accuracy': 0.25 + 0.01 * i, 'distinct_answers': 3.0 - 0.4 * i, 'num_problems': 512.0}
+    if formats:
+      d = (0.05 if cf else 0.025) * i
+      r.update(format_A=0.45 + 2 * d, format_B=0.35 - d, format_C=0.2 - d, format_unknown=0.0)
+    recs.append(r)
+  for step in range(1, TRAIN_STEPS + 1):
+    t = (step - 1) / (TRAIN_STEPS - 1)
+    recs.append({'step': step, 'kind': 'train', 'reward_mean': 0.2 + 0.2 * t + 0.01 * seed,
+                 'entropy': 0.5 - (0.45 if cf else 0.4) * t, 'mean_prob': 0.8 + 0.1 * t, 'max_prob': 0.85 + 0.1 * t,
+                 'head_norm': 10.0 + t, 'grad_norm_head': 0.5, 'grad_norm_backbone': 2.0,
+                 'stage': (1.0 if step <= 10 + seed else 2.0) if cf else 0.0})
+  if probes:
+    for step in (1, 10, 20, 30, 40):
+      recs.append({'step': step, 'kind': 'probe', 'ntk_R_diag': (5.0 + step) * (3 if cf else 1),
+                   'ntk_G_diag': 1.0 + 0.1 * step, 'ntk_R_offdiag': 4.0, 'ntk_G_offdiag': 0.5,
+                   'ntk_R_share': 0.8 + 0.001 * step, 'phi_cosine': 0.9})
+  return sorted(recs, key=lambda r: r['step'])
+
+
+def _build_study(root, pass1=PASS1, *, study_json=True, **kw):
+  arms = sorted({a for a, _ in pass1}, key=lambda a: a.startswith('cf'))
+  seeds = sorted({s for _, s in pass1})
+  for (arm, seed), p in pass1.items():
+    _write_jsonl(os.path.join(root, arm, f'seed{seed}'), _run_records(arm, seed, p, **kw))
+  if study_json:
+    info = {'arms': arms, 'seeds': seeds,
+            'config': {'name': 'synthetic', 'rl': {'steps': TRAIN_STEPS, 'algorithm': 'grpo', 'lr': 1e-5},
+                       'cfrl': {'stage1_steps': 10, 'stage1_head_lr': 1e-4, 'switch_on': 'steps'},
+                       'eval': {'num_problems': 512, 'samples': 4, 'every': 10}},
+            'base': {'num_params': 1_640_000, 'steps': 300, 'final_loss': 0.912, 'seconds': 510.0},
+            'timings': {f'{a}/seed{s}': 60.0 + s for a in arms for s in seeds} | {'total': 250.0}}
+    with open(os.path.join(root, 'study.json'), 'w') as f:
+      json.dump(info, f)
+  return str(root)
+
+
+def _markdown(root, target_accuracy=None):
+  """report.md's text without drawing the figures (the figures have their own tests)."""
+  study = report.load_study(root)
+  return report.report_markdown(study, report.summarize(study, target_accuracy), {})
+
+
+def _section(md, heading):
+  return md.split(f'## {heading}')[1].split('\n## ')[0]
+
+
+def _table_row(md, label):
+  rows = [ln for ln in md.splitlines() if ln.startswith(f'| {label} |')]
+  assert len(rows) >= 1, f'no table row for {label}'
+  return rows
+
+
+@pytest.fixture(scope='module')
+def study_report(tmp_path_factory):
+  root = _build_study(tmp_path_factory.mktemp('study'))
+  path = report.write_report(root, analysis_md='Hand-written note.')
+  with open(path) as f:
+    return root, path, f.read()
+
+
+def test_study_numbers_match_hand_computed(study_report):
+  root, _, _ = study_report
+  nums = report.summarize(report.load_study(root))
+  g, c = nums.arms['grpo'], nums.arms['cfgrpo']
+  assert g.base_pass1 == pytest.approx(0.20) and c.base_pass1 == pytest.approx(0.20)
+  assert g.final_pass1 == pytest.approx(0.35) and c.final_pass1 == pytest.approx(0.47)
+  assert g.gain == pytest.approx(0.15) and c.gain == pytest.approx(0.27)
+  # Spread over 2 seeds: sd of (0.34, 0.36) = 0.01 * sqrt(2).
+  assert g.final_pm == pytest.approx(np.std([0.34, 0.36], ddof=1))
+  # Gain s.e.: eval part sqrt(mean(0.01^2 + 0.01^2) / 2) = 0.01; seed part sd(0.14, 0.16) / sqrt(2) = 0.01.
+  assert g.gain_se == pytest.approx(0.01)
+  assert nums.target == pytest.approx(0.335)
+  assert g.steps_to_target == 40 and c.steps_to_target == 20
+  assert g.steps_to_target_per_seed == [40, 40] and c.steps_to_target_per_seed == [20, 20]
+  (comp,) = nums.comparisons
+  assert (comp.cf, comp.rl) == ('cfgrpo', 'grpo') and comp.ratio == pytest.approx(0.5)
+  # Train windows: entropy 0.5 - 0.4 t over t = (step-1)/39; first 5 steps mean t = 2/39.
+  assert g.entropy_first == pytest.approx(0.5 - 0.4 * 2 / 39)
+  assert g.entropy_last == pytest.approx(0.5 - 0.4 * 37 / 39)
+  assert g.reward_last == pytest.approx(0.2 + 0.2 * 37 / 39 + 0.005)
+  assert c.final_format == ('A', pytest.approx(0.85)) and c.base_format == ('A', pytest.approx(0.45))
+  assert c.stage2_steps == [11, 12] and g.stage2_steps == []
+
+
+def test_study_report_tables_and_findings(study_report):
+  _, path, md = study_report
+  assert path.endswith('report.md') and md.startswith('# synthetic')
+  (grow,) = _table_row(_section(md, 'Results'), 'GRPO')
+  (crow,) = _table_row(_section(md, 'Results'), 'CF-GRPO')
+  assert '| 0.200 | 0.350 ± 0.014 | +0.150 | 40 |' in grow
+  assert '| 0.200 | 0.470 ± 0.014 | +0.270 | 40 |' in crow
+  assert 'A (0.45) → A (0.85)' in crow
+  target = _section(md, 'Steps to target accuracy')
+  assert 'Target pass@1: **0.335**' in target and "best arm's (CF-GRPO)" in target
+  assert _table_row(target, 'GRPO')[0].startswith('| GRPO | 40 | 40, 40 | 40 |')
+  assert _table_row(target, 'CF-GRPO')[0].startswith('| CF-GRPO | 20 | 20, 20 | 40 |')
+  assert 'CF-GRPO / GRPO: **0.50**' in target
+  found = _section(md, 'Findings')
+  assert 'CF-GRPO reached the target pass@1 of 0.335 in 20 steps vs 40 for GRPO (ratio 0.50).' in found
+  # Final difference 0.12 vs 2 * hypot(0.01, 0.01) = 0.028: a real win.
+  assert 'Final pass@1: CF-GRPO beat GRPO, 0.470 vs 0.350 (+0.120), beyond noise (2 s.e. = 0.028).' in found
+  assert 'GRPO: pass@1 rose from 0.200 to 0.350 (+0.150), beyond noise (2 s.e. = 0.020).' in found
+  # Entropy windows: GRPO 0.5 - 0.4 * (2/39) = 0.479 and 0.5 - 0.4 * (37/39) = 0.121.
+  assert '- GRPO: entropy fell from 0.479 to 0.121; confidence' in found
+  assert '- CF-GRPO: CF-RL stage 2 (all parameters) started at step 11, 12 (per seed).' in found
+  assert 'did not beat' not in found
+  run = _section(md, 'What was run')
+  assert 'seeds: 0, 1' in run and '1.64M parameters' in run and 'total 4.2 min' in run
+  assert 'Hand-written note.' in _section(md, 'Analysis')
+
+
+def test_study_figures_written_and_linked(study_report):
+  root, _, md = study_report
+  for name in report.FIGURES:
+    png = os.path.join(root, f'{name}.png')
+    assert os.path.getsize(png) > 5000, name
+    with open(png, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    assert f'![{name}]({name}.png)' in md
+  assert 'Not drawn' not in md
+
+
+def test_cf_arm_that_loses_is_reported_as_not_beating(tmp_path):
+  pass1 = {('grpo', 0): [0.20, 0.30, 0.40, 0.44, 0.48], ('cfgrpo', 0): [0.20, 0.22, 0.26, 0.30, 0.34]}
+  md = _markdown(_build_study(tmp_path, pass1, study_json=False))
+  found = _section(md, 'Findings')
+  # Target 0.20 + 0.28 / 2 = 0.34: grpo at step 20, cfgrpo at step 40.
+  assert 'CF-GRPO did not beat GRPO to the target pass@1 of 0.340: 40 steps vs 20 (ratio 2.00).' in found
+  assert ('Final pass@1: CF-GRPO did not beat GRPO, 0.340 vs 0.480 (-0.140); GRPO is higher beyond noise '
+          '(2 s.e. = 0.028).') in found
+  assert 'CF-GRPO reached' not in found
+  # One seed: the plus-minus is the eval standard error.
+  assert '0.480 ± 0.010' in _table_row(_section(md, 'Results'), 'GRPO')[0]
+
+
+def test_explicit_target_not_reached_gives_a_bound(tmp_path):
+  root = _build_study(tmp_path)
+  nums = report.summarize(report.load_study(root), target_accuracy=0.45)
+  assert nums.arms['grpo'].steps_to_target is None and nums.arms['cfgrpo'].steps_to_target == 40
+  assert nums.arms['cfgrpo'].steps_to_target_per_seed == [40, 40]   # seed 1 reaches 0.46 at 40, seed 0 at 40
+  (comp,) = nums.comparisons
+  assert comp.ratio is None and comp.text.startswith('< 1.00')
+  md = _markdown(root, target_accuracy=0.45)
+  target = _section(md, 'Steps to target accuracy')
+  assert 'given as target_accuracy' in target and _table_row(target, 'GRPO')[0].startswith('| GRPO | not reached |')
+  assert 'CF-GRPO reached the target pass@1 of 0.450 in 40 steps; GRPO did not reach it by step 40.' in md
+
+
+def test_small_gain_is_within_noise(tmp_path):
+  pass1 = {('grpo', 0): [0.20, 0.20, 0.21, 0.21, 0.21]}
+  nums = report.summarize(report.load_study(_build_study(tmp_path, pass1)))
+  found = report.findings(nums)
+  # Gain 0.01 vs 2 * sqrt(0.01^2 + 0.01^2) = 0.028.
+  assert 'GRPO: pass@1 rose from 0.200 to 0.210 (+0.010), within noise (2 s.e. = 0.028).' in found
+
+
+def test_cf_lead_within_noise_is_not_called_a_win(tmp_path):
+  pass1 = {('grpo', 0): [0.20, 0.25, 0.30, 0.32, 0.34], ('cfgrpo', 0): [0.20, 0.25, 0.30, 0.33, 0.35]}
+  found = report.findings(report.summarize(report.load_study(_build_study(tmp_path, pass1))))
+  assert ('Final pass@1: CF-GRPO did not clearly beat GRPO, 0.350 vs 0.340 (+0.010), within noise '
+          '(2 s.e. = 0.028).') in found
+  # Target 0.2 + 0.15 / 2 = 0.275: both first reach it at step 20.
+  assert 'CF-GRPO did not beat GRPO to the target pass@1 of 0.275: both reached it at step 20.' in found
+
+
+def test_best_arm_named_without_a_cf_pair(tmp_path):
+  pass1 = {('grpo', 0): [0.20, 0.25, 0.30, 0.32, 0.34], ('ppo', 0): [0.20, 0.30, 0.40, 0.50, 0.60]}
+  found = report.findings(report.summarize(report.load_study(_build_study(tmp_path, pass1))))
+  assert 'Final pass@1: PPO beat GRPO, 0.600 vs 0.340 (+0.260), beyond noise (2 s.e. = 0.028).' in found
+
+
+def test_single_run_with_missing_keys(tmp_path):
+  recs = [{'step': 0, 'kind': 'eval', 'pass@1': 0.3, 'pass@1_stderr': 0.02},
+          {'step': 5, 'kind': 'eval', 'pass@1': 0.4, 'pass@1_stderr': 0.02}]
+  recs += [{'step': s, 'kind': 'train', 'reward_mean': 0.1 * s, 'note': 'text', 'loss': float('nan')}
+           for s in range(1, 6)]
+  _write_jsonl(tmp_path / 'run', recs)
+  path = report.write_report(str(tmp_path / 'run'))
+  md = open(path).read()
+  assert os.path.getsize(tmp_path / 'run' / 'accuracy.png') > 0
+  for name in ('confidence', 'formats', 'ntk', 'norms', 'passk'):
+    assert not os.path.exists(tmp_path / 'run' / f'{name}.png')
+    assert f'`{name}.png`' in md.split('Not drawn')[1]
+  row = _table_row(_section(md, 'Results'), 'run')[0]
+  assert '| 0.300 | 0.400 ± 0.020 | +0.100 | 5 |' in row
+  # Target 0.35, first reached at step 5; the only arm has no CF pair, so no ratio.
+  assert _table_row(_section(md, 'Steps to target accuracy'), 'run')[0].startswith('| run | 5 |')
+  assert 'ratio' not in _section(md, 'Steps to target accuracy')
+
+
+def test_formats_fall_back_to_training_samples(tmp_path):
+  recs = [{'step': s, 'kind': 'train', 'format_A': 0.1 * s, 'format_B': 1 - 0.1 * s} for s in range(1, 9)]
+  _write_jsonl(tmp_path / 'run', recs)
+  s = report.summarize(report.load_study(str(tmp_path / 'run'))).arms['run']
+  # First 5 steps: A 0.3, B 0.7; last 5 (4..8): A 0.6, B 0.4.
+  assert s.format_source == 'train'
+  assert s.base_format == ('B', pytest.approx(0.7)) and s.final_format == ('A', pytest.approx(0.6))
+  assert report.figure_formats(report.load_study(str(tmp_path / 'run')), str(tmp_path)) == 'formats.png'
+  assert os.path.getsize(tmp_path / 'formats.png') > 0
+
+
+def test_no_improvement_skips_the_default_target(tmp_path):
+  _write_jsonl(tmp_path / 'r', [{'step': 0, 'kind': 'eval', 'pass@1': 0.3}, {'step': 5, 'kind': 'eval', 'pass@1': 0.2}])
+  md = _markdown(str(tmp_path / 'r'))
+  assert 'Not computed: no arm improved pass@1' in md
+  assert 'no standard error was logged' in md
+
+
+def test_malformed_line_raises_clear_error(tmp_path):
+  _write_jsonl(tmp_path / 'bad', [{'step': 0, 'kind': 'eval', 'pass@1': 0.3}], extra_lines=['{"step": 1, "kind":'])
+  with pytest.raises(ValueError, match=r'metrics\.jsonl:2: malformed metrics line'):
+    report.write_report(str(tmp_path / 'bad'))
+  _write_jsonl(tmp_path / 'nostep', [{'kind': 'eval', 'pass@1': 0.3}])
+  with pytest.raises(ValueError, match=r'record 1 has step=None.*integer "step"'):
+    report.write_report(str(tmp_path / 'nostep'))
+  _write_jsonl(tmp_path / 'list', [[1, 2]])
+  with pytest.raises(ValueError, match='not a JSON object'):
+    report.load_study(str(tmp_path / 'list'))
+
+
+def test_missing_dirs_and_partial_studies(tmp_path):
+  with pytest.raises(FileNotFoundError, match='No metrics.jsonl'):
+    report.load_study(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match='not a directory'):
+    report.load_study(str(tmp_path / 'absent'))
+  root = _build_study(tmp_path / 's', {('grpo', 0): PASS1[('grpo', 0)]})
+  info = json.load(open(os.path.join(root, 'study.json')))
+  json.dump(dict(info, seeds=[0, 1]), open(os.path.join(root, 'study.json'), 'w'))
+  study = report.load_study(root)
+  assert study.missing == ['grpo/seed1'] and len(study.arms['grpo']) == 1
+  assert '**Missing runs** (named in study.json, no metrics.jsonl): grpo/seed1.' in _markdown(root)
+
+
+def test_seed_curves_use_common_steps_and_last_record_wins(tmp_path):
+  _write_jsonl(tmp_path / 'a' / 'seed0', [{'step': 0, 'kind': 'eval', 'pass@1': 0.1},
+                                          {'step': 10, 'kind': 'eval', 'pass@1': 0.2},
+                                          {'step': 10, 'kind': 'eval', 'pass@1': 0.4}])
+  _write_jsonl(tmp_path / 'a' / 'seed1', [{'step': 0, 'kind': 'eval', 'pass@1': 0.3},
+                                          {'step': 10, 'kind': 'eval', 'pass@1': 0.6},
+                                          {'step': 20, 'kind': 'eval', 'pass@1': 0.9}])
+  study = report.load_study(str(tmp_path))
+  curve = report.arm_curve(study.arms['a'], 'eval', 'pass@1')
+  np.testing.assert_array_equal(curve.steps, [0, 10])
+  np.testing.assert_allclose(curve.mean, [0.2, 0.5])
+  np.testing.assert_allclose(curve.low, [0.1, 0.4])
+  np.testing.assert_allclose(curve.high, [0.3, 0.6])
+  # Final pass@1 is each seed's last eval: (0.4 + 0.9) / 2.
+  assert report.summarize_arm(study, 'a').final_pass1 == pytest.approx(0.65)
+
+
+def test_target_argument_is_checked(tmp_path):
+  root = _build_study(tmp_path, {('grpo', 0): PASS1[('grpo', 0)]})
+  with pytest.raises(ValueError, match='not a pass@1 in'):
+    report.summarize(report.load_study(root), target_accuracy=35.0)
+
+
+def test_cli_prints_the_report_path(tmp_path):
+  root = _build_study(tmp_path, {('grpo', 0): PASS1[('grpo', 0)]}, probes=False)
+  out = subprocess.run([sys.executable, '-m', 'cfrl_jax.report', f'--run={root}', '--target_accuracy=0.3'],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(report.__file__)),
+                       timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == os.path.join(root, 'report.md')
+  assert 'Target pass@1: **0.300**' in open(os.path.join(root, 'report.md')).read()
