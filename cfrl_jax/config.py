@@ -54,6 +54,7 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
   c.pretrain.warmup_steps = 20
   c.pretrain.weight_decay = 0.01
   c.pretrain.num_examples = 40000
+  c.pretrain.length_bucket = 8    # completion lengths are padded to multiples of this (one compile per bucket)
   c.pretrain.cache_dir = 'cache'  # cached bases: <cache_dir>/base-<hash of the pretraining config>
 
   c.rl = mc.ConfigDict()

@@ -80,3 +80,30 @@ def evaluate(policy, params, rows: list[dict], task, key, *, samples: int, tempe
         if sel:
           out[f'accuracy_{name}'] = float(np.mean(sel))
   return out
+
+
+def evaluator_for_run(run_dir: str, *, num_problems: int | None = None):
+  """params -> greedy held-out accuracy, for the run's own task and tokenizer (used by cfrl_jax.analyze)."""
+  import json
+  import os
+
+  import ml_collections
+
+  from cfrl_jax.policy import load_policy
+  from cfrl_jax.tasks import build_task
+  path = os.path.join(run_dir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: evaluation needs the config.json that cfrl_jax.main writes into a run.')
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  task = build_task(config.task)
+  policy, _ = load_policy(config, task)
+  rows = task.eval[:num_problems or config.eval.num_problems]
+  key = jax.random.PRNGKey(10_000 + config.seed)
+
+  def evaluate_params(params) -> float:
+    params = jax.tree_util.tree_map(jax.numpy.asarray, params)
+    return evaluate(policy, params, rows, task, key, samples=0, temperature=1.0,
+                    max_new_tokens=config.rl.max_new_tokens, batch_size=config.eval.batch_size)['greedy_accuracy']
+
+  return evaluate_params

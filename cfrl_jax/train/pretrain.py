@@ -24,10 +24,9 @@ from tqdm.auto import tqdm
 
 from cfrl_jax import tokenization
 from cfrl_jax.models import hf, qwen
+from cfrl_jax.tasks import arithmetic
 from cfrl_jax.tasks import tokenizer as task_tokenizer
 from cfrl_jax.train import learner, objectives, sft_data
-
-LENGTH_BUCKET = 8
 
 
 def cache_key(config) -> str:
@@ -75,10 +74,13 @@ def pretrain(config, task, out_dir: str, *, progress: bool = True) -> dict:
   from cfrl_jax.policy import arch_config, make_policy
   pc = config.pretrain
   t0 = time.time()
-  pairs = task.pretraining_corpus(pc.num_examples, config.seed)
+  if task.name != 'arithmetic':
+    raise ValueError(f"config.model.source='pretrain' needs a task with a multi-format pretraining corpus "
+                     f"('arithmetic'); task {task.name!r} has none. Use source='pretrained' with a model path.")
+  pairs = arithmetic.pretraining_corpus(config.task, pc.num_examples, config.seed)
   texts = [p + c for p, c in pairs]
-  tok = task_tokenizer.train_tokenizer(texts, out_dir, vocab_size=config.tokenizer.vocab_size)
-  tok = tokenization.load_tokenizer(out_dir)
+  task_tokenizer.train_tokenizer(texts, out_dir, vocab_size=config.tokenizer.vocab_size)
+  tok = tokenization.load_tokenizer(out_dir)   # through transformers, exactly as a user loads it
   cfg = arch_config(config, len(tok), tokenization.stop_ids(tok), tokenization.pad_id(tok))
   params = qwen.init_params(cfg, jax.random.PRNGKey(config.seed))
   policy = make_policy(cfg, tok, None)   # pretraining text is plain, never chat-formatted
@@ -97,7 +99,7 @@ def pretrain(config, task, out_dir: str, *, progress: bool = True) -> dict:
   bar = tqdm(range(pc.steps), desc='pretrain', disable=not progress, dynamic_ncols=True)
   for step in bar:
     idx = batches[step]
-    n_new = int(math.ceil(completion_lengths[idx].max() / LENGTH_BUCKET) * LENGTH_BUCKET)
+    n_new = int(math.ceil(completion_lengths[idx].max() / pc.length_bucket) * pc.length_bucket)
     data = sft_data.encode_pairs(policy, [pairs[i] for i in idx], max_new_tokens=n_new)
     P = data.pop('prompt_len')
     if P not in updates:
