@@ -58,7 +58,8 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
   c.pretrain.cache_dir = 'cache'  # cached bases: <cache_dir>/base-<hash of the pretraining config>
 
   c.rl = mc.ConfigDict()
-  c.rl.algorithm = 'grpo'        # grpo | reinforce | rloo | ppo | expert_iteration
+  c.rl.algorithm = 'grpo'        # grpo | reinforce | rloo | ppo | expert_iteration | sft (with cfrl: LP-FT)
+  c.rl.sft_format = 'steps'      # sft on the arithmetic task: which solution format is the target
   c.rl.steps = 100
   c.rl.prompts_per_step = 16
   c.rl.group_size = 8

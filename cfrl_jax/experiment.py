@@ -31,6 +31,8 @@ ARMS = {
     'cfrloo': {'rl.algorithm': 'rloo', 'cfrl.enabled': True},
     'reinforce': {'rl.algorithm': 'reinforce', 'cfrl.enabled': False},
     'expert_iteration': {'rl.algorithm': 'expert_iteration', 'cfrl.enabled': False},
+    'sft': {'rl.algorithm': 'sft', 'cfrl.enabled': False},
+    'lpft': {'rl.algorithm': 'sft', 'cfrl.enabled': True},   # linear probing, then full fine-tuning
 }
 
 

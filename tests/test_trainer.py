@@ -142,3 +142,26 @@ def test_unknown_algorithm_is_an_error(tiny_tokenizer_dir, tmp_path):
   c = toy_config(tiny_tokenizer_dir, str(tmp_path), algorithm='dpo')
   with pytest.raises(ValueError, match='grpo'):
     run(c)
+
+
+def test_sft_and_lpft_fit_reference_solutions(tiny_tokenizer_dir, tmp_path):
+  """LP-FT = SFT with the CF-RL stages: the head alone first, then everything; the NLL falls."""
+  task = toy_task()
+  for r in task.train:
+    r['solution'] = 'The answer is 46.'
+  c = toy_config(tiny_tokenizer_dir, str(tmp_path), algorithm='sft', steps=8, lr=3e-3, max_new_tokens=16)
+  c.cfrl.enabled = True
+  c.cfrl.stage1_steps = 3
+  c.cfrl.stage1_head_lr = 3e-3
+  c.checkpoint.every = 3
+  run(c, task)
+  rec = metrics_lib.read_metrics(str(tmp_path), 'train')
+  assert [r['stage'] for r in rec] == [1, 1, 1, 2, 2, 2, 2, 2]
+  assert rec[-1]['nll'] < rec[0]['nll'] - 0.5
+  base = load_policy(c, task)[1]
+  after_stage1 = checkpoint.restore_params(str(tmp_path), 3)
+  for x, y in zip(jax.tree_util.tree_leaves(base['backbone']), jax.tree_util.tree_leaves(after_stage1['backbone'])):
+    np.testing.assert_array_equal(np.asarray(x), y)
+  assert trainer.sft_target({'solutions': {'steps': ' 1 + 1 = 2.'}}, 'steps') == ' 1 + 1 = 2.'
+  with pytest.raises(ValueError, match='sft_format'):
+    trainer.sft_target({'solutions': {'steps': 'x'}}, 'compact')

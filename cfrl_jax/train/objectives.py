@@ -10,6 +10,7 @@ advantages (B,) or (B, N), optionally ref_logp (B, N), returns (B, N), old_value
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from cfrl_jax.models import qwen
@@ -17,24 +18,29 @@ from cfrl_jax.rl import grpo, ppo, reinforce, sft
 from cfrl_jax.train.rollout import completion_stats
 
 
-def _policy_metrics(logp, entropy, max_prob, mask):
+def _policy_metrics(logp, entropy, max_prob, mask, phi=None, prompt_len=None):
+  """Confidence measures over completion tokens, and the mean norm of their features phi."""
   n = jnp.maximum(mask.sum(), 1.0)
-  return {'entropy': (entropy * mask).sum() / n, 'mean_prob': (jnp.exp(logp) * mask).sum() / n,
-          'max_prob': (max_prob * mask).sum() / n}
+  out = {'entropy': (entropy * mask).sum() / n, 'mean_prob': (jnp.exp(logp) * mask).sum() / n,
+         'max_prob': (max_prob * mask).sum() / n}
+  if phi is not None:
+    norms = jnp.linalg.norm(phi[:, prompt_len - 1:-1].astype(jnp.float32), axis=-1)
+    out['feature_norm'] = (norms * mask).sum() / n
+  return jax.lax.stop_gradient(out)
 
 
 def grpo_objective(cfg: qwen.QwenConfig, prompt_len: int, rl):
   """GRPO / DAPO / Dr. GRPO clipped surrogate with an optional KL to the reference."""
 
   def loss_fn(params, batch):
-    logp, entropy, max_prob, _ = completion_stats(cfg, params, batch['tokens'], batch['mask'], prompt_len)
+    logp, entropy, max_prob, phi = completion_stats(cfg, params, batch['tokens'], batch['mask'], prompt_len)
     mask = batch['completion_mask']
     loss, m = grpo.grpo_loss(
         logp, batch['old_logp'], batch.get('ref_logp'), batch['advantages'], mask,
         clip_low=rl.clip_low, clip_high=rl.clip_high, kl_coef=rl.kl_coef,
         kl_estimator=rl.kl_estimator, aggregation=rl.aggregation,
         max_tokens=rl.max_new_tokens)
-    return loss, dict(m, **_policy_metrics(logp, entropy, max_prob, mask))
+    return loss, dict(m, **_policy_metrics(logp, entropy, max_prob, mask, phi, prompt_len))
 
   return loss_fn
 
@@ -43,14 +49,14 @@ def reinforce_objective(cfg: qwen.QwenConfig, prompt_len: int, rl):
   """REINFORCE with the advantages computed by the trainer (baseline or RLOO)."""
 
   def loss_fn(params, batch):
-    logp, entropy, max_prob, _ = completion_stats(cfg, params, batch['tokens'], batch['mask'], prompt_len)
+    logp, entropy, max_prob, phi = completion_stats(cfg, params, batch['tokens'], batch['mask'], prompt_len)
     mask = batch['completion_mask']
     # The trainer already subtracted the configured baseline (or RLOO's leave-one-out mean).
     loss, m = reinforce.reinforce_loss(
         logp, batch['advantages'], mask, baseline='none', aggregation=rl.aggregation,
         max_tokens=rl.max_new_tokens, ref_logp=batch.get('ref_logp'), kl_coef=rl.kl_coef,
         kl_estimator=rl.kl_estimator)
-    return loss, dict(m, **_policy_metrics(logp, entropy, max_prob, mask))
+    return loss, dict(m, **_policy_metrics(logp, entropy, max_prob, mask, phi, prompt_len))
 
   return loss_fn
 
@@ -63,11 +69,11 @@ def ppo_policy_objective(cfg: qwen.QwenConfig, prompt_len: int, rl):
   """
 
   def loss_fn(params, batch):
-    logp, entropy, max_prob, _ = completion_stats(cfg, params, batch['tokens'], batch['mask'], prompt_len)
+    logp, entropy, max_prob, phi = completion_stats(cfg, params, batch['tokens'], batch['mask'], prompt_len)
     mask = batch['completion_mask']
     loss, m = ppo.ppo_policy_loss(logp, batch['old_logp'], batch['advantages'], mask,
                                   clip_low=rl.clip_low, clip_high=rl.clip_high)
-    return loss, dict(m, **_policy_metrics(logp, entropy, max_prob, mask))
+    return loss, dict(m, **_policy_metrics(logp, entropy, max_prob, mask, phi, prompt_len))
 
   return loss_fn
 
@@ -94,9 +100,9 @@ def sft_objective(cfg: qwen.QwenConfig, prompt_len: int, aggregation: str = 'tok
   """Cross-entropy on completion tokens (Expert Iteration, LP-FT, pretraining)."""
 
   def loss_fn(params, batch):
-    logp, entropy, max_prob, _ = completion_stats(cfg, params, batch['tokens'], batch['mask'], prompt_len)
+    logp, entropy, max_prob, phi = completion_stats(cfg, params, batch['tokens'], batch['mask'], prompt_len)
     mask = batch['completion_mask']
     loss, m = sft.sft_loss(logp, mask, aggregation=aggregation)
-    return loss, dict(m, **_policy_metrics(logp, entropy, max_prob, mask))
+    return loss, dict(m, **_policy_metrics(logp, entropy, max_prob, mask, phi, prompt_len))
 
   return loss_fn

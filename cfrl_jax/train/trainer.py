@@ -24,7 +24,7 @@ from cfrl_jax.models import qwen
 from cfrl_jax.rl import advantages as adv_lib
 from cfrl_jax.rl import expert_iteration, ppo
 from cfrl_jax.train import checkpoint as ckpt_lib
-from cfrl_jax.train import learner, objectives, rollout
+from cfrl_jax.train import learner, objectives, rollout, sft_data
 
 ALGORITHMS = ('grpo', 'reinforce', 'rloo', 'ppo', 'expert_iteration', 'sft')
 PROMPT_BUCKET = 16
@@ -98,6 +98,17 @@ def should_switch(cfrl, step_in_stage: int, train_metrics: dict) -> bool:
   if cfrl.switch_on == 'entropy':
     return train_metrics.get('entropy', np.inf) <= cfrl.switch_threshold
   raise ValueError(f"config.cfrl.switch_on={cfrl.switch_on!r}; expected 'steps', 'reward' or 'entropy'.")
+
+
+def sft_target(row: dict, fmt: str) -> str:
+  """The supervised completion of a task row: its 'solution' (GSM8K, MATH) or solutions[fmt] (arithmetic)."""
+  if 'solutions' in row:
+    if fmt not in row['solutions']:
+      raise ValueError(f'config.rl.sft_format={fmt!r}; this task\'s solution formats are {sorted(row["solutions"])}.')
+    return row['solutions'][fmt]
+  if 'solution' in row:
+    return ' ' + str(row['solution']).strip()
+  raise ValueError(f"SFT needs a reference solution: the row has no 'solution' or 'solutions' column ({sorted(row)}).")
 
 
 def _abstract(tree):
@@ -354,6 +365,16 @@ class Trainer:
     out.update({k: float(np.mean(v)) for k, v in sums.items()})
     return out, None
 
+  def _sft_step(self, key):
+    """Supervised fine-tuning on the rows' reference solutions (with CF-RL stages: LP-FT)."""
+    rl = self.rl
+    rows = prompt_rows(self.task.train, self.step, rl.prompts_per_step, self.config.seed)
+    pairs = [(r['prompt'], sft_target(r, rl.sft_format)) for r in rows]
+    data = sft_data.encode_pairs(self.policy, pairs, max_new_tokens=rl.max_new_tokens)
+    P = data.pop('prompt_len')
+    m = self._apply('sft', P, data)
+    return m, None
+
   def _rollout_metrics(self, r: rollout.Rollout) -> dict:
     lengths = r.completion_mask.sum(axis=1)
     out = {'reward_mean': float(r.rewards.mean()), 'reward_std': float(r.rewards.std()),
@@ -384,7 +405,7 @@ class Trainer:
         if rl.algorithm == 'expert_iteration':
           m, probe_ctx = self._expert_iteration_step(key)
         elif rl.algorithm == 'sft':
-          raise ValueError("config.rl.algorithm='sft' is run by cfrl_jax.train.sft_data.finetune, not the RL loop.")
+          m, probe_ctx = self._sft_step(key)
         else:
           m, probe_ctx = self._policy_gradient_step(key)
         m.update(stage=self.stage, head_norm=head_norm(self.cfg, self.params),
