@@ -6,10 +6,49 @@ command line and a misspelt key or a wrong type is an error listing the valid ke
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).', lock_config=True)
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """configs/x.py[:arg] -> the ConfigDict its get_config([arg]) returns."""
+  path, _, arg = spec.partition(':')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'Config file {path!r} does not exist (configs available: '
+                            f'{sorted(os.listdir("configs")) if os.path.isdir("configs") else "none here"}).')
+  module_spec = importlib.util.spec_from_file_location('cfrl_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def unknown_override(argv: list[str]) -> str | None:
+  """A message for the first --config.a.b=... whose path is not a field of the config, else None."""
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if spec is None:
+    return None
+  config = load_config_file(spec)
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    path = arg[len('--config.'):].split('=', 1)[0].split('.')
+    node, where = config, []
+    for part in path:
+      if isinstance(node, (ml_collections.ConfigDict, dict)) and part in node:
+        node, where = node[part], where + [part]
+        continue
+      section = 'config' + ''.join('.' + w for w in where)
+      valid = sorted(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
+      return (f'Unknown config key --config.{".".join(path)}: {part!r} is not a field of {section}. '
+              f'Valid keys of {section}: {valid}.')
+  return None
 
 
 def main(argv):
@@ -17,13 +56,21 @@ def main(argv):
   from cfrl_jax import experiment, parallel
   from cfrl_jax.config import check_against_schema
   config = _CONFIG.value
-  if config is None:
-    raise app.UsageError('--config=configs/<experiment>.py is required, e.g. --config=configs/demo.py')
   check_against_schema(config)
   parallel.initialize_distributed()
   experiment.run(config)
 
 
-if __name__ == '__main__':
+def run():
+  try:
+    problem = unknown_override(sys.argv[1:])
+  except FileNotFoundError as e:
+    sys.exit(f'error: {e}')
+  if problem:
+    sys.exit(f'error: {problem}')
   flags.mark_flag_as_required('config')
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

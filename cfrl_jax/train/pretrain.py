@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 
 from cfrl_jax import tokenization
 from cfrl_jax.models import hf, qwen
-from cfrl_jax.tasks import arithmetic
 from cfrl_jax.tasks import tokenizer as task_tokenizer
 from cfrl_jax.train import learner, objectives, sft_data
 
@@ -74,10 +73,7 @@ def pretrain(config, task, out_dir: str, *, progress: bool = True) -> dict:
   from cfrl_jax.policy import arch_config, make_policy
   pc = config.pretrain
   t0 = time.time()
-  if task.name != 'arithmetic':
-    raise ValueError(f"config.model.source='pretrain' needs a task with a multi-format pretraining corpus "
-                     f"('arithmetic'); task {task.name!r} has none. Use source='pretrained' with a model path.")
-  pairs = arithmetic.pretraining_corpus(config.task, pc.num_examples, config.seed)
+  pairs = task.pretraining_corpus(pc.num_examples, config.seed)   # errors for tasks without a corpus
   texts = [p + c for p, c in pairs]
   task_tokenizer.train_tokenizer(texts, out_dir, vocab_size=config.tokenizer.vocab_size)
   tok = tokenization.load_tokenizer(out_dir)   # through transformers, exactly as a user loads it
