@@ -51,13 +51,16 @@ def completion_stats(cfg: qwen.QwenConfig, params, tokens, mask, prompt_len: int
 
 def collect(policy, params, rows: list[dict[str, Any]], reward_fns, key, *, group_size: int,
             max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0,
-            greedy: bool = False) -> Rollout:
-  """Samples `group_size` completions for each row's prompt and scores them."""
+            greedy: bool = False, sample_fn=None) -> Rollout:
+  """Samples `group_size` completions for each row's prompt and scores them.
+
+  sample_fn: a drop-in for sampling.sample (the trainer passes the mesh-sharded sampler).
+  """
   rep_rows = [r for r in rows for _ in range(group_size)]
   prompts = [r['prompt'] for r in rep_rows]
   p_tokens, p_mask = tokenization.encode_prompts(
       policy.tokenizer, prompts, chat_template=policy.chat_template, system_prompt=policy.system_prompt)
-  out = sampling.sample(
+  out = (sample_fn or sampling.sample)(
       policy.cfg, params, p_tokens, p_mask, key, max_new_tokens=max_new_tokens,
       temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
       stop_token_ids=policy.stop_ids, pad_id=policy.pad_id)

@@ -24,7 +24,7 @@ from cfrl_jax.models import qwen
 from cfrl_jax.rl import advantages as adv_lib
 from cfrl_jax.rl import expert_iteration, ppo
 from cfrl_jax.train import checkpoint as ckpt_lib
-from cfrl_jax.train import learner, objectives, rollout, sft_data
+from cfrl_jax.train import learner, objectives, placement, rollout, sft_data
 
 ALGORITHMS = ('grpo', 'reinforce', 'rloo', 'ppo', 'expert_iteration', 'sft')
 PROMPT_BUCKET = 16
@@ -111,16 +111,8 @@ def sft_target(row: dict, fmt: str) -> str:
   raise ValueError(f"SFT needs a reference solution: the row has no 'solution' or 'solutions' column ({sorted(row)}).")
 
 
-def _abstract(tree):
-  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-
-
 def _copy(tree):
   return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
-
-
-def _device_batch(d: dict) -> dict:
-  return {k: jnp.asarray(v) for k, v in d.items() if v is not None}
 
 
 # --- the loop ----------------------------------------------------------------
@@ -140,20 +132,26 @@ class Trainer:
     self.ocfg = learner.OptimConfig(b1=rl.b1, b2=rl.b2, eps=rl.eps, weight_decay=rl.weight_decay,
                                     grad_clip=rl.grad_clip)
     self.key = jax.random.PRNGKey(config.seed)
-    self.params = params
-    self.ref_params = _copy(params) if rl.kl_coef > 0 else None
+    self._updates: dict = {}    # compiled learner steps, per (kind, prompt bucket, stage)
+    self._jitted: dict = {}     # compiled forward passes and the critic step
+    # One device: arrays as given. Several: a mesh from config.mesh, everything below sharded by its rules.
+    self.place = placement.Placement(config.mesh, params)
+    self.params = self.place.put(params, self.place.param_specs)
+    self.ref_params = self.place.put(_copy(params), self.place.param_specs) if rl.kl_coef > 0 else None
     self.stage = 1 if config.cfrl.enabled else 0
     self.stage_start = 0
-    self.tx, self.opt_state = learner.init_stage(self.cfg, params, self.stage, self.ocfg)
+    self._init_stage(self.stage)
     self.critic = self.critic_tx = self.critic_opt = None
+    self.critic_specs = self.critic_opt_specs = None
     if rl.algorithm == 'ppo':
-      self.critic = {'backbone': _copy(params['backbone']),
-                     'value_head': ppo.init_value_head(self.cfg.hidden_size, jax.random.PRNGKey(config.seed + 1))}
+      critic = {'backbone': _copy(params['backbone']),
+                'value_head': ppo.init_value_head(self.cfg.hidden_size, jax.random.PRNGKey(config.seed + 1))}
+      self.critic_specs = self.place.specs_of(critic) if self.place.sharded else None
+      self.critic = self.place.put(critic, self.critic_specs)
       self.critic_tx = optax.chain(optax.clip_by_global_norm(rl.grad_clip) if rl.grad_clip > 0 else optax.identity(),
                                    optax.adamw(rl.ppo.critic_lr, b1=rl.b1, b2=rl.b2, eps=rl.eps))
-      self.critic_opt = self.critic_tx.init(self.critic)
-    self._updates: dict = {}
-    self._jitted: dict = {}
+      self.critic_opt, self.critic_opt_specs = self.place.put_opt_state(
+          self.critic_tx.init(self.critic), self.critic, self.critic_specs)
     self.step = 0
     self.writer = metrics_lib.MetricsWriter(run_dir, tensorboard=config.log.tensorboard)
     # max_to_keep == 0 means keep every checkpoint (orbax's None), which the rank-1 analysis needs.
@@ -162,13 +160,24 @@ class Trainer:
       self._resume()
 
   # -- state ------------------------------------------------------------------
+  def _init_stage(self, stage: int, previous_state=None):
+    """Optimizer and its state for a stage (placed like the params); drops the stage's compiled steps."""
+    self.tx, opt_state = learner.init_stage(self.cfg, self.params, stage, self.ocfg, previous_state)
+    self.opt_state, self.opt_specs = self.place.put_opt_state(opt_state, self.params)
+    self._updates.clear()
+
+  def _train_state_specs(self):
+    return {'opt_state': self.opt_specs, 'critic': self.critic_specs, 'critic_opt': self.critic_opt_specs,
+            'rng': jax.sharding.PartitionSpec()}
+
   def _train_state(self):
     return {'opt_state': self.opt_state, 'critic': self.critic, 'critic_opt': self.critic_opt,
             'rng': self.key}
 
   def _meta(self):
     return {'stage': self.stage, 'stage_start': self.stage_start, 'data_position': self.step * self.rl.prompts_per_step,
-            'algorithm': self.rl.algorithm, 'model_config': dataclasses.asdict(self.cfg)}
+            'algorithm': self.rl.algorithm, 'model_config': dataclasses.asdict(self.cfg),
+            'placement': placement.describe(self.place)}
 
   def save(self):
     # The reference policy is not saved: it is the base model the run (and a resumed run) starts from.
@@ -185,9 +194,12 @@ class Trainer:
                        f"{meta.get('algorithm')!r}, the config asks for {self.rl.algorithm!r}.")
     if meta['stage'] != self.stage:
       prev = self.opt_state if (self.stage == 1 and meta['stage'] == 2) else None
-      self.tx, self.opt_state = learner.init_stage(self.cfg, self.params, meta['stage'], self.ocfg, prev)
+      self._init_stage(meta['stage'], prev)
     self.stage, self.stage_start = meta['stage'], meta['stage_start']
-    params, train_state, _ = self.ckpt.restore(step, _abstract(self.params), _abstract(self._train_state()))
+    # Restored straight into this run's shardings: a checkpoint from another mesh lands re-sharded.
+    params, train_state, _ = self.ckpt.restore(
+        step, self.place.restore_target(self.params, self.place.param_specs),
+        self.place.restore_target(self._train_state(), self._train_state_specs()))
     self.params = jax.tree_util.tree_map(jnp.asarray, params)
     train_state = jax.tree_util.tree_map(jnp.asarray, train_state)
     self.opt_state, self.critic = train_state['opt_state'], train_state['critic']
@@ -206,20 +218,20 @@ class Trainer:
         loss_fn = objectives.sft_objective(cfg, prompt_len)
       else:
         loss_fn = builders[kind](cfg, prompt_len, rl)
-      self._updates[k] = learner.make_update(cfg, loss_fn, self.tx, self.stage)
+      self._updates[k] = self.place.update(learner.make_update(cfg, loss_fn, self.tx, self.stage), self.opt_specs)
     return self._updates[k]
 
-  def _jit(self, name: str, prompt_len: int, fn):
+  def _forward(self, name: str, prompt_len: int, fn, tree_specs=None):
     k = (name, prompt_len)
     if k not in self._jitted:
-      self._jitted[k] = jax.jit(fn)
+      self._jitted[k] = self.place.forward(fn, tree_specs)
     return self._jitted[k]
 
   def _logp(self, params, batch, prompt_len):
     cfg = self.cfg
-    f = self._jit('logp', prompt_len,
-                  lambda p, t, m: rollout.completion_stats(cfg, p, t, m, prompt_len)[0])
-    return f(params, jnp.asarray(batch.tokens), jnp.asarray(batch.mask))
+    f = self._forward('logp', prompt_len,
+                      lambda p, t, m: rollout.completion_stats(cfg, p, t, m, prompt_len)[0])
+    return f(params, batch.tokens, batch.mask)
 
   def _critic_update(self, prompt_len):
     k = ('critic_update', prompt_len)
@@ -232,7 +244,7 @@ class Trainer:
         upd, opt = tx.update(g, opt, critic)
         return optax.apply_updates(critic, upd), opt, dict(m, value_loss=loss)
 
-      self._jitted[k] = jax.jit(step, donate_argnums=(0, 1))
+      self._jitted[k] = self.place.tree_step(step, self.critic_specs, self.critic_opt_specs)
     return self._jitted[k]
 
   def _lrs(self) -> dict:
@@ -246,7 +258,7 @@ class Trainer:
   def _apply(self, kind, prompt_len, batch: dict):
     update = self._update_fn(kind, prompt_len)
     lrs = {k: jnp.float32(v) for k, v in self._lrs().items()}
-    res = update(self.params, self.opt_state, _device_batch(batch), lrs)
+    res = update(self.params, self.opt_state, batch, lrs)
     if not bool(res.finite):
       self.params, self.opt_state = res.params, res.opt_state   # unchanged by the skipped update
       self.save()
@@ -263,7 +275,8 @@ class Trainer:
     rl = self.rl
     r = rollout.collect(self.policy, self.params, rows, self.task.reward_fns, key,
                         group_size=group_size, max_new_tokens=rl.max_new_tokens,
-                        temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k)
+                        temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
+                        sample_fn=self.place.sample_fn())
     P = r.tokens.shape[1] - r.completion_mask.shape[1]
     prompt_len = bucket(P)
     return pad_prompt_columns(r, prompt_len, rl.max_new_tokens, self.policy.pad_id), prompt_len
@@ -305,8 +318,8 @@ class Trainer:
       batch['ref_logp'] = np.asarray(self._logp(self.ref_params, r, P))
     extra = {}
     if rl.algorithm == 'ppo':
-      values = np.asarray(self._jit('values', P, lambda c, t, m: objectives.critic_values(self.cfg, c, t, m, P))(
-          self.critic, jnp.asarray(r.tokens), jnp.asarray(r.mask)))
+      values = np.asarray(self._forward('values', P, lambda c, t, m: objectives.critic_values(self.cfg, c, t, m, P),
+                                        self.critic_specs)(self.critic, r.tokens, r.mask))
       if self.ref_params is not None:
         token_rewards = ppo.token_rewards_with_kl_penalty(
             rewards, batch['old_logp'], batch.pop('ref_logp'), r.completion_mask, rl.kl_coef,
@@ -327,7 +340,7 @@ class Trainer:
     for mb in self._minibatches(jax.random.fold_in(key, 1), batch, rl.epochs, rl.minibatches):
       m = self._apply(kind, P, mb)
       if rl.algorithm == 'ppo':
-        self.critic, self.critic_opt, cm = self._critic_update(P)(self.critic, self.critic_opt, _device_batch(mb))
+        self.critic, self.critic_opt, cm = self._critic_update(P)(self.critic, self.critic_opt, mb)
         m.update({k: float(v) for k, v in cm.items()})
       for k, v in m.items():
         sums.setdefault(k, []).append(v)
@@ -417,9 +430,8 @@ class Trainer:
           self.writer.write(self.step, 'probe', self.probe_fn(probe_ctx[0], self.params, probe_ctx[1:], self.step))
         last = self.writer.write(self.step, 'train', m)
         if self.stage == 1 and should_switch(config.cfrl, self.step - self.stage_start, m):
-          self.tx, self.opt_state = learner.init_stage(self.cfg, self.params, 2, self.ocfg, self.opt_state)
+          self._init_stage(2, self.opt_state)
           self.stage, self.stage_start = 2, self.step
-          self._updates.clear()
         if self.eval_fn is not None and config.eval.every > 0 and \
             (self.step % config.eval.every == 0 or self.step == rl.steps):
           self.writer.write(self.step, 'eval', self.eval_fn(self.params, self.step))

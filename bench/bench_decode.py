@@ -1,0 +1,189 @@
+"""Greedy decode throughput: cfrl_jax.sampling.sample vs transformers generate, same weights, CPU.
+
+A Qwen2-shaped model (hidden 512, 8 layers, 8 query / 2 KV heads, FFN 1408, vocab 32000, untied)
+gets random weights from transformers + torch, is saved with save_pretrained and loaded by
+cfrl_jax.models.hf.load_pretrained. Both sides then generate --new_tokens tokens greedily for the
+same --batch prompts of --prompt_len random tokens, every step forced (no stop token for us,
+min_new_tokens for transformers), float32, with the same number of threads (each thread count of
+--threads runs in its own process, pinned to that many cores). Warm-up (compilation)
+is excluded; the timed runs alternate ours / theirs so machine load hits both alike, and the
+medians are compared. Tokens/s = batch * new_tokens / time of the whole call (prefill included);
+ms/step = (time(new_tokens) - time(1)) / (new_tokens - 1), the decode step alone.
+
+    python bench/bench_decode.py [--batch 8 --prompt_len 64 --new_tokens 128 --reps 5 --threads 2,1]
+
+Writes its section of bench/RESULTS.md (between <!-- bench_decode --> markers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, 'bench', 'RESULTS.md')
+BEGIN, END = '<!-- bench_decode -->', '<!-- /bench_decode -->'
+
+
+def parse_args():
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--batch', type=int, default=8)
+  p.add_argument('--prompt_len', type=int, default=64)
+  p.add_argument('--new_tokens', type=int, default=128)
+  p.add_argument('--reps', type=int, default=5)
+  p.add_argument('--threads', default=f'{os.cpu_count()},1',
+                 help='comma-separated thread counts, each measured in its own process')
+  p.add_argument('--no_write', action='store_true', help='print only; leave RESULTS.md alone')
+  p.add_argument('--child', type=int, default=0, help=argparse.SUPPRESS)
+  return p.parse_args()
+
+
+def machine() -> str:
+  cpu = 'unknown CPU'
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  import jax
+  import torch
+  import transformers
+  return (f'{platform.machine()}, nproc {os.cpu_count()}, {cpu}; jax {jax.__version__}, '
+          f'torch {torch.__version__}, transformers {transformers.__version__}')
+
+
+def timed(fn):
+  """(wall seconds, process CPU seconds) of fn()."""
+  w, c = time.perf_counter(), time.process_time()
+  fn()
+  return time.perf_counter() - w, time.process_time() - c
+
+
+def measure(args, threads: int) -> dict:
+  """One thread count, in this process: medians for ours and transformers."""
+  # Before jax/torch start their pools: both size them from the CPUs this process may use.
+  os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:threads]))
+  import jax
+  import numpy as np
+  import torch
+  import transformers
+  sys.path.insert(0, ROOT)
+  from cfrl_jax import sampling
+  from cfrl_jax.models import hf
+  torch.set_num_threads(threads)
+
+  B, P, N = args.batch, args.prompt_len, args.new_tokens
+  hf_config = transformers.Qwen2Config(
+      vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+      num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
+      max_position_embeddings=4096, eos_token_id=0, pad_token_id=0)
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+  with tempfile.TemporaryDirectory() as d:
+    model.save_pretrained(d)
+    cfg, params = hf.load_pretrained(d)
+  prompts = np.random.RandomState(0).randint(1, cfg.vocab_size, (B, P)).astype(np.int32)
+  mask = np.ones((B, P), np.int32)
+  key = jax.random.PRNGKey(0)
+
+  def ours(n):
+    out = sampling.sample(cfg, params, prompts, mask, key, max_new_tokens=n, greedy=True,
+                          stop_token_ids=())
+    return np.asarray(jax.block_until_ready(out.tokens))
+
+  ids, am = torch.from_numpy(prompts.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
+
+  def theirs(n):
+    with torch.inference_mode():
+      out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+    return out[:, P:].numpy()
+
+  # Warm-up: compiles both shapes of ours, warms torch's allocator; also checks the tokens agree.
+  a, b = ours(N), theirs(N)
+  ours(1), theirs(1)
+  assert a.shape == b.shape == (B, N), (a.shape, b.shape)
+  differs = (a != b).any(0)
+  agree = int(np.argmax(differs)) if differs.any() else N
+
+  load_before = os.getloadavg()[0]
+  runs = {'ours': [], 'transformers': []}
+  runs1 = {'ours': [], 'transformers': []}
+  for _ in range(args.reps):
+    for name, fn in (('ours', ours), ('transformers', theirs)):
+      runs[name].append(timed(lambda: fn(N)))
+      runs1[name].append(timed(lambda: fn(1)))
+  result = dict(threads=threads, agree=agree, load=(load_before, os.getloadavg()[0]))
+  for name in runs:
+    wall = statistics.median(w for w, _ in runs[name])
+    wall1 = statistics.median(w for w, _ in runs1[name])
+    result[name] = dict(wall=wall, cpu=statistics.median(c for _, c in runs[name]),
+                        tok_s=B * N / wall, step_ms=1e3 * (wall - wall1) / (N - 1),
+                        prefill_ms=1e3 * wall1)
+  return result
+
+
+def main():
+  args = parse_args()
+  if args.child:
+    print('RESULT ' + json.dumps(measure(args, args.child)))
+    return
+  results = []
+  for threads in dict.fromkeys(int(t) for t in args.threads.split(',')):
+    cmd = [sys.executable, os.path.abspath(__file__), '--child', str(threads), '--batch', str(args.batch),
+           '--prompt_len', str(args.prompt_len), '--new_tokens', str(args.new_tokens), '--reps', str(args.reps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
+    if proc.returncode or not line:
+      sys.exit(f'measurement with {threads} threads failed:\n{proc.stderr[-3000:]}')
+    results.append(json.loads(line[0][len('RESULT '):]))
+
+  B, P, N = args.batch, args.prompt_len, args.new_tokens
+  lines = [
+      f'Batch {B}, prompt {P}, {N} new tokens (all forced), float32, greedy; torch threads = XLA '
+      f'threads (process pinned to that many cores); median of {args.reps} alternating runs after '
+      'warm-up. tokens/s = B * N / whole call; decode ms/step excludes the prefill.',
+      '',
+      '| threads | | tokens/s | whole call (s) | decode ms/step | prefill + 1 token (ms) | CPU s per call | speed-up (tokens/s) | load avg |',
+      '|---|---|---|---|---|---|---|---|---|',
+  ]
+  for r in results:
+    for name, label in (('ours', 'cfrl_jax `sample`'), ('transformers', 'transformers `generate`')):
+      s = r[name]
+      speed = (f'**{r["ours"]["tok_s"] / r["transformers"]["tok_s"]:.2f}x**' if name == 'ours' else '1')
+      lines.append(f'| {r["threads"]} | {label} | {s["tok_s"]:.0f} | {s["wall"]:.2f} | {s["step_ms"]:.1f} | '
+                   f'{s["prefill_ms"]:.0f} | {s["cpu"]:.2f} | {speed} | {r["load"][0]:.1f}-{r["load"][1]:.1f} |')
+  agree = min(r['agree'] for r in results)
+  lines += ['', f'Greedy tokens of the two implementations are identical for the first {agree} of {N} '
+            'steps (random weights at HF init give near-tied logits, so float rounding may flip a late '
+            'argmax). The load average is that of the whole machine during the runs: it is shared, '
+            'and a thread count above the free cores penalises torch\'s OpenMP pool most.']
+  desc = machine()
+  print(f'Machine: {desc}')
+  print('\n'.join(lines))
+  if not args.no_write:
+    write_section(desc, lines)
+
+
+def write_section(desc, lines):
+  body = '\n'.join([BEGIN, '## Decode throughput: `sampling.sample` vs transformers `generate` (bench/bench_decode.py)',
+                    '', f'Machine: {desc}.', '', *lines, END])
+  text = open(RESULTS).read() if os.path.exists(RESULTS) else '# Benchmarks\n\nWritten by the scripts in bench/; do not edit figures by hand.\n'
+  if BEGIN in text and END in text:
+    head, rest = text.split(BEGIN, 1)
+    text = head + body + rest.split(END, 1)[1]
+  else:
+    text = text.rstrip('\n') + '\n\n' + body + '\n'
+  with open(RESULTS, 'w') as f:
+    f.write(text)
+  print(f'wrote the bench_decode section of {RESULTS}')
+
+
+if __name__ == '__main__':
+  main()

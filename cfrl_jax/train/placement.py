@@ -1,0 +1,135 @@
+"""Where the trainer's arrays live: one device, or a `Mesh` with params sharded by regex rules.
+
+The trainer asks this object for its jitted pieces instead of calling `jax.jit` itself, so the
+same loop runs on a laptop and on a pod:
+
+  * one device (`jax.device_count() == 1`): plain `jax.jit`, arrays wherever JAX puts them;
+  * several devices: a mesh from `config.mesh` (cfrl_jax/parallel.py), parameters, optimizer
+    state, reference policy and critic placed with `NamedSharding`s from the partition rules,
+    and every step (learner update, critic update, reference / old-policy log-probs, value
+    forward pass, sampler) a `jax.jit` with explicit `in_shardings` / `out_shardings` whose
+    batch axis is split over ('data', 'fsdp').
+
+Checkpoints are restored straight into the current mesh's shardings, so a run written on one
+mesh resumes on another.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from cfrl_jax import parallel
+
+_REP = PartitionSpec()
+
+
+class Placement:
+  """Sharding decisions for one run. `mesh` is None on a single device (then every method is the
+  unsharded equivalent)."""
+
+  def __init__(self, mesh_config, params):
+    self.mesh_config = parallel.MeshConfig.from_config(mesh_config)
+    n = jax.device_count()
+    # Checked on one device too, so a config that cannot run on the pod fails here, not there.
+    parallel.resolve_mesh_shape(self.mesh_config.shape, n)
+    self.mesh = self.mesh_config.make_mesh() if n > 1 else None
+    self.rules = self.mesh_config.all_rules()
+    self.param_specs = (parallel.partition_specs(params, self.rules, self.mesh)
+                        if self.mesh is not None else None)
+
+  @property
+  def sharded(self) -> bool:
+    return self.mesh is not None
+
+  # -- trees ---------------------------------------------------------------------
+  def specs_of(self, tree):
+    """Partition specs of any params-like tree (params, critic) under the rules."""
+    return parallel.partition_specs(tree, self.rules, self.mesh)
+
+  def put(self, tree, specs=None):
+    """tree placed on the mesh (specs default: the rules); unchanged on one device."""
+    if not self.sharded or tree is None:
+      return tree
+    return parallel.shard(tree, self.mesh, self.specs_of(tree) if specs is None else specs)
+
+  def opt_specs(self, opt_state, params, param_specs=None):
+    return parallel.opt_state_specs(opt_state, params, self.param_specs if param_specs is None else param_specs)
+
+  def put_opt_state(self, opt_state, params, param_specs=None):
+    """(placed opt_state, its specs); specs None on one device."""
+    if not self.sharded:
+      return opt_state, None
+    specs = self.opt_specs(opt_state, params, param_specs)
+    return parallel.shard(opt_state, self.mesh, specs), specs
+
+  def restore_target(self, tree, specs):
+    """Abstract arrays for Checkpointer.restore: shapes, dtypes and (on a mesh) the shardings."""
+    if not self.sharded:
+      return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    return parallel.abstract_sharded(tree, self.mesh, specs)
+
+  # -- jitted steps ----------------------------------------------------------------
+  def update(self, update_fn, opt_specs) -> Callable:
+    """learner.make_update(...) as is, or re-jitted with param / optimizer / batch shardings."""
+    if not self.sharded:
+      return lambda params, opt_state, batch, lrs: update_fn(
+          params, opt_state, {k: jnp.asarray(v) for k, v in batch.items() if v is not None}, lrs)
+    return parallel.sharded_update(update_fn, self.mesh, self.param_specs, opt_specs)
+
+  def tree_step(self, step: Callable, tree_specs, opt_specs) -> Callable:
+    """(tree, opt, batch) -> (tree, opt, metrics), e.g. the critic update; donates tree and opt."""
+    if not self.sharded:
+      jitted = jax.jit(step, donate_argnums=(0, 1))
+      return lambda tree, opt, batch: jitted(tree, opt, {k: jnp.asarray(v) for k, v in batch.items()})
+    jitted = {}
+
+    def call(tree, opt, batch):
+      batch = {k: v for k, v in batch.items() if v is not None}
+      rows = len(next(iter(batch.values())))
+      if rows not in jitted:
+        bspec = parallel.batch_spec(self.mesh, rows)
+        jitted[rows] = parallel.jit_sharded(step, self.mesh, (tree_specs, opt_specs, bspec),
+                                            (tree_specs, opt_specs, _REP), donate_argnums=(0, 1))
+      return jitted[rows](tree, opt, batch)
+
+    return call
+
+  def forward(self, fn: Callable, tree_specs=None) -> Callable:
+    """fn(tree, *batch_arrays) -> per-row arrays, jitted; on a mesh with the rows split over
+    ('data', 'fsdp') and `tree` (default: the params) kept as placed."""
+    if not self.sharded:
+      jitted = jax.jit(fn)
+      return lambda tree, *xs: jitted(tree, *(jnp.asarray(x) for x in xs))
+    tree_specs = self.param_specs if tree_specs is None else tree_specs
+    jitted = {}
+
+    def call(tree, *xs):
+      rows = len(xs[0])
+      if rows not in jitted:
+        bspec = parallel.batch_spec(self.mesh, rows)
+        jitted[rows] = parallel.jit_sharded(fn, self.mesh, (tree_specs,) + (bspec,) * len(xs), bspec)
+      return jitted[rows](tree, *xs)
+
+    return call
+
+  def sample_fn(self) -> Callable | None:
+    """The sampler rollouts use on a mesh (parallel.sample_sharded bound to it); None: the default."""
+    if not self.sharded:
+      return None
+    mesh = self.mesh
+
+    def sample(cfg, params, tokens, mask, key, **kw):
+      return parallel.sample_sharded(cfg, params, tokens, mask, key, mesh=mesh, **kw)
+
+    return sample
+
+
+def describe(placement: Placement) -> dict[str, Any]:
+  """What the run's metadata records about its placement."""
+  if not placement.sharded:
+    return {'devices': 1, 'mesh': None}
+  return {'devices': placement.mesh.size, 'mesh': dict(placement.mesh.shape),
+          'processes': jax.process_count()}

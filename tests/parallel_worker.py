@@ -1,0 +1,255 @@
+"""Subprocess side of tests/test_parallel.py: runs sharded steps on simulated CPU devices.
+
+JAX fixes the CPU device count when its backend starts, so the sharded checks run here, started
+by the test with XLA_FLAGS=--xla_force_host_platform_device_count=N (and, for the multi-host case,
+two copies joined by jax.distributed over loopback). Results go to an .npz/.json the test compares
+with its own single-device run, so the reference is computed by a separate process.
+
+    python tests/parallel_worker.py meshes OUT_DIR 8,1,1 2,4,1 2,2,2
+    python tests/parallel_worker.py checkpoint OUT_DIR
+    python tests/parallel_worker.py multihost OUT_DIR COORDINATOR NUM_PROCESSES PROCESS_ID
+    python tests/parallel_worker.py trainer OUT_DIR TOKENIZER_DIR ALGORITHM MESH
+
+The problem (tiny untied Qwen2, GRPO objective, stage-two AdamW, a fixed batch and greedy prompts)
+is defined once below and imported by the test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import types
+
+import numpy as np
+
+STEPS_MULTIHOST = 2
+LRS = {'head': 1e-3, 'backbone': 1e-3}
+
+
+def tiny_config():
+  from cfrl_jax.models import qwen
+  # hidden 64 / 4 heads of 16 / 2 KV heads: every sharded dim divides by tensor=2 and fsdp<=4.
+  return qwen.QwenConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0)
+
+
+def tiny_params(cfg):
+  import jax
+  from cfrl_jax.models import qwen
+  # std 0.3: peaked logits, so greedy argmax is far from ties and must match exactly.
+  return qwen.init_params(cfg, jax.random.PRNGKey(0), std=0.3)
+
+
+def rl_settings():
+  return types.SimpleNamespace(clip_low=0.2, clip_high=0.2, kl_coef=0.0, kl_estimator='k3',
+                               aggregation='seq_mean', max_new_tokens=6)
+
+
+PROMPT_LEN, COMPLETION_LEN, ROWS = 5, 6, 8
+
+
+def tiny_batch(cfg, step: int = 0) -> dict:
+  """A GRPO batch (8 rows = 2 prompts x 4 samples) of [left-padded prompt | completion]."""
+  rng = np.random.RandomState(100 + step)
+  T = PROMPT_LEN + COMPLETION_LEN
+  tokens = rng.randint(1, cfg.vocab_size, size=(ROWS, T)).astype(np.int32)
+  mask = np.ones((ROWS, T), np.int32)
+  mask[::3, :2] = 0                      # some prompts left-padded
+  tokens[mask == 0] = 0
+  completion_mask = np.ones((ROWS, COMPLETION_LEN), np.float32)
+  completion_mask[1::2, 4:] = 0          # some completions stop early
+  mask[:, PROMPT_LEN:] = completion_mask.astype(np.int32)
+  old_logp = (-2.0 + 0.1 * rng.randn(ROWS, COMPLETION_LEN)).astype(np.float32) * completion_mask
+  advantages = rng.randn(ROWS).astype(np.float32)
+  return {'tokens': tokens, 'mask': mask, 'completion_mask': completion_mask, 'old_logp': old_logp,
+          'advantages': advantages}
+
+
+def tiny_prompts(cfg):
+  rng = np.random.RandomState(7)
+  tokens = rng.randint(1, cfg.vocab_size, size=(ROWS, 7)).astype(np.int32)
+  mask = np.ones_like(tokens)
+  mask[::2, :3] = 0
+  tokens[mask == 0] = 0
+  return tokens, mask
+
+
+def update_fn(cfg, tx):
+  from cfrl_jax.train import learner, objectives
+  loss_fn = objectives.grpo_objective(cfg, PROMPT_LEN, rl_settings())
+  return learner.make_update(cfg, loss_fn, tx, stage=2)
+
+
+def optimizer(cfg, params):
+  from cfrl_jax.train import learner
+  # Adam's first step is lr * g / (|g| + eps): with the default eps=1e-8 a gradient entry near zero
+  # turns float32 reduction-order noise (~1e-5 of the largest gradient) into an O(lr) difference.
+  # eps=1e-3 (gradients here are ~1e-3) keeps that amplification bounded, so params can be compared tightly.
+  return learner.make_optimizer(cfg, params, 2, learner.OptimConfig(eps=1e-3))
+
+
+def flat(tree) -> dict:
+  import jax
+  from cfrl_jax import parallel
+  return {parallel.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def spec_report(tree) -> dict:
+  """path -> {'spec': [...], 'shards': sorted distinct per-device shard shapes, 'devices': count}."""
+  import jax
+  from cfrl_jax import parallel
+  out = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    spec = [list(e) if isinstance(e, tuple) else e for e in x.sharding.spec]
+    shapes = sorted({tuple(s.data.shape) for s in x.addressable_shards})
+    out[parallel.path_str(path)] = {'spec': spec, 'shards': [list(s) for s in shapes],
+                                    'devices': len(x.sharding.device_set)}
+  return out
+
+
+def run_meshes(out_dir: str, shapes: list[tuple[int, ...]]):
+  import jax
+  from jax.sharding import PartitionSpec as P
+  from cfrl_jax import parallel
+  cfg = tiny_config()
+  report = {'device_count': jax.device_count(), 'meshes': {}}
+  for shape in shapes:
+    name = 'x'.join(map(str, shape))
+    mesh = parallel.make_mesh(shape)
+    params = tiny_params(cfg)
+    specs = parallel.partition_specs(params, parallel.DEFAULT_RULES, mesh)
+    params = parallel.shard(params, mesh, specs)
+    tx = optimizer(cfg, params)
+    opt_state, opt_specs = parallel.init_opt_state(tx, params, mesh, specs)
+    step = parallel.sharded_update(update_fn(cfg, tx), mesh, specs, opt_specs)
+    placed = spec_report(params)
+    res = step(params, opt_state, tiny_batch(cfg), LRS)
+    tokens, mask = tiny_prompts(cfg)
+    sample = parallel.sample_sharded(cfg, res.params, tokens, mask, jax.random.PRNGKey(1), mesh=mesh,
+                                     max_new_tokens=6, greedy=True)
+    np.savez(os.path.join(out_dir, f'mesh_{name}.npz'),
+             loss=np.asarray(res.loss), sample_tokens=sample.tokens, sample_logprobs=sample.logprobs,
+             **{f'param:{k}': v for k, v in flat(res.params).items()})
+    opt_leaves = jax.tree_util.tree_leaves(res.opt_state)
+    # constrain_batch inside a jit_sharded function: the output takes the constrained (batch) sharding.
+    act = parallel.jit_sharded(lambda x: parallel.constrain_batch(x * 2.0), mesh, (P(),), None)(np.ones((8, 4, 6)))
+    report['meshes'][name] = {
+        'params_in': placed, 'params_out': spec_report(res.params),
+        'opt_out': {k: v for k, v in spec_report(res.opt_state).items() if '/mu/' in k or '/nu/' in k},
+        'opt_leaves': len(opt_leaves), 'finite': bool(res.finite),
+        'constrained_shards': sorted({tuple(sh.data.shape) for sh in act.addressable_shards}),
+        'mesh_axes': dict(mesh.shape)}
+  with open(os.path.join(out_dir, 'meshes.json'), 'w') as f:
+    json.dump(report, f)
+
+
+def run_checkpoint(out_dir: str):
+  """Save params + optimizer state under (8,1,1), restore under (2,2,2) with abstract sharded targets."""
+  import jax
+  from cfrl_jax import parallel
+  from cfrl_jax.train.checkpoint import Checkpointer
+  cfg = tiny_config()
+  mesh_a, mesh_b = parallel.make_mesh((8, 1, 1)), parallel.make_mesh((2, 2, 2))
+  params = tiny_params(cfg)
+  specs_a = parallel.partition_specs(params, parallel.DEFAULT_RULES, mesh_a)
+  params_a = parallel.shard(params, mesh_a, specs_a)
+  tx = optimizer(cfg, params)
+  opt_a, opt_specs_a = parallel.init_opt_state(tx, params_a, mesh_a, specs_a)
+  res = parallel.sharded_update(update_fn(cfg, tx), mesh_a, specs_a, opt_specs_a)(
+      params_a, opt_a, tiny_batch(cfg), LRS)
+  saved_params, saved_opt = flat(res.params), flat(res.opt_state)
+  ckpt = Checkpointer(os.path.join(out_dir, 'run'))
+  ckpt.save(1, res.params, {'opt_state': res.opt_state}, {'stage': 2})
+  ckpt.wait()
+
+  specs_b = parallel.partition_specs(params, parallel.DEFAULT_RULES, mesh_b)
+  opt_specs_b = parallel.opt_state_specs(jax.eval_shape(tx.init, params), params, specs_b)
+  target_params = parallel.abstract_sharded(params, mesh_b, specs_b)
+  target_train = {'opt_state': parallel.abstract_sharded(jax.eval_shape(tx.init, params), mesh_b, opt_specs_b)}
+  params_b, train_b, meta = ckpt.restore(1, target_params, target_train)
+  ckpt.close()
+  same = all(np.array_equal(saved_params[k], v) for k, v in flat(params_b).items()) and \
+      all(np.array_equal(saved_opt[k], v) for k, v in flat(train_b['opt_state']).items())
+  report = {'values_equal': bool(same), 'meta_stage': meta['stage'],
+            'restored': spec_report(params_b),
+            'restored_opt': {k: v for k, v in spec_report(train_b['opt_state']).items() if '/mu/' in k}}
+  # The restored state must train on in the new mesh (the step donates params_b and its state).
+  res_b = parallel.sharded_update(update_fn(cfg, tx), mesh_b, specs_b, opt_specs_b)(
+      params_b, train_b['opt_state'], tiny_batch(cfg, 1), LRS)
+  report.update(continued_finite=bool(res_b.finite), continued_out=spec_report(res_b.params))
+  with open(os.path.join(out_dir, 'checkpoint.json'), 'w') as f:
+    json.dump(report, f)
+
+
+def run_multihost(out_dir: str, coordinator: str, num_processes: int, process_id: int):
+  from cfrl_jax import parallel
+  assert parallel.initialize_distributed(coordinator, num_processes, process_id)
+  import jax
+  cfg = tiny_config()
+  mesh = parallel.make_mesh((2, 2, 2))
+  params = tiny_params(cfg)
+  specs = parallel.partition_specs(params, parallel.DEFAULT_RULES, mesh)
+  params = parallel.shard(params, mesh, specs)
+  tx = optimizer(cfg, params)
+  opt_state, opt_specs = parallel.init_opt_state(tx, params, mesh, specs)
+  step = parallel.sharded_update(update_fn(cfg, tx), mesh, specs, opt_specs)
+  losses = []
+  for i in range(STEPS_MULTIHOST):
+    res = step(params, opt_state, tiny_batch(cfg, i), LRS)
+    params, opt_state = res.params, res.opt_state
+    losses.append(float(res.loss))
+  rows = parallel.host_rows(ROWS, mesh)
+  host = parallel.to_host(params)       # a collective: every process takes part
+  if parallel.is_main_process():
+    np.savez(os.path.join(out_dir, 'multihost.npz'), losses=np.asarray(losses), **{
+        f'param:{k}': v for k, v in flat(host).items()})
+  with open(os.path.join(out_dir, f'multihost_{process_id}.json'), 'w') as f:
+    json.dump({'process_count': jax.process_count(), 'process_index': jax.process_index(),
+               'local_devices': jax.local_device_count(), 'devices': jax.device_count(),
+               'host_rows': [rows.start, rows.stop], 'is_main': parallel.is_main_process(),
+               'fully_addressable': bool(jax.tree_util.tree_leaves(params)[0].is_fully_addressable)}, f)
+  jax.distributed.shutdown()
+
+
+def trainer_config(tokenizer_dir: str, run_dir: str, algorithm: str, mesh_shape=(1, -1, 1)):
+  """The whole RL loop (tests/test_trainer.py's toy task) for two steps, KL reference on."""
+  import test_trainer
+  c = test_trainer.toy_config(tokenizer_dir, run_dir, algorithm=algorithm, steps=2, prompts_per_step=4,
+                              group_size=4, kl_coef=0.05, lr=1e-2)
+  c.rl.ppo.critic_lr = 1e-3
+  c.checkpoint.every = 2
+  c.mesh.shape = tuple(mesh_shape)
+  return c
+
+
+def run_trainer(out_dir: str, tokenizer_dir: str, algorithm: str, mesh_shape):
+  import jax
+  import test_trainer
+  c = trainer_config(tokenizer_dir, out_dir, algorithm, mesh_shape)
+  result = test_trainer.run(c)
+  leaves = jax.tree_util.tree_flatten_with_path(result.params)[0]
+  np.savez(os.path.join(out_dir, 'params.npz'), **{f'param:{k}': v for k, v in flat(result.params).items()})
+  with open(os.path.join(out_dir, 'placement.json'), 'w') as f:
+    json.dump({'devices': jax.device_count(),
+               'mesh': dict(leaves[0][1].sharding.mesh.shape),
+               'specs': {k: v['spec'] for k, v in spec_report(result.params).items()}}, f)
+
+
+def main(argv):
+  mode, out_dir = argv[1], argv[2]
+  if mode == 'meshes':
+    run_meshes(out_dir, [tuple(int(s) for s in a.split(',')) for a in argv[3:]])
+  elif mode == 'checkpoint':
+    run_checkpoint(out_dir)
+  elif mode == 'multihost':
+    run_multihost(out_dir, argv[3], int(argv[4]), int(argv[5]))
+  elif mode == 'trainer':
+    run_trainer(out_dir, argv[3], argv[4], tuple(int(s) for s in argv[5].split(',')))
+  else:
+    raise SystemExit(f'unknown mode {mode!r}')
+
+
+if __name__ == '__main__':
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  main(sys.argv)

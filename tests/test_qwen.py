@@ -1,0 +1,94 @@
+"""The Qwen2/Qwen3 model (cfrl_jax/models/qwen.py) against transformers (torch float32)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from cfrl_jax.models import hf, qwen
+
+# One compiled forward per (config, shapes), shared by all tests in this file.
+_forward = jax.jit(qwen.forward, static_argnums=0)
+
+
+def _left_padded_batch(vocab, seed=0, length=11):
+  """(4, length) tokens; rows padded on the left by 0, 4, length - 1 and 2 positions."""
+  rng = np.random.RandomState(seed)
+  tokens = rng.randint(0, vocab, (4, length)).astype(np.int32)
+  mask = np.ones((4, length), np.int32)
+  for row, pad in enumerate((0, 4, length - 1, 2)):
+    mask[row, :pad] = 0
+    tokens[row, :pad] = 0
+  return tokens, mask
+
+
+def _hf_logits(model, tokens, mask):
+  with torch.no_grad():
+    return model(input_ids=torch.from_numpy(tokens.astype(np.int64)),
+                 attention_mask=torch.from_numpy(mask.astype(np.int64))).logits.numpy()
+
+
+def test_logits_match_transformers_with_left_padding(tiny_checkpoint_dir, load_hf_model):
+  cfg, params = hf.load_pretrained(tiny_checkpoint_dir)
+  tokens, mask = _left_padded_batch(cfg.vocab_size)
+  ref = _hf_logits(load_hf_model(tiny_checkpoint_dir), tokens, mask)
+  ours, _ = _forward(cfg, params, tokens, mask)
+  real = mask == 1
+  assert np.abs(ref[real]).max() > 1.0  # logits with spread: a mapping error would show
+  np.testing.assert_allclose(np.asarray(ours)[real], ref[real], rtol=0, atol=1e-5)
+
+
+def test_token_logprobs_match_transformers_log_softmax(tiny_qwen3_dir, load_hf_model):
+  cfg, params = hf.load_pretrained(tiny_qwen3_dir)
+  tokens, mask = _left_padded_batch(cfg.vocab_size, seed=1)
+  ref = torch.log_softmax(torch.from_numpy(_hf_logits(load_hf_model(tiny_qwen3_dir), tokens, mask)), -1)
+  ref_logp = torch.gather(ref[:, :-1], -1, torch.from_numpy(tokens[:, 1:, None].astype(np.int64)))[..., 0]
+  ref_entropy = -(ref.exp() * ref).sum(-1)[:, :-1]
+  logp, entropy = qwen.token_logprobs(cfg, params, tokens, mask)
+  real = (mask[:, :-1] == 1) & (mask[:, 1:] == 1)
+  np.testing.assert_allclose(np.asarray(logp)[real], ref_logp.numpy()[real], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(entropy)[real], ref_entropy.numpy()[real], atol=1e-5)
+
+
+def test_kv_cache_decoding_equals_the_full_forward(tiny_checkpoint_dir):
+  chunks = (1, 1, 3)  # one-token decode steps, then a multi-token chunk
+  cfg, params = hf.load_pretrained(tiny_checkpoint_dir)
+  prompt, prompt_mask = _left_padded_batch(cfg.vocab_size, seed=2, length=7)
+  extra = np.random.RandomState(3).randint(0, cfg.vocab_size, (4, sum(chunks))).astype(np.int32)
+  tokens = np.concatenate([prompt, extra], 1)
+  mask = np.concatenate([prompt_mask, np.ones_like(extra)], 1)
+  full, _ = _forward(cfg, params, tokens, mask)
+  step = lambda p, t, m, c: _forward(cfg, p, t, m, None, c)
+  cache = qwen.init_cache(cfg, 4, tokens.shape[1] + 3)  # spare slots stay masked out
+  z, cache = step(params, prompt, prompt_mask, cache)
+  pieces, start = [z], prompt.shape[1]
+  for n in chunks:
+    z, cache = step(params, tokens[:, start:start + n], mask[:, start:start + n], cache)
+    pieces.append(z)
+    start += n
+  assert int(cache.index) == tokens.shape[1]
+  incremental = np.concatenate([np.asarray(p) for p in pieces], 1)
+  real = mask == 1
+  np.testing.assert_allclose(incremental[real], np.asarray(full)[real], rtol=0, atol=1e-5)
+
+
+def test_logits_ignore_the_content_of_padding(tiny_qwen2_dir):
+  cfg, params = hf.load_pretrained(tiny_qwen2_dir)
+  tokens, mask = _left_padded_batch(cfg.vocab_size, seed=4)
+  other = np.where(mask == 1, tokens, (tokens + 7) % cfg.vocab_size)
+  a, _ = _forward(cfg, params, tokens, mask)
+  b, _ = _forward(cfg, params, other, mask)
+  real = mask == 1
+  np.testing.assert_array_equal(np.asarray(a)[real], np.asarray(b)[real])
+  assert np.all(np.isfinite(np.asarray(a)))
+
+
+def test_bfloat16_compute_stays_close_to_float32(tiny_qwen2_dir):
+  cfg, params = hf.load_pretrained(tiny_qwen2_dir)
+  cfg16, params16 = hf.load_pretrained(tiny_qwen2_dir, dtype='bfloat16', param_dtype='bfloat16')
+  tokens, mask = _left_padded_batch(cfg.vocab_size, seed=5)
+  z32, _ = _forward(cfg, params, tokens, mask)
+  z16, _ = _forward(cfg16, params16, tokens, mask)
+  assert z16.dtype == jnp.float32
+  real = mask == 1
+  err = np.abs(np.asarray(z16) - np.asarray(z32))[real]
+  assert 0 < err.max() < 0.25 * np.abs(np.asarray(z32)[real]).max()

@@ -1,0 +1,285 @@
+"""The sampler (cfrl_jax/sampling.py) against transformers generate, full forward passes and numpy."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from cfrl_jax import sampling
+from cfrl_jax.models import hf, qwen
+
+
+def _prompts(vocab, lengths, seed=0):
+  """Left-padded (B, max(lengths)) random prompts of the given lengths."""
+  rng = np.random.RandomState(seed)
+  P = max(lengths)
+  tokens = np.zeros((len(lengths), P), np.int32)
+  mask = np.zeros((len(lengths), P), np.int32)
+  for row, n in enumerate(lengths):
+    tokens[row, P - n:] = rng.randint(1, vocab, n)
+    mask[row, P - n:] = 1
+  return tokens, mask
+
+
+def _softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(-1, keepdims=True)
+
+
+def _reference_filter(z, temperature, top_k, top_p):
+  """HF's warpers in numpy, one row at a time: temperature, then top-k, then top-p."""
+  z = np.asarray(z, np.float64) / temperature
+  out = []
+  for row in z:
+    if top_k:
+      row = np.where(row < np.sort(row)[::-1][top_k - 1], -np.inf, row)
+    if top_p < 1:
+      order = np.argsort(-row, kind='stable')
+      p = _softmax(row)[order]
+      keep_sorted = np.cumsum(p) - p < top_p
+      keep_sorted[0] = True
+      keep = np.zeros(row.shape, bool)
+      keep[order[keep_sorted]] = True
+      row = np.where(keep, row, -np.inf)
+    out.append(row)
+  return np.stack(out)
+
+
+def _log_softmax(z):
+  z = np.asarray(z, np.float64)
+  m = np.max(z, -1, keepdims=True)
+  return z - m - np.log(np.sum(np.exp(z - m), -1, keepdims=True))
+
+
+# --- greedy decoding == transformers -----------------------------------------------------------
+def test_greedy_matches_transformers_generate(tiny_checkpoint_dir, load_hf_model):
+  cfg, params = hf.load_pretrained(tiny_checkpoint_dir)
+  tokens, mask = _prompts(cfg.vocab_size, [5, 2, 7, 4, 1], seed=1)
+  N = 12
+  free = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(0), max_new_tokens=N,
+                         greedy=True, pad_id=0)
+  # A stop token that some rows emit part-way (and others maybe never): exercises per-row stops.
+  stop = int(np.asarray(free.tokens)[0, 3])
+  out = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(0), max_new_tokens=N,
+                        greedy=True, stop_token_ids=(stop,), pad_id=0)
+  model = load_hf_model(tiny_checkpoint_dir)
+  with torch.no_grad():
+    ref = model.generate(input_ids=torch.from_numpy(tokens.astype(np.int64)),
+                         attention_mask=torch.from_numpy(mask.astype(np.int64)), max_new_tokens=N,
+                         do_sample=False, eos_token_id=stop, pad_token_id=0)[:, tokens.shape[1]:].numpy()
+  ours, m = np.asarray(out.tokens), np.asarray(out.mask)
+  assert ref.shape[1] <= N
+  np.testing.assert_array_equal(ours[:, :ref.shape[1]], ref)
+  assert np.all(ours[:, ref.shape[1]:] == 0) and np.all(m[:, ref.shape[1]:] == 0)
+  for row in range(len(ours)):
+    hits = np.flatnonzero(ours[row] == stop)
+    length = hits[0] + 1 if hits.size else N
+    assert m[row].tolist() == [1] * length + [0] * (N - length)
+    assert np.all(ours[row, length:] == 0)
+  assert 0 < m.sum() < m.size  # some rows stopped early, some did not stop at once
+  # Without a stop token the same prefix comes out, to the full length.
+  np.testing.assert_array_equal(np.asarray(free.tokens)[m == 1], ours[m == 1])
+  assert np.all(np.asarray(free.mask) == 1)
+  np.testing.assert_array_equal(np.asarray(out.sample_logprobs), 0.0)
+
+
+def test_scanned_and_unrolled_decoding_agree(tiny_qwen3_dir):
+  cfg, params = hf.load_pretrained(tiny_qwen3_dir)
+  tokens, mask = _prompts(cfg.vocab_size, [3, 6, 1], seed=5)
+  # The same static arguments and shapes as the log-prob test below: one compilation fewer.
+  kw = dict(max_new_tokens=10, temperature=0.8, top_k=20, stop_token_ids=(5, 7))
+  a = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(4), unroll_layers=True, **kw)
+  b = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(4), unroll_layers=False, **kw)
+  np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+  np.testing.assert_array_equal(np.asarray(a.mask), np.asarray(b.mask))
+  np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(a.sample_logprobs), np.asarray(b.sample_logprobs), atol=1e-5)
+
+
+# --- log-probs == recomputation from a full forward pass ---------------------------------------
+@pytest.mark.parametrize('kw', [dict(temperature=0.7, top_p=0.8), dict(temperature=1.3, top_k=20)])
+def test_logprobs_equal_a_full_forward_recomputation(tiny_qwen3_dir, kw):
+  cfg, params = hf.load_pretrained(tiny_qwen3_dir)
+  tokens, mask = _prompts(cfg.vocab_size, [3, 6, 1], seed=2)
+  out = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(3), max_new_tokens=10,
+                        stop_token_ids=(5, 7), pad_id=0, **kw)
+  c_tokens, c_mask = np.asarray(out.tokens), np.asarray(out.mask)
+  full_tokens = np.concatenate([tokens, c_tokens], 1)
+  full_mask = np.concatenate([mask, c_mask], 1)
+  P = tokens.shape[1]
+  logp, _ = qwen.token_logprobs(cfg, params, full_tokens, full_mask)
+  ref_raw = np.asarray(logp)[:, P - 1:]                      # aligned with the completion
+  real = c_mask == 1
+  np.testing.assert_allclose(np.asarray(out.logprobs)[real], ref_raw[real], atol=2e-5)
+  assert np.all(np.asarray(out.logprobs)[~real] == 0) and np.all(np.asarray(out.sample_logprobs)[~real] == 0)
+
+  z, _ = qwen.forward(cfg, params, full_tokens, full_mask)
+  z = np.asarray(z)[:, P - 1:-1]                             # logits that produced each completion token
+  filtered = _reference_filter(z.reshape(-1, z.shape[-1]), kw['temperature'], kw.get('top_k', 0),
+                               kw.get('top_p', 1.0)).reshape(z.shape)
+  ref_sample = np.take_along_axis(_log_softmax(filtered), c_tokens[..., None], -1)[..., 0]
+  np.testing.assert_allclose(np.asarray(out.sample_logprobs)[real], ref_sample[real], atol=2e-5)
+  assert np.all(np.isfinite(ref_sample[real]))              # every sampled token was in the kept set
+  assert np.all(np.asarray(out.sample_logprobs)[real] >= np.asarray(out.logprobs)[real] - 1.0 / 0.7)
+
+
+# --- the filtered distribution ------------------------------------------------------------------
+@pytest.mark.parametrize('temperature,top_k,top_p', [
+    (1.0, 0, 1.0), (0.6, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.7), (1.7, 30, 0.9), (0.9, 0, 0.95)])
+def test_sampling_logits_keep_the_reference_set(temperature, top_k, top_p):
+  z = np.random.RandomState(0).randn(16, 200).astype(np.float32) * 3
+  ref = _reference_filter(z, temperature, top_k, top_p)
+  for candidates in (64, 2, 200):  # fast path, bisection fallback, exhaustive candidates
+    ours = np.asarray(sampling.sampling_logits(jnp.asarray(z), temperature, top_k, top_p,
+                                               top_p_candidates=candidates))
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(ref))
+    np.testing.assert_allclose(ours[np.isfinite(ours)], ref[np.isfinite(ref)], rtol=1e-6)
+
+
+def test_top_p_under_jit_with_a_traced_threshold():
+  z = jnp.asarray(np.random.RandomState(1).randn(4, 50).astype(np.float32))
+  f = jax.jit(lambda z, p: sampling.sampling_logits(z, 1.0, 0, p, use_top_p=True, top_p_candidates=8))
+  for p in (0.3, 0.9, 0.999):
+    np.testing.assert_array_equal(np.isfinite(np.asarray(f(z, p))),
+                                  np.isfinite(_reference_filter(np.asarray(z), 1.0, 0, p)))
+
+
+def _known_logits_model(target_logits):
+  """A one-layer model whose next-token logits after token 1 are target_logits (up to RMSNorm's eps).
+
+  Attention and MLP outputs are zeroed, so phi = rmsnorm(embed[1]) = sqrt(d) e_0 and
+  logits = head[:, 0] * sqrt(d).
+  """
+  V, d = len(target_logits), 8
+  cfg = qwen.QwenConfig(vocab_size=V, hidden_size=d, intermediate_size=8, num_layers=1, num_heads=2,
+                        num_kv_heads=1, head_dim=4)
+  params = jax.tree_util.tree_map(jnp.zeros_like, qwen.init_params(cfg, jax.random.PRNGKey(0)))
+  params['backbone']['layers']['input_norm'] = jnp.ones((1, d))
+  params['backbone']['layers']['post_attn_norm'] = jnp.ones((1, d))
+  params['backbone']['final_norm'] = jnp.ones((d,))
+  params['backbone']['embed'] = jnp.zeros((V, d)).at[:, 0].set(1.0)
+  params['head']['w'] = jnp.zeros((V, d)).at[:, 0].set(jnp.asarray(target_logits) / np.sqrt(d))
+  return cfg, params
+
+
+_PROBS = np.array([0.3, 0.2, 0.15, 0.1, 0.08, 0.06, 0.04, 0.03, 0.02, 0.01, 0.006, 0.004])
+
+
+def _check_frequencies(tokens, target):
+  counts = np.bincount(tokens, minlength=len(target))
+  assert np.all(counts[target == 0] == 0)                  # nothing outside the kept set
+  tv = 0.5 * np.abs(counts / len(tokens) - target).sum()
+  # E[TV] ~ 0.5 * sum sqrt(2 p (1-p) / (pi n)) <= 0.015 at n = 8192; 0.03 is > 4 standard deviations.
+  assert tv < 0.03, (tv, counts / len(tokens), target)
+
+
+@pytest.mark.parametrize('temperature,top_k,top_p', [
+    (1.0, 0, 1.0), (0.5, 0, 1.0), (2.0, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.7), (1.5, 6, 0.8)])
+def test_draws_follow_the_filtered_distribution(temperature, top_k, top_p):
+  n = 8192
+  z = jnp.tile(jnp.log(jnp.asarray(_PROBS, jnp.float32)), (n, 1))
+  draw = jax.jit(lambda key, z: sampling.draw(key, sampling.sampling_logits(z, temperature, top_k, top_p)))
+  tokens = np.asarray(draw(jax.random.PRNGKey(7), z))
+  _check_frequencies(tokens, _softmax(_reference_filter(np.log(_PROBS)[None], temperature, top_k, top_p))[0])
+
+
+def test_draw_never_picks_a_zero_probability_token():
+  z = jnp.asarray([[-jnp.inf, 0.0, -jnp.inf, -jnp.inf], [3.0, -jnp.inf, -jnp.inf, -jnp.inf]] * 512)
+  tokens = np.asarray(sampling.draw(jax.random.PRNGKey(0), z)).reshape(-1, 2)
+  assert np.all(tokens[:, 0] == 1) and np.all(tokens[:, 1] == 0)
+
+
+def _known_logits_model(target_logits):
+  """A one-layer model whose next-token logits after token 1 are target_logits (up to RMSNorm's eps).
+
+  Attention and MLP outputs are zeroed, so phi = rmsnorm(embed[1]) = sqrt(d) e_0 and
+  logits = head[:, 0] * sqrt(d).
+  """
+  V, d = len(target_logits), 8
+  cfg = qwen.QwenConfig(vocab_size=V, hidden_size=d, intermediate_size=8, num_layers=1, num_heads=2,
+                        num_kv_heads=1, head_dim=4)
+  params = jax.tree_util.tree_map(jnp.zeros_like, qwen.init_params(cfg, jax.random.PRNGKey(0)))
+  params['backbone']['layers']['input_norm'] = jnp.ones((1, d))
+  params['backbone']['layers']['post_attn_norm'] = jnp.ones((1, d))
+  params['backbone']['final_norm'] = jnp.ones((d,))
+  params['backbone']['embed'] = jnp.zeros((V, d)).at[:, 0].set(1.0)
+  params['head']['w'] = jnp.zeros((V, d)).at[:, 0].set(jnp.asarray(target_logits) / np.sqrt(d))
+  return cfg, params
+
+
+def test_sample_draws_from_temperature_top_k_top_p_of_the_model():
+  temperature, top_k, top_p = 1.5, 6, 0.8
+  cfg, params = _known_logits_model(np.log(_PROBS))
+  n = 8192
+  out = sampling.sample(cfg, params, np.ones((n, 1), np.int32), np.ones((n, 1), np.int32),
+                        jax.random.PRNGKey(7), max_new_tokens=1, temperature=temperature,
+                        top_k=top_k, top_p=top_p)
+  z, _ = qwen.forward(cfg, params, jnp.ones((1, 1), jnp.int32))
+  z = np.asarray(z)[0, 0]
+  np.testing.assert_allclose(z, np.log(_PROBS), atol=1e-4)
+  target = _softmax(_reference_filter(z[None], temperature, top_k, top_p))[0]
+  assert 2 < np.count_nonzero(target) < top_k                # top-p cuts inside the top-k set
+  toks = np.asarray(out.tokens)[:, 0]
+  _check_frequencies(toks, target)
+  # The reported log-probs are those of the distribution sampled from / of the raw policy.
+  np.testing.assert_allclose(np.asarray(out.sample_logprobs)[:, 0], np.log(target[toks]), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out.logprobs)[:, 0], _log_softmax(z)[toks], atol=1e-5)
+
+
+# --- keys, buckets, compilation -----------------------------------------------------------------
+def test_same_key_same_samples_and_buckets_change_nothing(tiny_qwen2_dir):
+  cfg, params = hf.load_pretrained(tiny_qwen2_dir)
+  tokens, mask = _prompts(cfg.vocab_size, [4, 3, 6], seed=4)
+  kw = dict(max_new_tokens=8, temperature=1.0, stop_token_ids=(0,))
+  a = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(1), **kw)
+  b = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(1), bucket=False, **kw)
+  c = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(2), **kw)
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+  assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+  assert a.tokens.shape == (3, 8) and a.tokens.dtype == jnp.int32 and a.logprobs.dtype == jnp.float32
+
+
+def test_batches_within_a_bucket_do_not_recompile(tiny_qwen2_tied_dir):
+  cfg, params = hf.load_pretrained(tiny_qwen2_tied_dir)
+  run = lambda lengths, **kw: sampling.sample(
+      cfg, params, *_prompts(cfg.vocab_size, lengths), jax.random.PRNGKey(0), max_new_tokens=4, **kw)
+  run([5, 7, 2, 6, 3])                       # B 5 -> 8, P 7 -> 8
+  compiled = sampling.compile_cache_size()
+  run([6, 1, 3, 8, 2, 2, 4])                 # B 7 -> 8, P 8 -> 8
+  run([5, 7, 2, 6, 3], temperature=0.3)      # temperature is traced
+  run([5, 7, 2, 6, 3], top_p=0.5)
+  compiled_with_top_p = sampling.compile_cache_size()
+  run([5, 7, 2, 6, 3], top_p=0.9)            # the top_p value is traced, only its use is static
+  assert compiled_with_top_p == compiled + 1
+  assert sampling.compile_cache_size() == compiled_with_top_p
+  run([5, 7, 2, 6, 3, 1, 1, 1, 1])          # B 9 -> 16: a new bucket
+  assert sampling.compile_cache_size() == compiled_with_top_p + 1
+
+
+def test_bucket_sizes():
+  assert [sampling.bucket_size(n, 64) for n in (1, 2, 3, 5, 64, 65, 130)] == [1, 2, 4, 8, 64, 128, 192]
+  assert [sampling.bucket_size(n, 128, 8) for n in (1, 9, 128, 129)] == [8, 16, 128, 256]
+
+
+def test_bad_inputs_are_errors(tiny_qwen2_dir):
+  cfg, params = hf.load_pretrained(tiny_qwen2_dir)
+  tokens, mask = _prompts(cfg.vocab_size, [3, 2])
+  key = jax.random.PRNGKey(0)
+  run = lambda t=tokens, m=mask, **kw: sampling.sample(cfg, params, t, m, key, **{'max_new_tokens': 2, **kw})
+  with pytest.raises(ValueError, match='LEFT-padded'):
+    run(m=mask[:, ::-1])
+  with pytest.raises(ValueError, match='no real token'):
+    run(m=np.zeros_like(mask))
+  with pytest.raises(ValueError, match='temperature'):
+    run(temperature=0.0)
+  with pytest.raises(ValueError, match='top_p'):
+    run(top_p=0.0)
+  with pytest.raises(ValueError, match='max_new_tokens'):
+    run(max_new_tokens=0)
+  with pytest.raises(ValueError, match=r'\[0, 384\)'):
+    run(t=tokens + 1000)
+  with pytest.raises(ValueError, match=r'\(B, P\)'):
+    run(t=tokens[0], m=mask[0])
