@@ -21,6 +21,7 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
   c.smoke = False           # a tiny, fast variant of the same experiment (tests, CI)
   c.arms = ''               # study mode: comma-separated arms, e.g. 'grpo,cfgrpo' (see cfrl_jax/study.py)
   c.report = True           # write report.md + PNGs into run_dir at the end
+  c.compile_cache_dir = 'cache/jax'  # JAX persistent compilation cache (later runs skip compiles); '' disables
 
   c.model = mc.ConfigDict()
   c.model.source = 'pretrained'  # 'pretrained' (HF dir / hub id) | 'pretrain' (from scratch) | 'init' (random)

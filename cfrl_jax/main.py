@@ -58,6 +58,9 @@ def main(argv):
   config = _CONFIG.value
   check_against_schema(config)
   parallel.initialize_distributed()
+  if config.compile_cache_dir:
+    import jax
+    jax.config.update('jax_compilation_cache_dir', os.path.abspath(config.compile_cache_dir))
   experiment.run(config)
 
 

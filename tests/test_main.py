@@ -46,7 +46,7 @@ def test_every_config_builds_and_matches_the_schema():
 def test_demo_smoke_writes_report_plots_and_finite_metrics(tmp_path):
   run_dir, cache = str(tmp_path / 'run'), str(tmp_path / 'cache')
   p = run_main('--config=configs/demo.py:smoke', f'--config.run_dir={run_dir}', f'--config.pretrain.cache_dir={cache}',
-               '--config.log.progress=False')
+               f'--config.compile_cache_dir={cache}/jax', '--config.log.progress=False')
   assert p.returncode == 0, p.stderr[-3000:]
   assert os.path.exists(os.path.join(run_dir, 'report.md'))
   assert 'Report:' in p.stdout

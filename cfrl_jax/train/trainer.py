@@ -410,7 +410,7 @@ class Trainer:
     last: dict = {}
     if self.step == 0 and self.eval_fn is not None and config.eval.every > 0:
       self.writer.write(0, 'eval', self.eval_fn(self.params, 0))
-    bar = tqdm(total=rl.steps, initial=self.step, disable=not self.progress, desc=f'{rl.algorithm}', dynamic_ncols=True)
+    bar = tqdm(total=rl.steps, initial=self.step, disable=not self.progress or jax.process_index() != 0, desc=f'{rl.algorithm}', dynamic_ncols=True)
     try:
       while self.step < rl.steps:
         t0 = time.perf_counter()
