@@ -20,14 +20,16 @@ optimizer are not counted (they are memory-bound, not FLOPs).
     python bench/bench_learner.py --breakdown          # also time forward, backward and the head alone
 
 Also measured in the same rounds (unless --stock_only), each after checking that its loss, metrics
-and gradients equal the stock step's, two proposed changes to code outside this script:
-  fused stats   rollout.completion_stats -> `fused_completion_stats` below: the log-probs go through
-                a custom VJP that keeps only the log-sum-exp; entropy and max-prob come from the same
-                exp pass as non-differentiated metrics. Autodiff of log_softmax + the metrics instead
-                makes about six passes over the (B, N, V) logits, which on CPU are single-threaded.
-  2-D dense     qwen._dense -> `dense_2d` below: (B, T, d) activations flattened to (B*T, d) around
-                each projection. XLA:CPU otherwise lowers the weight-gradient dots of 3-D operands
-                with transposing copies that absorb the SiLU backward (~100 ms a layer here).
+and gradients equal the stock step's, the two earlier forms of code the step runs (ablations, so the
+table shows what each of these choices is worth):
+  autodiff stats  rollout.completion_stats as plain autodiff of log_softmax + the entropy / max-prob
+                  metrics (`autodiff_completion_stats` below). The library instead sends the log-probs
+                  through a custom VJP that keeps only the log-sum-exp, and computes the metrics from
+                  the same exp pass without gradients; autodiff makes about six passes over the
+                  (B, N, V) logits, which on CPU are single-threaded.
+  3-D dense       qwen._dense as (B, T, d) @ (d, out) (`dense_3d` below). The library flattens the
+                  activations to (B*T, d) around each projection: XLA:CPU lowers the weight-gradient
+                  dots of 3-D operands with transposing copies that absorb the SiLU backward.
 The second is applied by swapping qwen._dense while that variant is traced (the module is not edited).
 
 Writes its section of bench/RESULTS.md (between <!-- bench_learner --> markers) unless --no_write.
@@ -81,7 +83,7 @@ def parse_args():
   p.add_argument('--mesh', default='1,-1,1', help='data,fsdp,tensor over the local devices')
   p.add_argument('--matmul', type=int, default=0, help='peak matmul size M (0: 2048 on CPU, 8192 otherwise)')
   p.add_argument('--rounds', type=int, default=5)
-  p.add_argument('--stock_only', action='store_true', help='skip the proposed variants')
+  p.add_argument('--stock_only', action='store_true', help='skip the ablations')
   p.add_argument('--breakdown', action='store_true', help='also time pieces of the step alone')
   p.add_argument('--no_write', action='store_true', help='print only; leave RESULTS.md alone')
   return p.parse_args()
@@ -109,57 +111,26 @@ def analytic_flops(cfg, B: int, T: int, N: int) -> dict:
           'total': 3 * (dense + attention + head)}
 
 
-def fused_token_stats(z, targets):
-  """(logp, entropy, max_prob), each (B, N), from logits z (B, N, V) and targets (B, N).
-
-  Only logp carries a gradient (custom VJP through the log-sum-exp); entropy and max_prob are
-  metrics, computed from the same exp pass, which XLA fuses into the reductions.
-  """
-  logp, lse = logp_and_lse(z, targets)
-  zs, lses = jax.lax.stop_gradient(z), jax.lax.stop_gradient(lse)
-  probs = jnp.exp(zs - lses[..., None])
-  return logp, lses - jnp.sum(probs * zs, axis=-1), jnp.exp(jnp.max(zs, axis=-1) - lses)
+def autodiff_token_stats(z, targets):
+  """(logp, entropy, max_prob), each (B, N), by plain autodiff of log_softmax (the earlier library form)."""
+  logp_all = jax.nn.log_softmax(z, axis=-1)
+  probs = jnp.exp(logp_all)
+  return (jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0],
+          -jnp.sum(probs * logp_all, axis=-1), jnp.max(probs, axis=-1))
 
 
-def fused_completion_stats(cfg, params, tokens, mask, prompt_len: int):
-  """Drop-in for rollout.completion_stats: (logp, entropy, max_prob) (B, N) and phi (B, P+N, d)."""
+def autodiff_completion_stats(cfg, params, tokens, mask, prompt_len: int):
+  """rollout.completion_stats with autodiff_token_stats: (logp, entropy, max_prob) (B, N), phi."""
   phi, _ = qwen.features(cfg, params['backbone'], tokens, mask)
   z = qwen.logits(cfg, qwen.head_params(cfg, params), phi[:, prompt_len - 1:-1])
-  return (*fused_token_stats(z, tokens[:, prompt_len:]), phi)
+  return (*autodiff_token_stats(z, tokens[:, prompt_len:]), phi)
 
 
-@jax.custom_vjp
-def logp_and_lse(z, targets):
-  """log softmax(z)[targets] and logsumexp(z), both (B, N), from logits z (B, N, V) and targets (B, N)."""
-  m = jnp.max(z, axis=-1, keepdims=True)
-  lse = m[..., 0] + jnp.log(jnp.sum(jnp.exp(z - m), axis=-1))
-  return jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0] - lse, lse
-
-
-def _logp_and_lse_fwd(z, targets):
-  out = logp_and_lse(z, targets)
-  return out, (z, targets, out[1])
-
-
-def _logp_and_lse_bwd(res, g):
-  # d logp/dz = onehot - softmax and d lse/dz = softmax: one fused pass, softmax recomputed from lse
-  # (autodiff of log_softmax instead keeps and re-reads several (B, N, V) intermediates).
-  z, targets, lse = res
-  g_logp, g_lse = g
-  probs = jnp.exp(z - lse[..., None])
-  onehot = jnp.arange(z.shape[-1]) == targets[..., None]
-  gz = jnp.where(onehot, g_logp[..., None], 0.0) + (g_lse - g_logp)[..., None] * probs
-  return gz.astype(z.dtype), None
-
-
-logp_and_lse.defvjp(_logp_and_lse_fwd, _logp_and_lse_bwd)
-
-
-def fused_grpo_objective(cfg, prompt_len: int, rl):
-  """objectives.grpo_objective with fused_completion_stats in place of rollout.completion_stats."""
+def autodiff_grpo_objective(cfg, prompt_len: int, rl):
+  """objectives.grpo_objective with autodiff_completion_stats in place of rollout.completion_stats."""
 
   def loss_fn(params, batch):
-    logp, entropy, max_prob, _ = fused_completion_stats(cfg, params, batch['tokens'], batch['mask'], prompt_len)
+    logp, entropy, max_prob, _ = autodiff_completion_stats(cfg, params, batch['tokens'], batch['mask'], prompt_len)
     mask = batch['completion_mask']
     loss, m = grpo.grpo_loss(
         logp, batch['old_logp'], batch.get('ref_logp'), batch['advantages'], mask,
@@ -170,9 +141,9 @@ def fused_grpo_objective(cfg, prompt_len: int, rl):
   return loss_fn
 
 
-def dense_2d(x, p, dtype):
-  """qwen._dense with the leading axes flattened: (..., in) @ (in, out) as one 2-D matmul."""
-  y = (x.reshape(-1, x.shape[-1]) @ p['kernel'].astype(dtype)).reshape(*x.shape[:-1], -1)
+def dense_3d(x, p, dtype):
+  """qwen._dense without flattening: (B, T, in) @ (in, out) (the earlier library form)."""
+  y = x @ p['kernel'].astype(dtype)
   if 'bias' in p:
     y = y + p['bias'].astype(dtype)
   return y
@@ -193,8 +164,8 @@ def qwen_dense(fn):
 # (name, objective builder, replacement for qwen._dense or None)
 VARIANTS = (
     ('as the trainer runs it', objectives.grpo_objective, None),
-    ('+ fused stats (proposed)', fused_grpo_objective, None),
-    ('+ fused stats + 2-D dense (proposed)', fused_grpo_objective, dense_2d),
+    ('ablation: autodiff stats', autodiff_grpo_objective, None),
+    ('ablation: autodiff stats + 3-D dense', autodiff_grpo_objective, dense_3d),
 )
 
 
@@ -353,10 +324,10 @@ def breakdown(cfg, variants, state, P, peak, flops):
     return f
 
   def stock_stats(z, targets):
-    logp_all = jax.nn.log_softmax(z, axis=-1)
-    probs = jnp.exp(logp_all)
-    return (jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0],
-            -jnp.sum(probs * logp_all, axis=-1), jnp.max(probs, axis=-1))
+    logp, lse = rollout.logp_and_lse(z, targets)
+    zs, lses = jax.lax.stop_gradient(z), jax.lax.stop_gradient(lse)
+    probs = jnp.exp(zs - lses[..., None])
+    return logp, lses - jnp.sum(probs * zs, axis=-1), jnp.exp(jnp.max(zs, axis=-1) - lses)
 
   def head_matmul_only(params, phi, tokens):
     return jnp.sum(qwen.logits(cfg, params['head'], phi[:, P - 1:-1]) * 1e-3)
@@ -365,16 +336,16 @@ def breakdown(cfg, variants, state, P, peak, flops):
       ('loss forward (stock)', jax.jit(lambda p, b: v.loss_fn(p, b)[0]), (params, batch), fwd),
       ('loss forward + backward (stock)', jax.jit(jax.grad(lambda p, b: v.loss_fn(p, b)[0])), (params, batch),
        flops['total']),
-      ('loss forward + backward (fused stats + 2-D dense)', _traced_with(
-          dense_2d, jax.jit(jax.grad(lambda p, b: fused_grpo_objective(cfg, P, rl_settings(b['old_logp'].shape[1]))(
+      ('loss forward + backward (autodiff stats + 3-D dense)', _traced_with(
+          dense_3d, jax.jit(jax.grad(lambda p, b: autodiff_grpo_objective(cfg, P, rl_settings(b['old_logp'].shape[1]))(
               p, b)[0])), (params, batch)), (params, batch), flops['total']),
       ('backbone features, forward', jax.jit(lambda p, b: qwen.features(cfg, p['backbone'], b['tokens'], b['mask'])[0]),
        (params, batch), (flops['dense'] + flops['attention']) / 3),
       ('head matmul alone, fwd + bwd', jax.jit(jax.grad(head_matmul_only, argnums=(0, 1))),
        (params, phi, batch['tokens']), flops['head']),
-      ('head + stock softmax stats, fwd + bwd', jax.jit(jax.grad(head_loss(stock_stats), argnums=(0, 1))),
+      ('head + stock (custom-VJP) softmax stats, fwd + bwd', jax.jit(jax.grad(head_loss(stock_stats), argnums=(0, 1))),
        (params, phi, batch['tokens']), flops['head']),
-      ('head + fused softmax stats, fwd + bwd', jax.jit(jax.grad(head_loss(fused_token_stats), argnums=(0, 1))),
+      ('head + autodiff softmax stats, fwd + bwd', jax.jit(jax.grad(head_loss(autodiff_token_stats), argnums=(0, 1))),
        (params, phi, batch['tokens']), flops['head']),
   ]
   rows = ['| piece (jitted alone, median of 3) | ms | GFLOP/s | / matmul |', '|---|---|---|---|']

@@ -55,6 +55,9 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
   c.pretrain.warmup_steps = 20
   c.pretrain.weight_decay = 0.01
   c.pretrain.num_examples = 40000
+  c.pretrain.b2 = 0.95            # Adam's second-moment decay (0.95: the usual LM-pretraining choice)
+  c.pretrain.batching = 'random'  # 'random' | 'length_sorted' (less padding, but one format per batch: learns slower)
+  c.pretrain.loss_on_prompt = True  # next-token loss on prompt + completion (False: completion only)
   c.pretrain.length_bucket = 8    # completion lengths are padded to multiples of this (one compile per bucket)
   c.pretrain.cache_dir = 'cache'  # cached bases: <cache_dir>/base-<hash of the pretraining config>
 

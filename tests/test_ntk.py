@@ -412,6 +412,17 @@ def test_logprob_jvp_equals_jvp_of_the_model(name):
 
 
 # --- transformations ---------------------------------------------------------
+def test_jit_and_eager_agree_on_two_entries(name):
+  """Eager (op-by-op) dispatch is slow, so the default suite checks two entries; `-m slow` all of them."""
+  cfg, params = make_model(name)
+  a = batch_a()
+  pts = ntk.Points(a.tokens, a.mask, a.seq[:2], a.pos[:2])
+  eager = ntk.logprob_kernel(cfg, params, pts, method='gram')
+  jitted_ = jax.jit(ntk.logprob_kernel, static_argnums=0, static_argnames='method')(cfg, params, pts, method='gram')
+  for x, y in zip(eager, jitted_):
+    assert_close(x, y)
+
+
 @pytest.mark.slow
 def test_jit_and_eager_agree_for_the_kernel(name):
   cfg, params = make_model(name)

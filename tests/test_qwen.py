@@ -92,3 +92,46 @@ def test_bfloat16_compute_stays_close_to_float32(tiny_qwen2_dir):
   real = mask == 1
   err = np.abs(np.asarray(z16) - np.asarray(z32))[real]
   assert 0 < err.max() < 0.25 * np.abs(np.asarray(z32)[real]).max()
+
+
+def test_training_gradients_equal_torch_autograd(tiny_checkpoint_dir, load_hf_model):
+  """The gradient the learner follows (NLL of completion tokens through completion_stats, left padding)
+  equals torch autograd through the transformers model, for every parameter."""
+  import torch
+  from cfrl_jax.models import hf
+  from cfrl_jax.train import rollout
+  cfg, params = hf.load_pretrained(tiny_checkpoint_dir, tie='auto')
+  model = load_hf_model(tiny_checkpoint_dir)
+  rng = np.random.RandomState(0)
+  B, T, P = 3, 12, 5
+  tokens = rng.randint(1, cfg.vocab_size, (B, T)).astype(np.int32)
+  mask = np.ones((B, T), np.int32)
+  mask[0, :3] = 0
+  mask[1, -2:] = 0
+  tokens[mask == 0] = 0
+  target_mask = mask[:, P:].astype(np.float32)
+
+  def loss(p):
+    logp = rollout.completion_stats(cfg, p, jnp.asarray(tokens), jnp.asarray(mask), P)[0]
+    return -jnp.sum(logp * target_mask) / target_mask.sum()
+
+  grads = jax.grad(loss)(params)
+  model.zero_grad()
+  ids = torch.tensor(tokens, dtype=torch.long)
+  am = torch.tensor(mask, dtype=torch.long)
+  pos = torch.clamp(am.cumsum(-1) - 1, min=0)
+  logits = model(input_ids=ids, attention_mask=am, position_ids=pos).logits
+  logp = torch.log_softmax(logits[:, P - 1:-1], -1).gather(-1, ids[:, P:, None])[..., 0]
+  tm = torch.tensor(target_mask)
+  (-(logp * tm).sum() / tm.sum()).backward()
+  theirs = {name: p.grad.numpy() for name, p in model.named_parameters() if p.grad is not None}
+  ours = {}
+  for name, slot in hf.hf_tensor_map(cfg, with_head=cfg.tie == 'untied').items():
+    node = grads
+    for key in slot.path:
+      node = node[key]
+    x = np.asarray(node if slot.layer is None else node[slot.layer])
+    ours[name] = x.T if slot.transpose else x
+  assert set(theirs) <= set(ours)
+  for name, g in theirs.items():
+    np.testing.assert_allclose(ours[name], g, rtol=1e-4, atol=1e-6, err_msg=name)

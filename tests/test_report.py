@@ -308,3 +308,19 @@ def test_cli_prints_the_report_path(tmp_path):
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == os.path.join(root, 'report.md')
   assert 'Target pass@1: **0.300**' in open(os.path.join(root, 'report.md')).read()
+
+
+def test_update_readme_fills_the_marked_block_and_copies_the_plot(tmp_path):
+  root = tmp_path / 'study'
+  _build_study(root)
+  readme = tmp_path / 'README.md'
+  readme.write_text('# title\n\n<!-- demo-results -->\nold text\n<!-- /demo-results -->\n\n## More\n')
+  image = report.update_readme(str(root), str(readme), image_dir=str(tmp_path / 'docs'))
+  text = readme.read_text()
+  assert os.path.exists(image) and image.endswith('study_accuracy.png')
+  assert 'old text' not in text and text.startswith('# title') and text.rstrip().endswith('## More')
+  block = text.split('<!-- demo-results -->')[1].split('<!-- /demo-results -->')[0]
+  assert '| arm' in block.lower() and f']({image})' in block and 'cores' in block
+  with pytest.raises(ValueError, match='demo-results'):
+    (tmp_path / 'plain.md').write_text('no markers')
+    report.update_readme(str(root), str(tmp_path / 'plain.md'), image_dir=str(tmp_path / 'docs'))

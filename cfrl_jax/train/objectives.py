@@ -106,3 +106,18 @@ def sft_objective(cfg: qwen.QwenConfig, prompt_len: int, aggregation: str = 'tok
     return loss, dict(m, **_policy_metrics(logp, entropy, max_prob, mask, phi, prompt_len))
 
   return loss_fn
+
+
+def lm_objective(cfg: qwen.QwenConfig, aggregation: str = 'token_mean'):
+  """Next-token cross-entropy on every real token after a sequence's first (pretraining on whole
+  documents: the prompt's text is learned too, not only the completion). batch: tokens, mask (B, T)."""
+
+  def loss_fn(params, batch):
+    tokens, mask = batch['tokens'], batch['mask']
+    logp, entropy, max_prob, phi = completion_stats(cfg, params, tokens, mask, 1)
+    # a target counts when it is real and so is its predecessor (left padding, right padding excluded)
+    loss_mask = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
+    loss, m = sft.sft_loss(logp, loss_mask, aggregation=aggregation)
+    return loss, dict(m, **_policy_metrics(logp, entropy, max_prob, loss_mask))
+
+  return loss_fn

@@ -68,6 +68,11 @@ def _length_sorted_batches(lengths: np.ndarray, batch_size: int, rng: np.random.
   return batches
 
 
+def _random_batches(n: int, batch_size: int, rng: np.random.RandomState) -> list[np.ndarray]:
+  order = rng.permutation(n)
+  return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
 def pretrain(config, task, out_dir: str, *, progress: bool = True) -> dict:
   """Trains tokenizer + model from scratch on task.pretraining_corpus; writes an HF dir. Returns a summary."""
   from cfrl_jax.policy import arch_config, make_policy
@@ -84,11 +89,16 @@ def pretrain(config, task, out_dir: str, *, progress: bool = True) -> dict:
   completion_lengths = np.array([len(tok(c, add_special_tokens=False)['input_ids']) + 1 for _, c in pairs])
   rng = np.random.RandomState(config.seed)
   batches = []
+  if pc.batching not in ('random', 'length_sorted'):
+    raise ValueError(f"config.pretrain.batching={pc.batching!r}; expected 'random' or 'length_sorted'.")
   while len(batches) < pc.steps:
-    batches += _length_sorted_batches(completion_lengths, pc.batch_size, rng)
+    # Measured on the demo (200 steps): random batches reach ~0.5 loss where length-sorted ones,
+    # each holding one solution format, are still at ~0.7.
+    batches += (_random_batches(len(pairs), pc.batch_size, rng) if pc.batching == 'random' else
+                _length_sorted_batches(completion_lengths, pc.batch_size, rng))
   batches = batches[:pc.steps]
 
-  ocfg = learner.OptimConfig(weight_decay=pc.weight_decay, grad_clip=1.0)
+  ocfg = learner.OptimConfig(b2=pc.b2, weight_decay=pc.weight_decay, grad_clip=1.0)
   tx, opt_state = learner.init_stage(cfg, params, 0, ocfg)
   updates = {}
   losses = []
@@ -99,7 +109,10 @@ def pretrain(config, task, out_dir: str, *, progress: bool = True) -> dict:
     data = sft_data.encode_pairs(policy, [pairs[i] for i in idx], max_new_tokens=n_new)
     P = data.pop('prompt_len')
     if P not in updates:
-      updates[P] = learner.make_update(cfg, objectives.sft_objective(cfg, P), tx, 0)
+      # loss_on_prompt: language modelling on the whole text, as pretraining on a corpus does (the
+      # prompts' numbers and names teach copying); otherwise completion tokens only.
+      loss_fn = objectives.lm_objective(cfg) if pc.loss_on_prompt else objectives.sft_objective(cfg, P)
+      updates[P] = learner.make_update(cfg, loss_fn, tx, 0)
     # Warmup then cosine decay to 10%: a from-scratch run needs the decay to settle.
     frac = min(1.0, (step + 1) / max(pc.warmup_steps, 1))
     lr = pc.lr * frac * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / pc.steps)))
