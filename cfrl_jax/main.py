@@ -57,6 +57,9 @@ def main(argv):
   from cfrl_jax.config import check_against_schema
   config = _CONFIG.value
   check_against_schema(config)
+  # orbax logs every checkpoint step at INFO through absl, which buries the progress bars.
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
   parallel.initialize_distributed()
   if config.compile_cache_dir:
     import jax

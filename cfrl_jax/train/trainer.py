@@ -410,6 +410,9 @@ class Trainer:
     last: dict = {}
     if self.step == 0 and self.eval_fn is not None and config.eval.every > 0:
       self.writer.write(0, 'eval', self.eval_fn(self.params, 0))
+    if self.step == 0 and config.checkpoint.every > 0 and not config.checkpoint.max_to_keep and \
+        self.ckpt.latest_step() is None:
+      self.save()   # keeping every checkpoint is for the rank-1 analysis, whose dW_t = W_t - W_0 needs the base
     bar = tqdm(total=rl.steps, initial=self.step, disable=not self.progress or jax.process_index() != 0, desc=f'{rl.algorithm}', dynamic_ncols=True)
     try:
       while self.step < rl.steps:
