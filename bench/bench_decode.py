@@ -19,16 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+import results_md  # bench/results_md.py: this directory is on sys.path when a script runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, 'bench', 'RESULTS.md')
-BEGIN, END = '<!-- bench_decode -->', '<!-- /bench_decode -->'
 
 
 def parse_args():
@@ -45,16 +44,10 @@ def parse_args():
 
 
 def machine() -> str:
-  cpu = 'unknown CPU'
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
   import jax
   import torch
   import transformers
-  return (f'{platform.machine()}, nproc {os.cpu_count()}, {cpu}; jax {jax.__version__}, '
+  return (f'{results_md.host()}; jax {jax.__version__}, '
           f'torch {torch.__version__}, transformers {transformers.__version__}')
 
 
@@ -168,21 +161,8 @@ def main():
   print(f'Machine: {desc}')
   print('\n'.join(lines))
   if not args.no_write:
-    write_section(desc, lines)
-
-
-def write_section(desc, lines):
-  body = '\n'.join([BEGIN, '## Decode throughput: `sampling.sample` vs transformers `generate` (bench/bench_decode.py)',
-                    '', f'Machine: {desc}.', '', *lines, END])
-  text = open(RESULTS).read() if os.path.exists(RESULTS) else '# Benchmarks\n\nWritten by the scripts in bench/; do not edit figures by hand.\n'
-  if BEGIN in text and END in text:
-    head, rest = text.split(BEGIN, 1)
-    text = head + body + rest.split(END, 1)[1]
-  else:
-    text = text.rstrip('\n') + '\n\n' + body + '\n'
-  with open(RESULTS, 'w') as f:
-    f.write(text)
-  print(f'wrote the bench_decode section of {RESULTS}')
+    results_md.write_section(
+        'bench_decode', 'Decode throughput: `sampling.sample` vs transformers `generate` (bench/bench_decode.py)', desc, lines)
 
 
 if __name__ == '__main__':

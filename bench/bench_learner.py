@@ -39,10 +39,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import sys
 import time
+
+import results_md  # bench/results_md.py: this directory is on sys.path when a script runs
 
 import jax
 import jax.numpy as jnp
@@ -55,8 +56,6 @@ from cfrl_jax.models import qwen  # noqa: E402
 from cfrl_jax.rl import grpo  # noqa: E402
 from cfrl_jax.train import learner, objectives, rollout  # noqa: E402
 
-RESULTS = os.path.join(ROOT, 'bench', 'RESULTS.md')
-BEGIN, END = '<!-- bench_learner -->', '<!-- /bench_learner -->'
 
 # name -> QwenConfig fields (Qwen2.5 shapes from their config.json; 'cpu' is bench_decode's model)
 SHAPES = {
@@ -90,14 +89,8 @@ def parse_args():
 
 
 def machine() -> str:
-  cpu = 'unknown CPU'
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
   dev = jax.devices()[0]
-  return (f'{platform.machine()}, nproc {os.cpu_count()}, {cpu}; jax {jax.__version__}; '
+  return (f'{results_md.host()}; jax {jax.__version__}; '
           f'{jax.device_count()} x {dev.device_kind} ({dev.platform})')
 
 
@@ -305,7 +298,8 @@ def main():
   print(f'Machine: {desc}')
   print('\n'.join(lines))
   if not args.no_write:
-    write_section(desc, lines)
+    results_md.write_section(
+        'bench_learner', 'Learner step: achieved FLOP/s vs dense matmul (bench/bench_learner.py)', desc, lines)
 
 
 def breakdown(cfg, variants, state, P, peak, flops):
@@ -361,21 +355,6 @@ def _traced_with(dense, fn, args):
   with qwen_dense(dense):
     timed(fn, *args)
   return fn
-
-
-def write_section(desc, lines):
-  body = '\n'.join([BEGIN, '## Learner step: achieved FLOP/s vs dense matmul (bench/bench_learner.py)',
-                    '', f'Machine: {desc}.', '', *lines, END])
-  text = open(RESULTS).read() if os.path.exists(RESULTS) else \
-      '# Benchmarks\n\nWritten by the scripts in bench/; do not edit figures by hand.\n'
-  if BEGIN in text and END in text:
-    head, rest = text.split(BEGIN, 1)
-    text = head + body + rest.split(END, 1)[1]
-  else:
-    text = text.rstrip('\n') + '\n\n' + body + '\n'
-  with open(RESULTS, 'w') as f:
-    f.write(text)
-  print(f'wrote the bench_learner section of {RESULTS}')
 
 
 if __name__ == '__main__':

@@ -25,15 +25,14 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
 import statistics
 import sys
 import time
 
+import results_md  # bench/results_md.py: this directory is on sys.path when a script runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-RESULTS = os.path.join(ROOT, 'bench', 'RESULTS.md')
-BEGIN, END = '<!-- bench_ntk -->', '<!-- /bench_ntk -->'
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -55,14 +54,8 @@ def parse_args():
 
 
 def machine() -> str:
-  cpu = 'unknown CPU'
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
   dev = jax.devices()[0]
-  return f'{platform.machine()}, nproc {os.cpu_count()}, {cpu}; jax {jax.__version__} on {dev.platform}'
+  return f'{results_md.host()}; jax {jax.__version__} on {dev.platform}'
 
 
 def model():
@@ -191,22 +184,8 @@ def main():
   print(f'Machine: {desc}')
   print('\n'.join(lines))
   if not args.no_write:
-    write_section(desc, lines)
-
-
-def write_section(desc, lines):
-  body = '\n'.join([BEGIN, '## Exact log-prob eNTK: `ntk.logprob_kernel` vs Jacobian contraction (bench/bench_ntk.py)',
-                    '', f'Machine: {desc}.', '', *lines, END])
-  text = (open(RESULTS).read() if os.path.exists(RESULTS)
-          else '# Benchmarks\n\nWritten by the scripts in bench/; do not edit figures by hand.\n')
-  if BEGIN in text and END in text:
-    head, rest = text.split(BEGIN, 1)
-    text = head + body + rest.split(END, 1)[1]
-  else:
-    text = text.rstrip('\n') + '\n\n' + body + '\n'
-  with open(RESULTS, 'w') as f:
-    f.write(text)
-  print(f'wrote the bench_ntk section of {RESULTS}')
+    results_md.write_section(
+        'bench_ntk', 'Exact log-prob eNTK: `ntk.logprob_kernel` vs Jacobian contraction (bench/bench_ntk.py)', desc, lines)
 
 
 if __name__ == '__main__':
