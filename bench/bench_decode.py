@@ -3,14 +3,14 @@
 A Qwen2-shaped model (hidden 512, 8 layers, 8 query / 2 KV heads, FFN 1408, vocab 32000, untied)
 gets random weights from transformers + torch, is saved with save_pretrained and loaded by
 cfrl_jax.models.hf.load_pretrained. Both sides then generate --new_tokens tokens greedily for the
-same --batch prompts of --prompt_len random tokens, every step forced (no stop token for us,
+same prompts (each --batch size) of --prompt_len random tokens, every step forced (no stop token for us,
 min_new_tokens for transformers), float32, with the same number of threads (each thread count of
 --threads runs in its own process, pinned to that many cores). Warm-up (compilation)
 is excluded; the timed runs alternate ours / theirs so machine load hits both alike, and the
 medians are compared. Tokens/s = batch * new_tokens / time of the whole call (prefill included);
 ms/step = (time(new_tokens) - time(1)) / (new_tokens - 1), the decode step alone.
 
-    python bench/bench_decode.py [--batch 8 --prompt_len 64 --new_tokens 128 --reps 5 --threads 2,1]
+    python bench/bench_decode.py [--batch 8,64 --prompt_len 64 --new_tokens 128 --reps 5 --threads 2,1]
 
 Writes its section of bench/RESULTS.md (between <!-- bench_decode --> markers).
 """
@@ -32,7 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--batch', type=int, default=8)
+  p.add_argument('--batch', default='8,64',
+                 help='comma-separated batch sizes (8: memory-bound decode; 64: rows of an RL rollout)')
   p.add_argument('--prompt_len', type=int, default=64)
   p.add_argument('--new_tokens', type=int, default=128)
   p.add_argument('--reps', type=int, default=5)
@@ -71,7 +72,7 @@ def measure(args, threads: int) -> dict:
   from cfrl_jax.models import hf
   torch.set_num_threads(threads)
 
-  B, P, N = args.batch, args.prompt_len, args.new_tokens
+  B, P, N = int(args.batch), args.prompt_len, args.new_tokens
   hf_config = transformers.Qwen2Config(
       vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
       num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
@@ -112,7 +113,7 @@ def measure(args, threads: int) -> dict:
     for name, fn in (('ours', ours), ('transformers', theirs)):
       runs[name].append(timed(lambda: fn(N)))
       runs1[name].append(timed(lambda: fn(1)))
-  result = dict(threads=threads, agree=agree, load=(load_before, os.getloadavg()[0]))
+  result = dict(threads=threads, batch=B, agree=agree, load=(load_before, os.getloadavg()[0]))
   for name in runs:
     wall = statistics.median(w for w, _ in runs[name])
     wall1 = statistics.median(w for w, _ in runs1[name])
@@ -128,29 +129,30 @@ def main():
     print('RESULT ' + json.dumps(measure(args, args.child)))
     return
   results = []
-  for threads in dict.fromkeys(int(t) for t in args.threads.split(',')):
-    cmd = [sys.executable, os.path.abspath(__file__), '--child', str(threads), '--batch', str(args.batch),
-           '--prompt_len', str(args.prompt_len), '--new_tokens', str(args.new_tokens), '--reps', str(args.reps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
-    if proc.returncode or not line:
-      sys.exit(f'measurement with {threads} threads failed:\n{proc.stderr[-3000:]}')
-    results.append(json.loads(line[0][len('RESULT '):]))
+  for batch in dict.fromkeys(int(b) for b in args.batch.split(',')):
+    for threads in dict.fromkeys(int(t) for t in args.threads.split(',')):
+      cmd = [sys.executable, os.path.abspath(__file__), '--child', str(threads), '--batch', str(batch),
+             '--prompt_len', str(args.prompt_len), '--new_tokens', str(args.new_tokens), '--reps', str(args.reps)]
+      proc = subprocess.run(cmd, capture_output=True, text=True)
+      line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
+      if proc.returncode or not line:
+        sys.exit(f'measurement with batch {batch}, {threads} threads failed:\n{proc.stderr[-3000:]}')
+      results.append(json.loads(line[0][len('RESULT '):]))
 
-  B, P, N = args.batch, args.prompt_len, args.new_tokens
+  P, N = args.prompt_len, args.new_tokens
   lines = [
-      f'Batch {B}, prompt {P}, {N} new tokens (all forced), float32, greedy; torch threads = XLA '
+      f'Prompt {P}, {N} new tokens (all forced), float32, greedy; torch threads = XLA '
       f'threads (process pinned to that many cores); median of {args.reps} alternating runs after '
       'warm-up. tokens/s = B * N / whole call; decode ms/step excludes the prefill.',
       '',
-      '| threads | | tokens/s | whole call (s) | decode ms/step | prefill + 1 token (ms) | CPU s per call | speed-up (tokens/s) | load avg |',
-      '|---|---|---|---|---|---|---|---|---|',
+      '| batch | threads | | tokens/s | whole call (s) | decode ms/step | prefill + 1 token (ms) | CPU s per call | speed-up (tokens/s) | load avg |',
+      '|---|---|---|---|---|---|---|---|---|---|',
   ]
   for r in results:
     for name, label in (('ours', 'cfrl_jax `sample`'), ('transformers', 'transformers `generate`')):
       s = r[name]
       speed = (f'**{r["ours"]["tok_s"] / r["transformers"]["tok_s"]:.2f}x**' if name == 'ours' else '1')
-      lines.append(f'| {r["threads"]} | {label} | {s["tok_s"]:.0f} | {s["wall"]:.2f} | {s["step_ms"]:.1f} | '
+      lines.append(f'| {r["batch"]} | {r["threads"]} | {label} | {s["tok_s"]:.0f} | {s["wall"]:.2f} | {s["step_ms"]:.1f} | '
                    f'{s["prefill_ms"]:.0f} | {s["cpu"]:.2f} | {speed} | {r["load"][0]:.1f}-{r["load"][1]:.1f} |')
   agree = min(r['agree'] for r in results)
   lines += ['', f'Greedy tokens of the two implementations are identical for the first {agree} of {N} '

@@ -15,12 +15,13 @@ handful of times; padded rows are dummies that start finished and are stripped o
 
 The decode step is kept lean: logits are computed for one position per row (never over the
 prompt again), the cache is updated in place inside one lax.while_loop that exits as soon as
-every row has stopped, and on CPU the layers are unrolled over per-layer weights and per-layer
-(B, Hkv, S, hd) caches (see unroll_layers_default and LayerKV).
+every row has stopped, and on CPU the layers are unrolled over per-layer fused (out, in) weights
+and per-layer (B, Hkv, S, hd) caches (see unroll_layers_default, decode_weights and LayerKV).
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import Iterable, NamedTuple
 
 import jax
@@ -113,39 +114,68 @@ def _nucleus_cutoff_bisection(z, lse, top_p, iterations: int = 40):
   return jnp.where(mass_at(top) >= top_p, top, lo)
 
 
-def _gather(logp_all, tokens):
-  return jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]
+def first_argmax(z):
+  """jnp.argmax(z, axis=-1) (the first index of the maximum), z (..., V) -> (...,) int32.
+
+  A max and a min reduction: XLA:CPU lowers jnp.argmax to a variadic (value, index) reduction
+  that the profile of a decode step showed ~10x slower than these two plain ones. A row holding
+  NaN yields index V - 1 (jnp.argmax would point at the NaN).
+  """
+  V = z.shape[-1]
+  top = jnp.max(z, axis=-1, keepdims=True)
+  first = jnp.min(jnp.where(z == top, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+  return jnp.minimum(first, V - 1)
 
 
-def draw(key, z):
+def _logprob_of(z, tokens):
+  """log softmax(z)[tokens] without materialising the (B, V) log-softmax. z (B, V), tokens (B,)."""
+  return jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(z, axis=-1)
+
+
+def _last_with_mass(p):
+  """Index of the last entry > 0 along the last axis, -1 if none. p (..., n) -> (...,) int32."""
+  return jnp.max(jnp.where(p > 0, jnp.arange(p.shape[-1], dtype=jnp.int32), -1), axis=-1)
+
+
+def draw(key, z, block: int = 256):
   """One token per row from softmax(z), z (B, V) (-inf allowed), by inverting the CDF.
 
   key: one PRNG key for the whole batch (row r uses fold_in(key, r)).
 
   One uniform per row instead of jax.random.categorical's V Gumbel draws (the per-step cost
-  that dominated sampling on CPU). Tokens of probability 0 are never drawn.
+  that dominated sampling on CPU). The CDF is inverted in two levels, over per-block masses of
+  `block` tokens and then inside the chosen block: a cumulative sum over all V tokens cost a
+  decode step more than its attention (XLA:CPU's reduce-window). Tokens of probability 0 are
+  never drawn.
   """
+  B, V = z.shape
   probs = jax.nn.softmax(z, axis=-1)
-  cdf = jnp.cumsum(probs, axis=-1)
+  K = min(block, V)
+  nb = -(-V // K)
+  blocks = jnp.pad(probs, ((0, 0), (0, nb * K - V))).reshape(B, nb, K)
+  mass = jnp.sum(blocks, axis=-1)                          # (B, nb)
+  cdf = jnp.cumsum(mass, axis=-1)
   # Row r's uniform comes from fold_in(key, r): a row's draw does not depend on the batch size,
   # so bucketing (dummy rows) leaves the samples unchanged.
-  rows = jnp.arange(z.shape[0])
-  u = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(key, r), (1,)))(rows) * cdf[:, -1:]
-  token = jnp.sum(cdf <= u, axis=-1)
-  # Rounding can put u at the very top of the CDF: fall back to the last token that has mass.
-  last = z.shape[-1] - 1 - jnp.argmax((probs > 0)[:, ::-1], axis=-1)
-  return jnp.minimum(token, last).astype(jnp.int32)
+  rows = jnp.arange(B)
+  u = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(key, r), ()))(rows) * cdf[:, -1]
+  # Rounding can put u at or past the top of a CDF: fall back to the last block / token with mass.
+  b = jnp.minimum(jnp.sum(cdf <= u[:, None], axis=-1), _last_with_mass(mass))
+  inside = jnp.take_along_axis(blocks, b[:, None, None], axis=1)[:, 0]           # (B, K)
+  below = jnp.take_along_axis(cdf - mass, b[:, None], axis=1)[:, 0]
+  j = jnp.minimum(jnp.sum(jnp.cumsum(inside, axis=-1) <= (u - below)[:, None], axis=-1),
+                  _last_with_mass(inside))
+  return (b * K + j).astype(jnp.int32)
 
 
 def _choose(z, key, temperature, top_p, *, greedy, top_k, use_top_p):
   """Next tokens (B,) from logits z (B, V) plus their raw and sampling log-probs."""
-  logp_raw = jax.nn.log_softmax(z, axis=-1)
   if greedy:
-    tokens = jnp.argmax(z, axis=-1).astype(jnp.int32)
-    return tokens, _gather(logp_raw, tokens), jnp.zeros(tokens.shape, jnp.float32)
+    tokens = first_argmax(z)
+    return tokens, _logprob_of(z, tokens), jnp.zeros(tokens.shape, jnp.float32)
   zf = sampling_logits(z, temperature, top_k, top_p, use_top_p=use_top_p)
   tokens = draw(key, zf)
-  return tokens, _gather(logp_raw, tokens), _gather(jax.nn.log_softmax(zf, axis=-1), tokens)
+  return tokens, _logprob_of(z, tokens), _logprob_of(zf, tokens)
 
 
 class LayerKV(NamedTuple):
@@ -171,25 +201,102 @@ def _layer_kv_from_prefill(cache: qwen.KVCache, total_slots: int) -> LayerKV:
                  mask, cache.index)
 
 
-def _decode_step(cfg: QwenConfig, embed, final_norm, layers: list, tokens, positions, kv: LayerKV):
-  """One token per row through the decoder, layers unrolled over per-layer weights and caches.
+def decode_weights(cfg: QwenConfig, layers: Params) -> list[dict]:
+  """Per-layer weights laid out for one-token decoding: a list of L dicts.
 
-  tokens, positions: (B,) int32. layers: per-layer parameter trees (unstacked). Returns
-  (phi (B, d), kv with the new keys/values at slot kv.index).
+  layers: the backbone's stacked layer tree. Each dict holds the layer's q/k/v kernels fused into
+  one (Hq*hd + 2*Hkv*hd, d) matrix, gate and up fused into one (2F, d) matrix, o (d, Hq*hd) and
+  down (d, F), all (out, in) and in the compute dtype, plus norms and biases. Built once per
+  sample call, inside the jit (an extra copy of the layer weights while sampling).
+
+  Why: a decode step reads every weight once for a handful of rows, so it is bound by memory
+  bandwidth and by the number of kernels launched per step. One matrix per stage halves the
+  matmuls, and (out, in) rows are contiguous dot products, which XLA:CPU's matrix-vector kernels
+  stream faster than (in, out) columns (measured ~10% on the MLP).
+  """
+  out = []
+  for l in range(cfg.num_layers):
+    p = jax.tree_util.tree_map(lambda x, l=l: x[l], layers)
+    w = {'input_norm': p['input_norm'], 'post_attn_norm': p['post_attn_norm'],
+         'qkv': jnp.concatenate([p[n]['kernel'] for n in ('q_proj', 'k_proj', 'v_proj')], axis=1).T,
+         'o': p['o_proj']['kernel'].T,
+         'gate_up': jnp.concatenate([p['gate_proj']['kernel'], p['up_proj']['kernel']], axis=1).T,
+         'down': p['down_proj']['kernel'].T}
+    for name in ('qkv', 'o', 'gate_up', 'down'):
+      w[name] = w[name].astype(cfg.compute_dtype)
+    if cfg.attention_bias:
+      w['qkv_bias'] = jnp.concatenate([p[n]['bias'] for n in ('q_proj', 'k_proj', 'v_proj')])
+    if cfg.o_bias:
+      w['o_bias'] = p['o_proj']['bias']
+    if cfg.qk_norm:
+      w['q_norm'], w['k_norm'] = p['q_norm'], p['k_norm']
+    out.append(w)
+  return out
+
+
+def _matvec(x, w, dtype, bias=None):
+  """x (B, in) times an (out, in) matrix -> (B, out)."""
+  y = jnp.einsum('bi,oi->bo', x, w.astype(dtype))
+  return y if bias is None else y + bias.astype(dtype)
+
+
+def _rope_one(x, cos, sin):
+  """x (B, H, hd); cos/sin (B, hd): qwen.apply_rope for a single position per row."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[:, None].astype(x.dtype) + rotated * sin[:, None].astype(x.dtype)
+
+
+def _decode_layer(cfg: QwenConfig, w: dict, h, cos, sin, k_cache, v_cache, slot, key_mask):
+  """One decoder block for one token per row (qwen._layer's maths, decode layout).
+
+  h: (B, d); cos, sin: (B, hd); k_cache, v_cache: (B, Hkv, S, hd); key_mask: (B, S) with the new
+  slot already set. Returns (h, k_cache, v_cache) with this token's key/value written at `slot`.
+  """
+  dt = cfg.compute_dtype
+  B = h.shape[0]
+  Hq, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  x = qwen.rms_norm(h, w['input_norm'], cfg.rms_norm_eps)
+  qkv = _matvec(x, w['qkv'], dt, w.get('qkv_bias'))
+  q = qkv[:, :Hq * hd].reshape(B, Hq, hd)
+  k = qkv[:, Hq * hd:(Hq + Hkv) * hd].reshape(B, Hkv, hd)
+  v = qkv[:, (Hq + Hkv) * hd:].reshape(B, Hkv, hd)
+  if cfg.qk_norm:
+    q = qwen.rms_norm(q, w['q_norm'], cfg.rms_norm_eps)
+    k = qwen.rms_norm(k, w['k_norm'], cfg.rms_norm_eps)
+  q, k = _rope_one(q, cos, sin), _rope_one(k, cos, sin)
+  k_cache = jax.lax.dynamic_update_slice(k_cache, k[:, :, None].astype(k_cache.dtype), (0, 0, slot, 0))
+  v_cache = jax.lax.dynamic_update_slice(v_cache, v[:, :, None].astype(v_cache.dtype), (0, 0, slot, 0))
+  # Grouped-query attention straight on the (B, Hkv, S, hd) cache: no transposed copy per step.
+  qg = q.reshape(B, Hkv, Hq // Hkv, hd)
+  scores = jnp.einsum('bkgh,bksh->bkgs', qg, k_cache.astype(dt), preferred_element_type=jnp.float32)
+  scores = scores / math.sqrt(hd)
+  # Slots after the current one are still 0 in key_mask, so the mask is also the causal mask.
+  scores = jnp.where(key_mask[:, None, None, :] > 0, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+  attn = jnp.einsum('bkgs,bksh->bkgh', probs, v_cache.astype(dt)).reshape(B, Hq * hd)
+  h = h + _matvec(attn, w['o'], dt, w.get('o_bias'))
+  x = qwen.rms_norm(h, w['post_attn_norm'], cfg.rms_norm_eps)
+  gate_up = _matvec(x, w['gate_up'], dt)
+  F = cfg.intermediate_size
+  return h + _matvec(jax.nn.silu(gate_up[:, :F]) * gate_up[:, F:], w['down'], dt), k_cache, v_cache
+
+
+def _decode_step(cfg: QwenConfig, embed, final_norm, weights: list, tokens, positions, kv: LayerKV):
+  """One token per row through the decoder, layers unrolled over decode_weights and per-layer caches.
+
+  tokens, positions: (B,) int32. Returns (phi (B, d), kv with the new keys/values at slot kv.index).
   """
   B = tokens.shape[0]
   slot = kv.index
   key_mask = jax.lax.dynamic_update_slice(kv.mask, jnp.ones((B, 1), jnp.int32), (0, slot))
   cos, sin = qwen.rope_tables(positions[:, None], cfg.head_dim, cfg.rope_theta)
-  h = jnp.take(embed, tokens[:, None], axis=0).astype(cfg.compute_dtype)
+  cos, sin = cos[:, 0], sin[:, 0]
+  h = jnp.take(embed, tokens, axis=0).astype(cfg.compute_dtype)
   ks, vs = list(kv.k), list(kv.v)
-  for l, p in enumerate(layers):
-    def kv_write(k, v, l=l):  # k, v: (B, 1, Hkv, hd) -> the layer's keys/values as (B, S, Hkv, hd)
-      ks[l] = jax.lax.dynamic_update_slice(ks[l], jnp.swapaxes(k, 1, 2).astype(ks[l].dtype), (0, 0, slot, 0))
-      vs[l] = jax.lax.dynamic_update_slice(vs[l], jnp.swapaxes(v, 1, 2).astype(vs[l].dtype), (0, 0, slot, 0))
-      return jnp.swapaxes(ks[l], 1, 2).astype(k.dtype), jnp.swapaxes(vs[l], 1, 2).astype(v.dtype)
-    h = qwen._layer(cfg, p, h, cos, sin, slot[None], key_mask, kv_write)  # pylint: disable=protected-access
-  phi = qwen.rms_norm(h[:, 0], final_norm, cfg.rms_norm_eps)
+  for l, w in enumerate(weights):
+    h, ks[l], vs[l] = _decode_layer(cfg, w, h, cos, sin, ks[l], vs[l], slot, key_mask)
+  phi = qwen.rms_norm(h, final_norm, cfg.rms_norm_eps)
   return phi, LayerKV(tuple(ks), tuple(vs), key_mask, slot + 1)
 
 
@@ -233,8 +340,8 @@ def _sample_padded(params: Params, prompt_tokens, prompt_mask, live_rows, key, t
 
   if unroll_layers:
     cache = _layer_kv_from_prefill(cache, P + N - 1)
-    layers = [jax.tree_util.tree_map(lambda x, l=l: x[l], backbone['layers']) for l in range(cfg.num_layers)]
-    step = lambda tok, pos, cache: _decode_step(cfg, backbone['embed'], backbone['final_norm'], layers,
+    weights = decode_weights(cfg, backbone['layers'])
+    step = lambda tok, pos, cache: _decode_step(cfg, backbone['embed'], backbone['final_norm'], weights,
                                                 tok, pos, cache)
   else:
     def step(tok, pos, cache):

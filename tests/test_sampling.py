@@ -145,6 +145,43 @@ def test_top_p_under_jit_with_a_traced_threshold():
                                   np.isfinite(_reference_filter(np.asarray(z), 1.0, 0, p)))
 
 
+def test_first_argmax_equals_argmax_with_ties():
+  rng = np.random.RandomState(0)
+  z = rng.randint(0, 5, size=(64, 37)).astype(np.float32)     # many ties: the first maximum wins
+  z[3] = -np.inf
+  z[4, 10] = np.inf
+  np.testing.assert_array_equal(np.asarray(sampling.first_argmax(jnp.asarray(z))), np.argmax(z, axis=-1))
+
+
+@pytest.mark.parametrize('V,block', [(50, 8), (48, 8), (37, 64), (300, 16)])
+def test_two_level_draw_follows_the_distribution_and_skips_zero_mass(V, block):
+  # Blocks of `block` tokens (the last one partial when block does not divide V), whole blocks
+  # without mass, and zero-probability tokens inside blocks that have mass.
+  rng = np.random.RandomState(V)
+  p = rng.gamma(0.5, size=V)
+  p[rng.rand(V) < 0.4] = 0
+  p[:min(block, V // 4)] = 0          # an empty first block (when block < V / 4)
+  p /= p.sum()
+  n = 16384
+  z = jnp.tile(jnp.log(jnp.asarray(p, jnp.float32)), (n, 1))
+  tokens = np.asarray(jax.jit(lambda k, z: sampling.draw(k, z, block=block))(jax.random.PRNGKey(3), z))
+  counts = np.bincount(tokens, minlength=V)
+  assert np.all(counts[p == 0] == 0)
+  tv = 0.5 * np.abs(counts / n - p).sum()
+  # E[TV] <= 0.5 * sum sqrt(p (1-p) / n) * sqrt(2/pi) ~ 0.5 * sqrt(#support / n) * 0.8 <= 0.02 here.
+  assert tv < 0.04, tv
+
+
+def test_draw_at_the_top_of_the_cdf_picks_the_last_token_with_mass():
+  # u lands at the very top when all the mass sits in one token; every draw must be that token,
+  # even when it is the last of a block followed by empty blocks.
+  V = 40
+  z = np.full((256, V), -np.inf, np.float32)
+  z[:, 15] = 0.0
+  tokens = np.asarray(sampling.draw(jax.random.PRNGKey(1), jnp.asarray(z), block=8))
+  assert np.all(tokens == 15)
+
+
 def _known_logits_model(target_logits):
   """A one-layer model whose next-token logits after token 1 are target_logits (up to RMSNorm's eps).
 
