@@ -125,9 +125,22 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
   c.checkpoint.every = 50        # 0: only at the end
   c.checkpoint.max_to_keep = 0   # 0: keep all (the rank-1 analysis reads them)
 
+  c.alpharl = mc.ConfigDict()     # AlphaRL run mode (cfrl_jax/alpharl.py); output in <run_dir>/alpharl/
+  c.alpharl.enabled = False       # True: train an early window, extrapolate its rank-1 dynamics, evaluate
+  c.alpharl.window = 0.4          # fraction of rl.steps trained before the fit, in (0, 1]
+  c.alpharl.fit_every = 5         # checkpoint interval in the window: the fit's points (step 0 is the base)
+  c.alpharl.continue_steps = 0    # then train this many steps from the extrapolated model; -1: the rest of rl.steps
+  c.alpharl.continue_from = 'B'   # the extrapolated model the continuation starts from: 'A' | 'B' | 'expo'
+  c.alpharl.keep = 'head'         # variant B: leaf groups kept at their window-end value (head,embed,norms,biases,other)
+  c.alpharl.reference_run = ''    # full run of the same config (or its study dir; '{arm}', '{seed}' are filled in)
+  c.alpharl.metric = 'pass@1'     # the eval metric reported (any key of the eval records)
+  c.alpharl.expo = True           # also evaluate ExPO, theta_0 + (T / W) (theta_W - theta_0), as a baseline
+
   c.mesh = mc.ConfigDict()        # device mesh for the learner and sampler (cfrl_jax/parallel.py)
   c.mesh.shape = (1, -1, 1)       # (data, fsdp, tensor); -1 takes the remaining devices
   c.mesh.rules = ()               # ((regex, spec), ...) before the default rules; () = defaults only
+  c.mesh.data_loading = 'per_host'  # several processes: 'per_host' = each samples and scores only its share of
+                                    # the prompts (grpo/rloo/reinforce/ppo); 'global' = every process the whole batch
 
   c.log = mc.ConfigDict()
   c.log.tensorboard = True

@@ -80,9 +80,10 @@ def make_probe_fn(config, policy, task):
 def run_single(config, run_dir: str, task=None, *, progress: bool | None = None) -> trainer.TrainResult:
   task = task or build_task(config.task)
   policy, params = load_policy(config, task)
-  os.makedirs(run_dir, exist_ok=True)
-  with open(os.path.join(run_dir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=1))
+  if jax.process_index() == 0:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=1))
   eval_fn = make_eval_fn(config, policy, task) if config.eval.every > 0 else None
   probe_fn = make_probe_fn(config, policy, task)
   progress = config.log.progress if progress is None else progress
@@ -93,6 +94,8 @@ def run(config) -> str:
   """Runs the experiment the config describes; returns the run (or study) directory."""
   run_dir = config.run_dir or os.path.join('runs', config.name)
   task = build_task(config.task)
+  if config.alpharl.enabled:
+    return run_alpharl_mode(config, run_dir, task)
   t0 = time.time()
   if not config.arms:
     run_single(config, run_dir, task)
@@ -120,10 +123,54 @@ def run(config) -> str:
       run_single(c, os.path.join(run_dir, arm, f'seed{seed}'), task)
       timings[f'{arm}/seed{seed}'] = time.time() - t_arm
   timings['total'] = time.time() - t0
-  with open(os.path.join(run_dir, 'study.json'), 'w') as f:
-    json.dump({'arms': arms, 'seeds': seeds, 'config': json.loads(config.to_json_best_effort()),
-               'base': base_summary, 'timings': timings}, f, indent=1)
+  if jax.process_index() == 0:
+    with open(os.path.join(run_dir, 'study.json'), 'w') as f:
+      json.dump({'arms': arms, 'seeds': seeds, 'config': json.loads(config.to_json_best_effort()),
+                 'base': base_summary, 'timings': timings}, f, indent=1)
   if config.report and jax.process_index() == 0:
     from cfrl_jax import report
     print(f'Report: {report.write_report(run_dir, title=config.name)}')
   return run_dir
+
+
+def run_alpharl_mode(config, run_dir: str, task) -> str:
+  """AlphaRL (config.alpharl.enabled) for the single run or every arm x seed; returns <run_dir>/alpharl.
+
+  Output: a single run in <run_dir>/alpharl/, a study's runs in <run_dir>/alpharl/<arm>/seed<k>/ with
+  <run_dir>/alpharl/alpharl.md collecting their sections; the normal runs' files are never touched.
+  Every arm's settings and reference run are checked before any training starts.
+  """
+  from cfrl_jax import alpharl
+  out_dir = os.path.join(run_dir, alpharl.SUBDIR)
+  if not config.arms:
+    c = copy.deepcopy(config)
+    with c.unlocked():
+      c.alpharl.reference_run = alpharl.resolve_reference(config.alpharl.reference_run, None, config.seed)
+    jobs = [(None, c, out_dir)]
+  else:
+    jobs = []
+    for seed in parse_list(config.seeds, int) or [config.seed]:
+      for arm in parse_list(config.arms):
+        c = arm_config(config, arm, seed)
+        with c.unlocked():
+          c.alpharl.reference_run = alpharl.resolve_reference(config.alpharl.reference_run, arm, seed)
+        jobs.append((f'{arm}/seed{seed}', c, os.path.join(out_dir, arm, f'seed{seed}')))
+  for label, c, d in jobs:
+    try:
+      alpharl.prepare(c, d)
+    except (ValueError, FileNotFoundError) as e:
+      raise type(e)(f'AlphaRL{" for arm " + label if label else ""}: {e}') from None
+  sections = []
+  for label, c, d in jobs:
+    if label:
+      print(f'== AlphaRL, arm {label}')
+    result = alpharl.run_alpharl(c, d, task)
+    if label:
+      rel = os.path.relpath(os.path.join(d, alpharl.PNG_NAME), out_dir)
+      sections.append(alpharl.markdown_section(result, image=rel, heading_level=3, title=f'AlphaRL: {label}'))
+  if sections and jax.process_index() == 0:
+    with open(os.path.join(out_dir, alpharl.MD_NAME), 'w') as f:
+      f.write(f'## AlphaRL: {config.name}\n\n' + '\n'.join(sections) + '\n')
+  if jax.process_index() == 0:
+    print(f'AlphaRL report: {os.path.join(out_dir, alpharl.MD_NAME)}')
+  return out_dir

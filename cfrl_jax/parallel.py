@@ -31,7 +31,8 @@ Typical use (what the trainer does):
 
 Multi-host: every process calls `initialize_distributed()` first (before anything touches a
 device), builds the same mesh and feeds the same host data (global mode) or its own rows
-(`shard_batch(..., process_local=True)` with `host_rows`).
+(per-host mode: `process_block` says which rows, `shard_batch(..., process_local=True)` and
+`sample_sharded(..., process_local=True)` take them, `local_rows` and `gather_rows` bring results back).
 """
 from __future__ import annotations
 
@@ -334,7 +335,9 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, *, process_local: bool = F
   """Arrays with their leading (row) axis split over ('data', 'fsdp'); scalars replicated; None dropped.
 
   Global mode (default): every process passes the same full batch (B, ...). process_local: each
-  process passes only its own rows, host_rows(B, mesh) of them, and B must divide evenly.
+  process passes only its own rows, B / process_count of them, the block process_block(B, mesh)
+  of the global batch (the split is batch_spec(mesh, B), which must put each process's devices on
+  one such block; process_block says how to fix a mesh or batch size where it does not).
   """
   out = {}
   for name, x in batch.items():
@@ -344,12 +347,11 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, *, process_local: bool = F
       out[name] = _put(x, NamedSharding(mesh, PartitionSpec()))
       continue
     if process_local:
-      rows = np.shape(x)[0] * jax.process_count()
-      if rows % batch_shards(mesh):
-        raise ValueError(f'batch[{name!r}]: {rows} global rows do not divide over {batch_shards(mesh)} '
-                         'batch shards; pad the batch or change config.mesh.shape.')
-      sharding = NamedSharding(mesh, batch_spec(mesh))
-      out[name] = jax.make_array_from_process_local_data(sharding, np.asarray(x))
+      x = np.asarray(x)
+      rows = x.shape[0] * jax.process_count()
+      process_block(rows, mesh)   # raises unless this process's devices hold exactly these rows
+      sharding = NamedSharding(mesh, batch_spec(mesh, rows))
+      out[name] = jax.make_array_from_process_local_data(sharding, x, (rows,) + x.shape[1:])
     else:
       out[name] = _put(x, NamedSharding(mesh, batch_spec(mesh, np.shape(x)[0])))
   return out
@@ -370,6 +372,63 @@ def host_rows(global_rows: int, mesh: Mesh) -> slice:
     raise ValueError(f'this process owns non-contiguous rows {starts_stops} of the batch; build the mesh '
                      'with make_mesh so that processes own contiguous blocks.')
   return slice(start, stop)
+
+
+def process_block(global_rows: int, mesh: Mesh) -> slice:
+  """The rows of a (global_rows, ...) batch this process loads in per-host mode: host_rows, checked
+  to be exactly a 1 / process_count share (so every process loads a disjoint, equal block).
+
+  Raises ValueError when the batch split batch_spec(mesh, global_rows) does not cross processes
+  that way (e.g. a batch axis of 1 with tensor parallelism across hosts, or too few rows for the
+  batch shards): per-host loading then cannot work and the message says what to change.
+  """
+  n = jax.process_count()
+  if global_rows % n:
+    raise ValueError(f'{global_rows} batch rows do not split evenly over {n} processes; make the batch a '
+                     f'multiple of {n} or use config.mesh.data_loading="global".')
+  rows = host_rows(global_rows, mesh)
+  if rows.stop - rows.start != global_rows // n:
+    raise ValueError(
+        f'per-host data loading needs each of the {n} processes to hold 1/{n} of the batch, but with mesh '
+        f'{dict(axis_sizes(mesh))} and {global_rows} rows split as {batch_spec(mesh, global_rows)} this process '
+        f'holds rows {rows.start}..{rows.stop}. Put the batch axes (data, fsdp) across the processes and make '
+        f'the rows a multiple of data*fsdp={batch_shards(mesh)}, or set config.mesh.data_loading="global".')
+  return rows
+
+
+def local_rows(x) -> np.ndarray:
+  """This process's rows of an array whose leading axis is split over processes, as one numpy block
+  (the inverse of shard_batch(..., process_local=True)); the whole array when it is addressable here."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  blocks = {}
+  for s in x.addressable_shards:   # replicas (e.g. over the tensor axis) share an index: keep one
+    rows = s.index[0] if s.index else slice(None)
+    start, stop = rows.start or 0, x.shape[0] if rows.stop is None else rows.stop
+    if (start, stop) not in blocks:
+      blocks[(start, stop)] = np.asarray(s.data)
+  spans = sorted(blocks)
+  if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+    raise ValueError(f'this process holds non-contiguous rows {spans}; build the mesh with make_mesh so that '
+                     'processes own contiguous blocks.')
+  return np.concatenate([blocks[k] for k in spans], axis=0)
+
+
+def gather_rows(tree, mesh: Mesh):
+  """Every process's rows, in global row order, on every process: a tree of process-local (b, ...)
+  numpy arrays -> (b * process_count, ...) numpy arrays (placed with shard_batch(process_local=True),
+  so the order is the batch's, then all-gathered)."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  placed = shard_batch({str(i): x for i, x in enumerate(leaves)}, mesh, process_local=True)
+  return jax.tree_util.tree_unflatten(treedef, [to_host(placed[str(i)]) for i in range(len(leaves))])
+
+
+def process_max(n: int) -> int:
+  """The largest of an integer over all processes (every process must call it); n itself for one."""
+  if jax.process_count() == 1:
+    return int(n)
+  from jax.experimental import multihost_utils
+  return int(np.max(multihost_utils.process_allgather(np.int32(n))))
 
 
 def to_host(tree):
@@ -445,13 +504,18 @@ def sharded_update(update_fn: Callable, mesh: Mesh, param_specs, opt_specs, batc
 
 def sample_sharded(cfg, params, prompt_tokens, prompt_mask, key, *, mesh: Mesh, max_new_tokens: int,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-                   stop_token_ids: Iterable[int] = (), pad_id: int = 0):
+                   stop_token_ids: Iterable[int] = (), pad_id: int = 0, process_local: bool = False):
   """sampling.sample with the prompt batch split over ('data', 'fsdp') and params as sharded.
 
   Same arguments and result as sampling.sample (host numpy arrays, gathered on every process);
   params should already be placed with `shard`. The batch bucket is rounded up to a multiple of the
   batch shards so the rows split evenly. (Until sampling.sample takes a mesh itself: see the
   integration note in the module's report.)
+
+  process_local: each process passes only its own prompts (b, P), the block process_block(b *
+  process_count, mesh) of the global batch, with the same (b, P) on every process, and gets back
+  its own rows (b, N). The rows are not bucketed, so every row sits at its global index and draws
+  the random numbers it would draw in a single-process run (sampling.draw folds in the row index).
   """
   from cfrl_jax import sampling
   tokens = np.asarray(prompt_tokens)
@@ -461,14 +525,25 @@ def sample_sharded(cfg, params, prompt_tokens, prompt_mask, key, *, mesh: Mesh, 
   if np.any(mask.sum(-1) == 0) or np.any(np.diff(mask, axis=-1) < 0):
     raise ValueError('every prompt needs a real token and LEFT padding (see tokenization.encode_prompts).')
   B, P = tokens.shape
-  shards = batch_shards(mesh)
-  Bp = -(-sampling.bucket_size(B, sampling.BATCH_BUCKET_STEP) // shards) * shards
+  if process_local and jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    shapes = multihost_utils.process_allgather(np.asarray([B, P], np.int32))
+    if np.any(shapes != shapes[:1]):
+      raise ValueError(f'process-local prompt batches must have one shape on every process; got (rows, width) '
+                       f'{shapes.tolist()} by process. Pad the prompts to the widest (rollout.collect\'s '
+                       'prompt_width does) and give every process the same number of prompts.')
+    Bp = B
+  else:
+    process_local = False
+    shards = batch_shards(mesh)
+    Bp = -(-sampling.bucket_size(B, sampling.BATCH_BUCKET_STEP) // shards) * shards
   Pp = sampling.bucket_size(P, sampling.LENGTH_BUCKET_STEP, sampling.MIN_LENGTH_BUCKET)
   tokens = np.concatenate([np.full((B, Pp - P), pad_id, tokens.dtype), tokens], axis=1)
   mask = np.concatenate([np.zeros((B, Pp - P), np.int32), mask], axis=1)
   tokens = np.concatenate([tokens, np.repeat(tokens[:1], Bp - B, axis=0)], axis=0).astype(np.int32)
   mask = np.concatenate([mask, np.repeat(mask[:1], Bp - B, axis=0)], axis=0)
-  rows = shard_batch({'tokens': tokens, 'mask': mask, 'live': np.arange(Bp) < B}, mesh)
+  rows = shard_batch({'tokens': tokens, 'mask': mask, 'live': np.arange(Bp) < B}, mesh,
+                     process_local=process_local)
   rep = lambda x: _put(x, NamedSharding(mesh, PartitionSpec()))
   greedy = bool(greedy)
   top_k = 0 if greedy or int(top_k) >= cfg.vocab_size else int(top_k)
@@ -479,6 +554,9 @@ def sample_sharded(cfg, params, prompt_tokens, prompt_mask, key, *, mesh: Mesh, 
         rep(np.float32(1.0 if greedy else temperature)), rep(np.float32(top_p)), rep(stops),
         rep(np.int32(pad_id)), cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=top_k,
         use_top_p=(not greedy) and float(top_p) < 1.0)
+  if process_local:   # rows split as the prompts were (the partitioner may have chosen otherwise)
+    out = jax.device_put(tuple(out), NamedSharding(mesh, batch_spec(mesh, Bp)))
+    return sampling.SampleOutput(*(local_rows(x) for x in out))
   return sampling.SampleOutput(*(x[:B] for x in to_host(tuple(out))))
 
 

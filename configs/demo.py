@@ -103,3 +103,4 @@ def apply_smoke(c):
   c.probe.every = 2
   c.probe.num_sequences = 4
   c.checkpoint.every = 3
+  c.alpharl.fit_every = 1   # the window of 3 steps is 1 step long

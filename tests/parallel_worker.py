@@ -9,6 +9,7 @@ with its own single-device run, so the reference is computed by a separate proce
     python tests/parallel_worker.py checkpoint OUT_DIR
     python tests/parallel_worker.py multihost OUT_DIR COORDINATOR NUM_PROCESSES PROCESS_ID
     python tests/parallel_worker.py trainer OUT_DIR TOKENIZER_DIR ALGORITHM MESH
+    python tests/parallel_worker.py trainer_per_host OUT_DIR TOKENIZER_DIR MESH COORDINATOR NPROC PID [global]
 
 The problem (tiny untied Qwen2, GRPO objective, stage-two AdamW, a fixed batch and greedy prompts)
 is defined once below and imported by the test.
@@ -235,6 +236,76 @@ def run_trainer(out_dir: str, tokenizer_dir: str, algorithm: str, mesh_shape):
                'specs': {k: v['spec'] for k, v in spec_report(result.params).items()}}, f)
 
 
+def per_host_config(tokenizer_dir: str, run_dir: str, mesh_shape=(1, -1, 1), data_loading: str = 'per_host'):
+  """trainer_config's GRPO run (KL reference on) in two minibatches, so the learner's rows are
+  gathered across processes, with checkpoints written collectively by both processes."""
+  c = trainer_config(tokenizer_dir, run_dir, 'grpo', mesh_shape)
+  c.mesh.data_loading = data_loading
+  c.rl.minibatches = 2
+  c.checkpoint.every = 2
+  return c
+
+
+def recording_task(seen: list):
+  """test_trainer's toy task whose reward function also records the prompts it scores (in `seen`)."""
+  import test_trainer
+  task = test_trainer.toy_task()
+
+  def contains_e_recorded(prompts, completions, **kw):
+    seen.append(list(prompts))
+    return test_trainer.contains_e(prompts, completions, **kw)
+
+  task.reward_fns = [(contains_e_recorded, 1.0)]
+  return task
+
+
+def run_trainer_per_host(out_dir: str, tokenizer_dir: str, mesh_shape, coordinator: str, num_processes: int,
+                         process_id: int, data_loading: str = 'per_host'):
+  """GRPO for two steps on a mesh spanning the processes, each loading only its share of the prompts
+  (data_loading 'global', for comparison: every process the whole batch).
+
+  Writes per process: the prompts its reward function scored per step, every metrics record it
+  logged (enabled or not), and what the per-host checks raised; process 0 also the final params."""
+  from cfrl_jax import parallel
+  assert parallel.initialize_distributed(coordinator, num_processes, process_id)
+  import jax
+  from cfrl_jax.policy import load_policy
+  from cfrl_jax.train import trainer
+  c = per_host_config(tokenizer_dir, out_dir, mesh_shape, data_loading)
+  seen: list = []
+  task = recording_task(seen)
+  policy, params = load_policy(c, task)
+  t = trainer.Trainer(c, policy, params, task, out_dir, progress=False)
+  logged = []
+  write = t.writer.write
+  t.writer.write = lambda step, kind, values: logged.append(write(step, kind, values)) or logged[-1]
+  try:
+    result = t.run()
+  finally:
+    t.close()
+  host = parallel.to_host(result.params)   # a collective: every process takes part
+  mesh = t.place.mesh
+  B = c.rl.prompts_per_step * c.rl.group_size
+  block = parallel.process_block(B, mesh)
+  gathered = parallel.gather_rows({'x': np.arange(B)[block] * 10}, mesh)['x']
+  errors = {}
+  for name, check in (('odd_rows', lambda: parallel.process_block(B + 1, mesh)),
+                      ('unsplit_rows', lambda: parallel.process_block(2, mesh)),
+                      ('prompts_per_step', lambda: (t.rl.update(prompts_per_step=3), t._step_prompts(4)))):
+    try:
+      check()
+      errors[name] = None
+    except ValueError as e:
+      errors[name] = str(e)
+  if parallel.is_main_process():
+    np.savez(os.path.join(out_dir, 'params.npz'), **{f'param:{k}': v for k, v in flat(host).items()})
+  with open(os.path.join(out_dir, f'per_host_{process_id}.json'), 'w') as f:
+    json.dump({'prompts': seen, 'logged': logged, 'block': [block.start, block.stop],
+               'gathered': gathered.tolist(), 'errors': errors, 'per_host': t.place.per_host,
+               'mesh': dict(mesh.shape), 'devices': jax.device_count()}, f)
+  jax.distributed.shutdown()
+
+
 def main(argv):
   mode, out_dir = argv[1], argv[2]
   if mode == 'meshes':
@@ -245,6 +316,9 @@ def main(argv):
     run_multihost(out_dir, argv[3], int(argv[4]), int(argv[5]))
   elif mode == 'trainer':
     run_trainer(out_dir, argv[3], argv[4], tuple(int(s) for s in argv[5].split(',')))
+  elif mode == 'trainer_per_host':
+    run_trainer_per_host(out_dir, argv[3], tuple(int(s) for s in argv[4].split(',')), argv[5], int(argv[6]),
+                         int(argv[7]), *argv[8:])
   else:
     raise SystemExit(f'unknown mode {mode!r}')
 

@@ -207,6 +207,27 @@ def test_shard_batch_and_host_rows_on_this_process():
   assert parallel.host_rows(n, mesh) == slice(0, n)
 
 
+def test_per_host_helpers_are_identities_on_one_process():
+  """With one process every row is local: the per-host helpers must not change a single-process run."""
+  import ml_collections as mc
+  from cfrl_jax.train import placement
+  mesh = parallel.make_mesh((1, -1, 1))
+  n = 4 * jax.device_count()
+  x = np.arange(3 * n, dtype=np.float32).reshape(n, 3)
+  assert parallel.process_block(n, mesh) == slice(0, n)
+  np.testing.assert_array_equal(parallel.gather_rows({'x': x}, mesh)['x'], x)
+  np.testing.assert_array_equal(parallel.local_rows(parallel.shard_batch({'x': x}, mesh, process_local=True)['x']), x)
+  assert parallel.process_max(7) == 7
+  params = {'w': jnp.ones((4, 2))}
+  place = placement.Placement(mc.ConfigDict({'shape': (1, -1, 1), 'rules': (), 'data_loading': 'per_host'}), params)
+  assert not place.per_host and place.rows_of_process(n) == slice(0, n)
+  batch = {'x': x}
+  assert place.to_global(batch) is batch and place.all_rows(batch) is batch and place.max_over_processes(5) == 5
+  np.testing.assert_array_equal(place.own_rows(jnp.asarray(x)), x)
+  with pytest.raises(ValueError, match="data_loading='sideways'"):
+    placement.Placement(mc.ConfigDict({'shape': (1, -1, 1), 'rules': (), 'data_loading': 'sideways'}), params)
+
+
 # --- launch environments ---------------------------------------------------------------
 def test_single_process_without_launch_environment_is_a_no_op():
   assert parallel.launch_spec({}) is None
@@ -418,3 +439,68 @@ def test_trainer_on_a_mesh_matches_one_device(tmp_path, tiny_tokenizer_dir, algo
   for k, v in worker.flat(result.params).items():
     diff = np.abs(params[f'param:{k}'] - v)
     assert np.mean(diff > 1e-5) < 1e-3 and diff.max() < 1e-3, (k, diff.max(), np.mean(diff > 1e-5))
+
+
+def test_per_host_loading_over_two_processes_matches_one_process(tmp_path, tiny_tokenizer_dir):
+  """GRPO, 2 steps of 2 minibatches, 2 processes x 2 devices over loopback, mesh (1, 4, 1) spanning
+  both, data_loading 'per_host': each process rolls out and scores only its 2 of the step's 4 prompts
+  (8 of 16 rows), yet both log the metrics of the whole batch, process 0 alone writes them, and the
+  run matches a single-process run on one device.
+
+  Tolerances: the samples are the same (each row draws its random numbers at its global index),
+  so rewards, lengths and the prompts are exactly equal; learner metrics rtol 1e-4 (atol 1e-6),
+  the sampler's log-probs atol 1e-5; parameters per leaf ||diff|| <= 1e-3 ||movement of the run||.
+  """
+  from cfrl_jax import metrics as metrics_lib
+  from cfrl_jax.policy import load_policy
+  from cfrl_jax.train import trainer
+  coordinator = f'127.0.0.1:{_free_port()}'
+  run_dir, single_dir = tmp_path / 'per_host', tmp_path / 'one'
+  run_dir.mkdir()
+  procs = [_run(['trainer_per_host', run_dir, tiny_tokenizer_dir, '1,-1,1', coordinator, 2, i], 2) for i in range(2)]
+  c = worker.per_host_config(tiny_tokenizer_dir, str(single_dir))
+  seen: list = []
+  task = worker.recording_task(seen)
+  policy, params = load_policy(c, task)
+  start = {k: np.array(v) for k, v in worker.flat(params).items()}   # before training donates params
+  result = trainer.train(c, policy, params, task, c.run_dir, progress=False)
+  for p in procs:
+    _wait(p, timeout=600)
+  infos = [json.load(open(run_dir / f'per_host_{i}.json')) for i in range(2)]
+
+  G, n = c.rl.group_size, c.rl.prompts_per_step
+  assert all(info['per_host'] and info['devices'] == 4 and info['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1}
+             for info in infos)
+  assert [info['block'] for info in infos] == [[0, 8], [8, 16]]
+  for step in range(2):
+    prompts = [r['prompt'] for r in trainer.prompt_rows(task.train, step, n, c.seed)]
+    assert seen[step] == [p for p in prompts for _ in range(G)]           # one process: all 16 rows
+    for i, info in enumerate(infos):                                      # each process: its 8 rows
+      assert info['prompts'][step] == [p for p in prompts[2 * i:2 * i + 2] for _ in range(G)], (step, i)
+  assert len(seen) == len(infos[0]['prompts']) == len(infos[1]['prompts']) == 2
+  for info in infos:
+    assert info['gathered'] == list(range(0, 160, 10))                    # gather_rows: batch order
+    assert 'multiple of 2' in info['errors']['odd_rows']
+    assert 'data_loading="global"' in info['errors']['unsplit_rows']
+    assert 'prompts_per_step=3 does not divide over 2 processes' in info['errors']['prompts_per_step']
+
+  drop = lambda records: [{k: v for k, v in r.items() if k != 'step_time'} for r in records if r['kind'] == 'train']
+  logged = [drop(info['logged']) for info in infos]
+  written = drop(metrics_lib.read_metrics(str(run_dir), 'train'))
+  assert logged[0] == logged[1] == written and len(written) == 2         # same numbers; one writer
+  ref = drop(metrics_lib.read_metrics(str(single_dir), 'train'))
+  for got, want in zip(written, ref):
+    assert set(got) == set(want)
+    for k in ('reward_mean', 'reward_std', 'response_length', 'reward_contains_e_recorded', 'stage'):
+      assert got[k] == want[k], k
+    np.testing.assert_allclose(got['sampled_logprob'], want['sampled_logprob'], atol=1e-5)
+    for k in set(want) - {'step', 'kind', 'sampled_logprob'}:
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  # Parameters: Adam normalises each entry's step, so an entry whose gradient is ~0 moves by an amount
+  # that the order of the cross-process reductions can change (a few entries differ by up to ~lr/30).
+  # What must hold: per leaf, the difference is tiny against how far the run moved the leaf.
+  got_params = np.load(run_dir / 'params.npz')
+  for k, v in worker.flat(result.params).items():
+    diff = got_params[f'param:{k}'] - v
+    moved = np.linalg.norm(v - start[k])
+    assert np.linalg.norm(diff) <= 1e-3 * moved and np.abs(diff).max() < 1e-3, (k, np.linalg.norm(diff), moved)

@@ -1,7 +1,8 @@
-"""completion_stats: values and gradients equal plain autodiff through log_softmax."""
+"""completion_stats: values and gradients equal plain autodiff through log_softmax; collect pads prompts as told."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cfrl_jax.models import qwen
 from cfrl_jax.train import rollout
@@ -44,3 +45,37 @@ def test_completion_stats_match_a_full_forward():
   # only logp is differentiated: the entropy is a metric
   g = jax.grad(lambda p: jnp.sum(rollout.completion_stats(cfg, p, tokens, mask, P)[1]))(params)
   assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree_util.tree_leaves(g))
+
+
+def test_collect_pads_prompts_to_the_width_it_is_given(tiny_tokenizer_dir):
+  """prompt_width (per-host loading's cross-process maximum) only adds left padding: same samples."""
+  import transformers
+  from cfrl_jax import policy as policy_lib
+  from cfrl_jax import tokenization
+  tok = transformers.AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+  cfg = qwen.QwenConfig(vocab_size=384, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=4)
+  policy = policy_lib.make_policy(cfg, tok)
+  params = qwen.init_params(cfg, jax.random.PRNGKey(0), std=0.5)
+  rows = [{'prompt': 'Hello world!', 'k': 1}, {'prompt': 'The quick brown fox jumps.', 'k': 2}]
+  seen = []
+  reward = lambda prompts, completions, k, **_: seen.append(list(k)) or [float(len(c)) for c in completions]
+  kw = dict(group_size=2, max_new_tokens=5, temperature=1.0)
+  key = jax.random.PRNGKey(4)
+  plain = rollout.collect(policy, params, rows, [(reward, 1.0)], key, **kw)
+  P = plain.tokens.shape[1] - 5
+  widths = []
+  wide = rollout.collect(policy, params, rows, [(reward, 1.0)], key,
+                         prompt_width=lambda p: widths.append(p) or p + 3, **kw)
+  assert widths == [P] and wide.tokens.shape == (4, P + 3 + 5)
+  pad = tokenization.pad_id(tok)
+  np.testing.assert_array_equal(wide.tokens[:, :3], pad)
+  np.testing.assert_array_equal(wide.mask[:, :3], 0)
+  np.testing.assert_array_equal(wide.tokens[:, 3:], plain.tokens)
+  np.testing.assert_array_equal(wide.mask[:, 3:], plain.mask)
+  assert wide.completions == plain.completions and wide.prompts == plain.prompts
+  np.testing.assert_array_equal(wide.rewards, plain.rewards)
+  np.testing.assert_allclose(wide.old_logp, plain.old_logp, atol=1e-5)
+  assert seen == [[1, 1, 2, 2]] * 2                  # group-major rows, extra columns passed through
+  with pytest.raises(ValueError, match='prompt_width'):
+    rollout.collect(policy, params, rows, [(reward, 1.0)], key, prompt_width=lambda p: p - 1, **kw)

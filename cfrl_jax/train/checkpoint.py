@@ -13,6 +13,7 @@ arrays), so a checkpoint written under one mesh restores under another.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -100,13 +101,30 @@ def restore_params(run_dir: str, step: int):
     raise FileNotFoundError(
         f'No checkpoint at step {step} under {checkpoint_dir(run_dir)}; '
         f'available steps: {available_steps(run_dir)}.')
-  with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(path)
-    tree = getattr(meta, 'item_metadata', None) or getattr(meta, 'tree', None) or meta
-    abstract = jax.tree_util.tree_map(
-        lambda m: np.zeros(m.shape, m.dtype), tree,
-        is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
-    return ckptr.restore(path, abstract)
+  # Reading one item of a CheckpointManager step directly makes orbax warn, once per read, that the
+  # step-level metadata file is not in the item's directory; it is where the manager put it.
+  absl_logger = logging.getLogger('absl')
+  quiet = _DropMessage('Metadata file does not exist')
+  absl_logger.addFilter(quiet)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      meta = ckptr.metadata(path)
+      tree = getattr(meta, 'item_metadata', None) or getattr(meta, 'tree', None) or meta
+      abstract = jax.tree_util.tree_map(
+          lambda m: np.zeros(m.shape, m.dtype), tree,
+          is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
+      return ckptr.restore(path, abstract)
+  finally:
+    absl_logger.removeFilter(quiet)
+
+
+class _DropMessage(logging.Filter):
+  def __init__(self, text: str):
+    super().__init__()
+    self.text = text
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return self.text not in record.getMessage()
 
 
 def restore_model_config(run_dir: str, step: int | None = None) -> qwen.QwenConfig:

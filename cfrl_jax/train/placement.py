@@ -12,6 +12,11 @@ same loop runs on a laptop and on a pod:
 
 Checkpoints are restored straight into the current mesh's shardings, so a run written on one
 mesh resumes on another.
+
+Several processes (multi-host) with `config.mesh.data_loading == 'per_host'`: each process loads,
+samples and scores only its block of the batch rows (`rows_of_process`), and the methods below move
+rows between that process-local view and the global arrays on the mesh (`to_global`, `own_rows`,
+`all_rows`, `take_rows`). With one process, or 'global' loading, every process holds every row.
 """
 from __future__ import annotations
 
@@ -19,11 +24,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from cfrl_jax import parallel
 
 _REP = PartitionSpec()
+DATA_LOADING = ('per_host', 'global')
 
 
 class Placement:
@@ -39,10 +46,55 @@ class Placement:
     self.rules = self.mesh_config.all_rules()
     self.param_specs = (parallel.partition_specs(params, self.rules, self.mesh)
                         if self.mesh is not None else None)
+    data_loading = mesh_config.get('data_loading', 'per_host')
+    if data_loading not in DATA_LOADING:
+      raise ValueError(f'config.mesh.data_loading={data_loading!r}; expected one of {DATA_LOADING}.')
+    # Per-host loading only means something when the rows are spread over several processes.
+    self.per_host = data_loading == 'per_host' and self.sharded and jax.process_count() > 1
+    self._take_fns: dict = {}   # compiled row gathers of take_rows, per row count
 
   @property
   def sharded(self) -> bool:
     return self.mesh is not None
+
+  # -- rows of a batch across processes (per-host loading) -----------------------------
+  def rows_of_process(self, global_rows: int) -> slice:
+    """The block of a (global_rows, ...) batch that this process loads: all rows unless per_host."""
+    if not self.per_host:
+      return slice(0, global_rows)
+    return parallel.process_block(global_rows, self.mesh)
+
+  def to_global(self, batch: dict) -> dict:
+    """Per-host: this process's numpy rows -> global arrays on the mesh (rows split over processes).
+    Otherwise the batch as is (the jitted steps place host data themselves)."""
+    if not self.per_host:
+      return batch
+    return parallel.shard_batch(batch, self.mesh, process_local=True)
+
+  def own_rows(self, x) -> np.ndarray:
+    """A per-row result of a jitted step as numpy: this process's rows when per_host, else all of them."""
+    return parallel.local_rows(x) if self.per_host else parallel.to_host(x)
+
+  def all_rows(self, tree):
+    """Per-host: every process's rows of a tree of process-local numpy arrays, in batch order, on
+    every process (an all-gather). Otherwise the tree as is (every process has every row)."""
+    return parallel.gather_rows(tree, self.mesh) if self.per_host else tree
+
+  def max_over_processes(self, n: int) -> int:
+    """An integer all processes agree on (the largest), e.g. the prompt width; n itself unless per_host."""
+    return parallel.process_max(n) if self.per_host else int(n)
+
+  def take_rows(self, batch: dict, idx) -> dict:
+    """Per-host: rows idx (global indices, the same on every process) of a to_global batch, gathered
+    on the devices (XLA moves rows between processes), split over the batch axes again."""
+    if not self.per_host:
+      raise ValueError('take_rows is for per-host batches of global arrays; index host arrays directly.')
+    idx = np.asarray(idx, np.int32)
+    if len(idx) not in self._take_fns:
+      gather = lambda b, i: jax.tree_util.tree_map(lambda x: jnp.take(x, i, axis=0), b)
+      self._take_fns[len(idx)] = parallel.jit_sharded(gather, self.mesh, (None, _REP),
+                                                      parallel.batch_spec(self.mesh, len(idx)))
+    return self._take_fns[len(idx)](batch, idx)
 
   # -- trees ---------------------------------------------------------------------
   def specs_of(self, tree):
@@ -115,14 +167,16 @@ class Placement:
 
     return call
 
-  def sample_fn(self) -> Callable | None:
-    """The sampler rollouts use on a mesh (parallel.sample_sharded bound to it); None: the default."""
+  def sample_fn(self, process_local: bool = False) -> Callable | None:
+    """The sampler rollouts use on a mesh (parallel.sample_sharded bound to it); None: the default.
+
+    process_local (with per_host): it takes and returns this process's rows only."""
     if not self.sharded:
       return None
-    mesh = self.mesh
+    mesh, local = self.mesh, process_local and self.per_host
 
     def sample(cfg, params, tokens, mask, key, **kw):
-      return parallel.sample_sharded(cfg, params, tokens, mask, key, mesh=mesh, **kw)
+      return parallel.sample_sharded(cfg, params, tokens, mask, key, mesh=mesh, process_local=local, **kw)
 
     return sample
 
@@ -131,5 +185,7 @@ def describe(placement: Placement) -> dict[str, Any]:
   """What the run's metadata records about its placement."""
   if not placement.sharded:
     return {'devices': 1, 'mesh': None}
-  return {'devices': placement.mesh.size, 'mesh': dict(placement.mesh.shape),
-          'processes': jax.process_count()}
+  out = {'devices': placement.mesh.size, 'mesh': dict(placement.mesh.shape), 'processes': jax.process_count()}
+  if jax.process_count() > 1:
+    out['data_loading'] = 'per_host' if placement.per_host else 'global'
+  return out

@@ -20,6 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from cfrl_jax import tokenization
@@ -49,15 +50,30 @@ def pretrained_base(config, task, *, progress: bool | None = None) -> str:
   if is_complete(path):
     return path
   progress = config.log.progress if progress is None else progress
-  tmp = path + '.partial'
+  # Every process pretrains the same (deterministic) base, so none waits long at the barrier
+  # below. Process 0 publishes its copy; on a shared filesystem the others then find the entry
+  # complete and drop theirs, otherwise each publishes its own.
+  tmp = path + f'.partial{jax.process_index()}'
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
-  summary = pretrain(config, task, tmp, progress=progress)
+  summary = pretrain(config, task, tmp, progress=progress and jax.process_index() == 0)
   with open(os.path.join(tmp, 'pretrain.json'), 'w') as f:
     json.dump(summary, f, indent=1)
+  if jax.process_index() == 0:
+    _publish(tmp, path)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('cfrl_jax: pretrained base published by process 0')
+    if jax.process_index() != 0:
+      if is_complete(path):
+        shutil.rmtree(tmp, ignore_errors=True)
+      else:
+        _publish(tmp, path)
+  return path
+
+
+def _publish(tmp: str, path: str) -> None:
   shutil.rmtree(path, ignore_errors=True)
   os.replace(tmp, path)   # the cache entry appears only once it is complete
-  return path
 
 
 def _length_sorted_batches(lengths: np.ndarray, batch_size: int, rng: np.random.RandomState) -> list[np.ndarray]:

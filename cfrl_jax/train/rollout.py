@@ -9,7 +9,7 @@ Rows are group-major: prompt i's G samples are rows i*G .. i*G + G - 1.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -81,15 +81,24 @@ def completion_stats(cfg: qwen.QwenConfig, params, tokens, mask, prompt_len: int
 
 def collect(policy, params, rows: list[dict[str, Any]], reward_fns, key, *, group_size: int,
             max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0,
-            greedy: bool = False, sample_fn=None) -> Rollout:
+            greedy: bool = False, sample_fn=None, prompt_width: Callable[[int], int] | None = None) -> Rollout:
   """Samples `group_size` completions for each row's prompt and scores them.
 
   sample_fn: a drop-in for sampling.sample (the trainer passes the mesh-sharded sampler).
+  prompt_width: maps the width P of these prompts (the longest) to the width to left-pad them to;
+    with per-host loading the trainer passes the maximum over processes, so that every process's
+    rows have the layout they would have in one global batch.
   """
   rep_rows = [r for r in rows for _ in range(group_size)]
   prompts = [r['prompt'] for r in rep_rows]
   p_tokens, p_mask = tokenization.encode_prompts(
       policy.tokenizer, prompts, chat_template=policy.chat_template, system_prompt=policy.system_prompt)
+  if prompt_width is not None:
+    extra = prompt_width(p_tokens.shape[1]) - p_tokens.shape[1]
+    if extra < 0:
+      raise ValueError(f'prompt_width gave {p_tokens.shape[1] + extra} for prompts {p_tokens.shape[1]} tokens wide.')
+    p_tokens = np.pad(p_tokens, ((0, 0), (extra, 0)), constant_values=tokenization.pad_id(policy.tokenizer))
+    p_mask = np.pad(p_mask, ((0, 0), (extra, 0)))
   out = (sample_fn or sampling.sample)(
       policy.cfg, params, p_tokens, p_mask, key, max_new_tokens=max_new_tokens,
       temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,

@@ -27,6 +27,9 @@ from cfrl_jax.train import checkpoint as ckpt_lib
 from cfrl_jax.train import learner, objectives, placement, rollout, sft_data
 
 ALGORITHMS = ('grpo', 'reinforce', 'rloo', 'ppo', 'expert_iteration', 'sft')
+# With several processes and config.mesh.data_loading='per_host', these load, sample and score only
+# each process's share of the prompts; Expert Iteration and SFT build the whole batch on every process.
+PER_HOST_ALGORITHMS = ('grpo', 'reinforce', 'rloo', 'ppo')
 PROMPT_BUCKET = 16
 
 
@@ -121,7 +124,7 @@ class Trainer:
 
   def __init__(self, config, policy, params, task, run_dir: str, *,
                eval_fn: Callable | None = None, probe_fn: Callable | None = None,
-               progress: bool = True):
+               progress: bool = True, initial_step: int = 0):
     rl = config.rl
     if rl.algorithm not in ALGORITHMS:
       raise ValueError(f'config.rl.algorithm={rl.algorithm!r}; expected one of {ALGORITHMS}.')
@@ -139,7 +142,11 @@ class Trainer:
     self.params = self.place.put(params, self.place.param_specs)
     self.ref_params = self.place.put(_copy(params), self.place.param_specs) if rl.kl_coef > 0 else None
     self.stage = 1 if config.cfrl.enabled else 0
-    self.stage_start = 0
+    # initial_step > 0 continues another run's data order and randomness from that step with a fresh
+    # optimizer (AlphaRL's continuation); the warmup restarts there.
+    if initial_step < 0:
+      raise ValueError(f'initial_step={initial_step}; expected >= 0.')
+    self.stage_start = int(initial_step)
     self._init_stage(self.stage)
     self.critic = self.critic_tx = self.critic_opt = None
     self.critic_specs = self.critic_opt_specs = None
@@ -152,7 +159,7 @@ class Trainer:
                                    optax.adamw(rl.ppo.critic_lr, b1=rl.b1, b2=rl.b2, eps=rl.eps))
       self.critic_opt, self.critic_opt_specs = self.place.put_opt_state(
           self.critic_tx.init(self.critic), self.critic, self.critic_specs)
-    self.step = 0
+    self.step = int(initial_step)
     self.writer = metrics_lib.MetricsWriter(run_dir, tensorboard=config.log.tensorboard)
     # max_to_keep == 0 means keep every checkpoint (orbax's None), which the rank-1 analysis needs.
     self.ckpt = ckpt_lib.Checkpointer(run_dir, max_to_keep=config.checkpoint.max_to_keep or None)
@@ -171,8 +178,10 @@ class Trainer:
             'rng': jax.sharding.PartitionSpec()}
 
   def _train_state(self):
+    # The key placed replicated on the mesh: orbax refuses to save a process-local array when
+    # several processes write one checkpoint together.
     return {'opt_state': self.opt_state, 'critic': self.critic, 'critic_opt': self.critic_opt,
-            'rng': self.key}
+            'rng': self.place.put(self.key, jax.sharding.PartitionSpec())}
 
   def _meta(self):
     return {'stage': self.stage, 'stage_start': self.stage_start, 'data_position': self.step * self.rl.prompts_per_step,
@@ -227,11 +236,12 @@ class Trainer:
       self._jitted[k] = self.place.forward(fn, tree_specs)
     return self._jitted[k]
 
-  def _logp(self, params, batch, prompt_len):
+  def _logp(self, params, seq: dict, prompt_len):
+    """Completion log-probs (B, N) of seq['tokens'], seq['mask'] (host rows, or global arrays per host)."""
     cfg = self.cfg
     f = self._forward('logp', prompt_len,
                       lambda p, t, m: rollout.completion_stats(cfg, p, t, m, prompt_len)[0])
-    return f(params, batch.tokens, batch.mask)
+    return f(params, seq['tokens'], seq['mask'])
 
   def _critic_update(self, prompt_len):
     k = ('critic_update', prompt_len)
@@ -271,12 +281,38 @@ class Trainer:
     return {k: float(v) for k, v in res.metrics.items()} | {'loss': float(res.loss)}
 
   # -- one step of each algorithm ----------------------------------------------
+  @property
+  def _per_host(self) -> bool:
+    """This step loads only this process's prompts (several processes, data_loading 'per_host', a
+    policy-gradient algorithm). Rows are then process-local numpy and global arrays on the mesh."""
+    return self.place.per_host and self.rl.algorithm in PER_HOST_ALGORITHMS
+
+  def _step_prompts(self, group_size: int) -> tuple[list, slice]:
+    """(the prompts this process rolls out this step, its block of the step's group_size * prompts rows).
+
+    Per-host, each process takes a contiguous share of the step's prompts, whole groups (a prompt's
+    group_size samples stay on one process, so its group statistics are local); otherwise all of them.
+    """
+    rl = self.rl
+    rows = prompt_rows(self.task.train, self.step, rl.prompts_per_step, self.config.seed)
+    if not self._per_host:
+      return rows, slice(0, len(rows) * group_size)
+    n = jax.process_count()
+    if rl.prompts_per_step % n:
+      raise ValueError(f'config.rl.prompts_per_step={rl.prompts_per_step} does not divide over {n} processes: '
+                       f'per-host data loading gives every process the same number of whole prompts. Make it a '
+                       f"multiple of {n}, or set config.mesh.data_loading='global'.")
+    block = self.place.rows_of_process(len(rows) * group_size)
+    return rows[block.start // group_size:block.stop // group_size], block
+
   def _rollout(self, key, rows, group_size):
     rl = self.rl
+    # Per-host, every process pads its prompts to the widest on any process: one global layout.
     r = rollout.collect(self.policy, self.params, rows, self.task.reward_fns, key,
                         group_size=group_size, max_new_tokens=rl.max_new_tokens,
                         temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
-                        sample_fn=self.place.sample_fn())
+                        sample_fn=self.place.sample_fn(process_local=self._per_host),
+                        prompt_width=self.place.max_over_processes if self._per_host else None)
     P = r.tokens.shape[1] - r.completion_mask.shape[1]
     prompt_len = bucket(P)
     return pad_prompt_columns(r, prompt_len, rl.max_new_tokens, self.policy.pad_id), prompt_len
@@ -290,17 +326,23 @@ class Trainer:
       perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, e), B)) if num_minibatches > 1 else np.arange(B)
       for i in range(num_minibatches):
         idx = perm[i * size:(i + 1) * size]
+        if self._per_host:   # global arrays: the devices gather the rows, across processes
+          yield batch if num_minibatches == 1 else self.place.take_rows(batch, idx)
+          continue
         yield {k: (v[idx] if isinstance(v, np.ndarray) and v.shape[:1] == (B,) else v) for k, v in batch.items()}
 
   def _policy_gradient_step(self, key):
     rl = self.rl
-    rows = prompt_rows(self.task.train, self.step, rl.prompts_per_step, self.config.seed)
+    rows, own = self._step_prompts(rl.group_size)
     r, P = self._rollout(jax.random.fold_in(key, 0), rows, rl.group_size)
+    # Per-host, r holds this process's rows (`own` of the batch): baselines over the batch see every
+    # process's rewards (an all-gather of B floats) and each process keeps its own rows' advantages.
     rewards = r.rewards
+    all_rewards = self.place.all_rows(rewards) if self._per_host else rewards
     if rl.algorithm == 'grpo':
-      advantages = np.asarray(adv_lib.group_normalized(rewards, rl.group_size, scale_by_std=rl.scale_by_std))
+      advantages = np.asarray(adv_lib.group_normalized(all_rewards, rl.group_size, scale_by_std=rl.scale_by_std))
     elif rl.algorithm == 'rloo':
-      advantages = np.asarray(adv_lib.rloo(rewards, rl.group_size))
+      advantages = np.asarray(adv_lib.rloo(all_rewards, rl.group_size))
     elif rl.algorithm == 'reinforce':
       base = {'batch_mean': adv_lib.batch_mean_baseline,
               'group_mean': lambda x: adv_lib.group_mean_baseline(x, rl.group_size),
@@ -308,18 +350,24 @@ class Trainer:
               'none': lambda x: x}
       if rl.baseline not in base:
         raise ValueError(f'config.rl.baseline={rl.baseline!r}; expected one of {sorted(base)}.')
-      advantages = np.asarray(base[rl.baseline](rewards))
+      advantages = np.asarray(base[rl.baseline](all_rewards))
+    if rl.algorithm != 'ppo':
+      advantages = advantages[own]
     batch = {'tokens': r.tokens, 'mask': r.mask, 'completion_mask': r.completion_mask}
+    # The forward passes below run on the mesh; per-host their inputs are this process's rows placed
+    # as global arrays, and own_rows brings this process's rows of the result back.
+    seq = self.place.to_global({'tokens': r.tokens, 'mask': r.mask}) if self._per_host else batch
     if rl.recompute_old_logp:
-      batch['old_logp'] = np.asarray(self._logp(self.params, r, P))
+      batch['old_logp'] = self.place.own_rows(self._logp(self.params, seq, P))
     else:
       batch['old_logp'] = r.old_logp
     if self.ref_params is not None:
-      batch['ref_logp'] = np.asarray(self._logp(self.ref_params, r, P))
+      batch['ref_logp'] = self.place.own_rows(self._logp(self.ref_params, seq, P))
     extra = {}
     if rl.algorithm == 'ppo':
-      values = np.asarray(self._forward('values', P, lambda c, t, m: objectives.critic_values(self.cfg, c, t, m, P),
-                                        self.critic_specs)(self.critic, r.tokens, r.mask))
+      values = self.place.own_rows(self._forward(
+          'values', P, lambda c, t, m: objectives.critic_values(self.cfg, c, t, m, P),
+          self.critic_specs)(self.critic, seq['tokens'], seq['mask']))
       if self.ref_params is not None:
         token_rewards = ppo.token_rewards_with_kl_penalty(
             rewards, batch['old_logp'], batch.pop('ref_logp'), r.completion_mask, rl.kl_coef,
@@ -327,7 +375,11 @@ class Trainer:
       else:
         token_rewards = adv_lib.terminal_token_rewards(rewards, r.completion_mask)
       a, returns = adv_lib.gae(token_rewards, values, r.completion_mask, gamma=rl.ppo.gamma, lam=rl.ppo.lam)
-      advantages = np.asarray(adv_lib.masked_whiten(a, r.completion_mask))
+      if self._per_host:   # GAE is per row; the whitening statistics are over every process's tokens
+        everyone = self.place.all_rows({'a': np.asarray(a), 'mask': r.completion_mask})
+        advantages = np.asarray(adv_lib.masked_whiten(everyone['a'], everyone['mask']))[own]
+      else:
+        advantages = np.asarray(adv_lib.masked_whiten(a, r.completion_mask))
       batch.update(returns=np.asarray(returns), old_values=values)
     batch['advantages'] = np.asarray(advantages, np.float32)
     kind = 'grpo' if rl.algorithm in ('grpo',) else rl.algorithm
@@ -337,7 +389,8 @@ class Trainer:
     if params_before is not None:
       params_before = _copy(params_before)
     sums: dict[str, list] = {}
-    for mb in self._minibatches(jax.random.fold_in(key, 1), batch, rl.epochs, rl.minibatches):
+    learner_batch = self.place.to_global(batch) if self._per_host else batch
+    for mb in self._minibatches(jax.random.fold_in(key, 1), learner_batch, rl.epochs, rl.minibatches):
       m = self._apply(kind, P, mb)
       if rl.algorithm == 'ppo':
         self.critic, self.critic_opt, cm = self._critic_update(P)(self.critic, self.critic_opt, mb)
@@ -389,19 +442,26 @@ class Trainer:
     return m, None
 
   def _rollout_metrics(self, r: rollout.Rollout) -> dict:
-    lengths = r.completion_mask.sum(axis=1)
-    out = {'reward_mean': float(r.rewards.mean()), 'reward_std': float(r.rewards.std()),
+    """Statistics of the whole batch; per-host from every process's rows (all-gathered), so every
+    process computes, and logs, the numbers a single process would."""
+    cols = {'rewards': r.rewards, 'reward_parts': r.reward_parts, 'completion_mask': r.completion_mask,
+            'old_logp': r.old_logp}
+    names = self.task.formats.names + ('unknown',) if self.task.formats is not None else ()
+    if names:   # formats as indices into names (-1: a name outside them), so they can be gathered
+      index = {name: i for i, name in enumerate(names)}
+      cols['formats'] = np.asarray([index.get(self.task.formats(c), -1) for c in r.completions], np.int32)
+    g = self.place.all_rows(cols) if self._per_host else cols
+    lengths = g['completion_mask'].sum(axis=1)
+    out = {'reward_mean': float(g['rewards'].mean()), 'reward_std': float(g['rewards'].std()),
            'response_length': float(lengths.mean())}
-    for name, v in r.reward_parts.items():
+    for name, v in g['reward_parts'].items():
       out[f'reward_{name}'] = float(np.mean(v))
-    if 'correctness' in r.reward_parts:
-      out['accuracy'] = float(np.mean(r.reward_parts['correctness']))
-    n = max(float(r.completion_mask.sum()), 1.0)
-    out['sampled_logprob'] = float((r.old_logp * r.completion_mask).sum() / n)
-    if self.task.formats is not None:
-      fmts = [self.task.formats(c) for c in r.completions]
-      for name in self.task.formats.names + ('unknown',):
-        out[f'format_{name}'] = fmts.count(name) / len(fmts)
+    if 'correctness' in g['reward_parts']:
+      out['accuracy'] = float(np.mean(g['reward_parts']['correctness']))
+    n = max(float(g['completion_mask'].sum()), 1.0)
+    out['sampled_logprob'] = float((g['old_logp'] * g['completion_mask']).sum() / n)
+    for i, name in enumerate(names):
+      out[f'format_{name}'] = int(np.count_nonzero(g['formats'] == i)) / len(g['formats'])
     return out
 
   # -- the loop -------------------------------------------------------------------
