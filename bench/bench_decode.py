@@ -10,6 +10,13 @@ is excluded; the timed runs alternate ours / theirs so machine load hits both al
 medians are compared. Tokens/s = batch * new_tokens / time of the whole call (prefill included);
 ms/step = (time(new_tokens) - time(1)) / (new_tokens - 1), the decode step alone.
 
+A third timing bounds what any decode step built from XLA's CPU kernels can reach: the step's
+matrix products alone (the fused per-layer q/k/v, o, gate/up and down matrices of
+sampling.decode_weights and the head, chained over a (batch, hidden) activation, nothing else),
+jitted and timed in the same rounds. The decode step cannot be faster than its matrix products, so
+when that figure exceeds half of transformers' ms/step, a 2x speed-up is out of reach of this
+formulation on this machine.
+
     python bench/bench_decode.py [--batch 8,64 --prompt_len 64 --new_tokens 128 --reps 5 --threads 2,1]
 
 Writes its section of bench/RESULTS.md (between <!-- bench_decode --> markers).
@@ -69,7 +76,7 @@ def measure(args, threads: int) -> dict:
   import transformers
   sys.path.insert(0, ROOT)
   from cfrl_jax import sampling
-  from cfrl_jax.models import hf
+  from cfrl_jax.models import hf, qwen
   torch.set_num_threads(threads)
 
   B, P, N = int(args.batch), args.prompt_len, args.new_tokens
@@ -91,6 +98,31 @@ def measure(args, threads: int) -> dict:
                           stop_token_ids=())
     return np.asarray(jax.block_until_ready(out.tokens))
 
+  import jax.numpy as jnp
+  layer_w = [{k: w[k] for k in ('qkv', 'o', 'gate_up', 'down')}
+             for w in sampling.decode_weights(cfg, params['backbone']['layers'])]
+  head_w = qwen.head_params(cfg, params)['w'].astype(cfg.compute_dtype)  # (V, d), as qwen.logits reads it
+  F = cfg.intermediate_size
+
+  @jax.jit
+  def products(x, layer_w, head_w):
+    # The residual adds keep the chain sequential, as in the step; no norms, attention or cache.
+    for w in layer_w:
+      qkv = jnp.einsum('bi,oi->bo', x, w['qkv'])
+      x = x + jnp.einsum('bi,oi->bo', qkv[:, :w['o'].shape[1]], w['o'])
+      gu = jnp.einsum('bi,oi->bo', x, w['gate_up'])
+      x = x + jnp.einsum('bi,oi->bo', gu[:, :F] * gu[:, F:], w['down'])
+    return jnp.einsum('bi,oi->bo', x, head_w)
+
+  x0 = jnp.ones((B, cfg.hidden_size), cfg.compute_dtype)
+  layer_w, head_w = jax.block_until_ready((layer_w, head_w))
+
+  def matmuls():
+    # 10 calls per timing: one chain is a few ms, below timer and dispatch noise.
+    for _ in range(10):
+      y = products(x0, layer_w, head_w)
+    jax.block_until_ready(y)
+
   ids, am = torch.from_numpy(prompts.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
 
   def theirs(n):
@@ -101,7 +133,7 @@ def measure(args, threads: int) -> dict:
 
   # Warm-up: compiles both shapes of ours, warms torch's allocator; also checks the tokens agree.
   a, b = ours(N), theirs(N)
-  ours(1), theirs(1)
+  ours(1), theirs(1), matmuls()
   assert a.shape == b.shape == (B, N), (a.shape, b.shape)
   differs = (a != b).any(0)
   agree = int(np.argmax(differs)) if differs.any() else N
@@ -109,11 +141,14 @@ def measure(args, threads: int) -> dict:
   load_before = os.getloadavg()[0]
   runs = {'ours': [], 'transformers': []}
   runs1 = {'ours': [], 'transformers': []}
+  products_ms = []
   for _ in range(args.reps):
     for name, fn in (('ours', ours), ('transformers', theirs)):
       runs[name].append(timed(lambda: fn(N)))
       runs1[name].append(timed(lambda: fn(1)))
-  result = dict(threads=threads, batch=B, agree=agree, load=(load_before, os.getloadavg()[0]))
+    products_ms += [1e3 * timed(matmuls)[0] / 10 for _ in range(3)]
+  result = dict(threads=threads, batch=B, agree=agree, load=(load_before, os.getloadavg()[0]),
+                products_ms=statistics.median(products_ms))
   for name in runs:
     wall = statistics.median(w for w, _ in runs[name])
     wall1 = statistics.median(w for w, _ in runs1[name])
@@ -154,6 +189,14 @@ def main():
       speed = (f'**{r["ours"]["tok_s"] / r["transformers"]["tok_s"]:.2f}x**' if name == 'ours' else '1')
       lines.append(f'| {r["batch"]} | {r["threads"]} | {label} | {s["tok_s"]:.0f} | {s["wall"]:.2f} | {s["step_ms"]:.1f} | '
                    f'{s["prefill_ms"]:.0f} | {s["cpu"]:.2f} | {speed} | {r["load"][0]:.1f}-{r["load"][1]:.1f} |')
+  lines += ['', 'Lower bound of the decode step in XLA: its matrix products alone (ms per step, median), '
+            'against the step time a 2x speed-up over transformers needs:', '',
+            '| batch | threads | matrix products alone (ms) | our decode step (ms) | 2x target (ms) | 2x reachable by this formulation |',
+            '|---|---|---|---|---|---|']
+  for r in results:
+    target = r['transformers']['step_ms'] / 2
+    lines.append(f'| {r["batch"]} | {r["threads"]} | {r["products_ms"]:.1f} | {r["ours"]["step_ms"]:.1f} | '
+                 f'{target:.1f} | {"yes" if r["products_ms"] < target else "no"} |')
   agree = min(r['agree'] for r in results)
   lines += ['', f'Greedy tokens of the two implementations are identical for the first {agree} of {N} '
             'steps (random weights at HF init give near-tied logits, so float rounding may flip a late '
