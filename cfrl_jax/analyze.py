@@ -13,8 +13,10 @@ of cfrl_jax.dynamics.rank1 for each attention/MLP kernel of every layer, and wri
 
 Evaluation is a callable evaluate(params) -> float (held-out accuracy) passed to
 analyze_run; without one every weight-space statistic is still computed. On the
-command line, --evaluate=task builds it with cfrl_jax.evaluate.evaluator_for_run(run_dir),
---evaluate=MODULE:FACTORY with FACTORY(run_dir).
+command line, --evaluate=task builds it with cfrl_jax.evaluate.evaluator_for_run(run_dir,
+metric=--metric): by default pass@1 under the run's own eval settings and key when the run
+samples in its eval (so the base and final scores equal what the run logged), else greedy
+accuracy; --evaluate=MODULE:FACTORY with FACTORY(run_dir).
 """
 from __future__ import annotations
 
@@ -207,7 +209,7 @@ def analyze_run(run_dir: str, config: AnalysisConfig = AnalysisConfig(), evaluat
         model = rank1.rank_k_params(base, final, None if k is None else int(k), keep=keep, factors=final_factors)
         acc[label] = _evaluate_one(evaluate, model, label)
         log(f'evaluated {label}: {acc[label]:.4f}')
-    analysis['evaluation'] = _gains(acc, acc_ckpt, config, analysis)
+    analysis['evaluation'] = _gains(acc, acc_ckpt, config, analysis, getattr(evaluate, 'metric', 'accuracy'))
   else:
     analysis['evaluation'] = None
   analysis['seconds'] = time.time() - t_start
@@ -354,7 +356,7 @@ def _nanmean_rows(x):
     return np.nanmean(x, axis=-1)
 
 
-def _gains(acc, acc_ckpt, config, analysis) -> dict:
+def _gains(acc, acc_ckpt, config, analysis, metric: str = 'accuracy') -> dict:
   base, final = acc['base'], acc['final']
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always', RuntimeWarning)
@@ -364,9 +366,15 @@ def _gains(acc, acc_ckpt, config, analysis) -> dict:
     if 'accuracy' in entry:
       entry['recovered_gain'] = {name: gains[f'{name}@{entry["window_end"]}'] for name in entry['accuracy']}
   out = {'accuracy': acc, 'checkpoint_accuracy': {str(s): a for s, a in acc_ckpt.items()},
-         'recovered_gain': gains, 'gain': final - base}
+         'recovered_gain': gains, 'gain': final - base, 'metric': metric}
   if caught:
     out['warning'] = str(caught[0].message)
+  elif final - base < 0:
+    # A negative gain flips every share's sign: -3 would read as "worse than base" when the model is better.
+    out['warning'] = (f'The final checkpoint scores below the base on {metric} (gain {final - base:.3g}): the run did '
+                      'not improve this metric, so the shares of the gain are not meaningful. Analyse a metric the '
+                      "run improved (--metric, e.g. pass@1 for a run whose greedy accuracy did not move).")
+  if 'warning' in out:
     warnings.warn(out['warning'], RuntimeWarning, stacklevel=3)
   return out
 
@@ -574,7 +582,7 @@ def markdown_section(analysis: Mapping, image_dir: str = '.', images: Sequence[s
   ev = a.get('evaluation')
   if ev:
     acc = ev['accuracy']
-    lines += [f'Held-out accuracy: base {_fmt(acc["base"])}, final {_fmt(acc["final"])} '
+    lines += [f'Held-out {ev.get("metric", "accuracy")}: base {_fmt(acc["base"])}, final {_fmt(acc["final"])} '
               f'(gain {_fmt(ev["gain"])}). Share of the gain recovered, (acc(model) - acc(base)) / '
               '(acc(final) - acc(base)), by rank-k models (variant A: embeddings, head, norms and biases at base '
               f'as in AlphaRL; variant B: also the full update of {", ".join(a["config"]["variant_b_keep"])}):', '']
@@ -638,10 +646,14 @@ def write_report(analysis: Mapping, out_dir: str) -> dict[str, str]:
 
 
 # --- evaluation hook ----------------------------------------------------------------------------
-def make_evaluator(spec: str, run_dir: str) -> Evaluate | None:
-  """'none' -> None; 'task' -> cfrl_jax.evaluate.evaluator_for_run(run_dir); 'MODULE:FACTORY' -> FACTORY(run_dir)."""
+def make_evaluator(spec: str, run_dir: str, metric: str = 'auto') -> Evaluate | None:
+  """'none' -> None; 'task' -> cfrl_jax.evaluate.evaluator_for_run(run_dir, metric=metric);
+  'MODULE:FACTORY' -> FACTORY(run_dir) (which picks its own metric; `metric` must then be 'auto')."""
   if spec == 'none':
     return None
+  if spec != 'task' and metric != 'auto':
+    raise ValueError(f'--metric={metric} applies to --evaluate=task only; a custom FACTORY(run_dir) chooses its '
+                     'own metric (drop --metric).')
   if spec == 'task':
     module_name, attr = 'cfrl_jax.evaluate', 'evaluator_for_run'
   elif ':' in spec:
@@ -658,7 +670,7 @@ def make_evaluator(spec: str, run_dir: str) -> Evaluate | None:
   if not callable(factory):
     raise ValueError(f'--evaluate={spec}: {module_name} has no callable {attr}(run_dir) -> evaluate(params); '
                      'use --evaluate=none for the weight-space statistics only.')
-  evaluate = factory(run_dir)
+  evaluate = factory(run_dir, metric=metric) if spec == 'task' else factory(run_dir)
   if not callable(evaluate):
     raise ValueError(f'--evaluate={spec}: {module_name}.{attr}(run_dir) returned {type(evaluate).__name__}; '
                      'expected a callable evaluate(params) -> float.')
@@ -676,6 +688,9 @@ def make_flags() -> flags.FlagValues:
                     flag_values=fv)
   flags.DEFINE_string('evaluate', 'none', "none | task (cfrl_jax.evaluate.evaluator_for_run) | "
                       'MODULE:FACTORY, FACTORY(run_dir) -> evaluate(params) -> float.', flag_values=fv)
+  flags.DEFINE_string('metric', 'auto', "With --evaluate=task: the held-out metric, 'greedy_accuracy', 'pass@1', "
+                      "'pass@4', 'majority@4', ... (the run's eval settings); 'auto': pass@1 when the run samples "
+                      'in its eval (eval.samples > 0), else greedy_accuracy.', flag_values=fv)
   flags.DEFINE_integer('base_step', None, 'Checkpoint used as W_0 (default: the first).', flag_values=fv)
   flags.DEFINE_list('steps', None, 'Analyse only these checkpoint steps (default: all).', flag_values=fv)
   flags.DEFINE_list('windows', ['0.25', '0.333', '0.5'], 'AlphaRL/ExPO window ends as fractions of the run.',
@@ -709,7 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         windows=tuple(float(w) for w in fv.windows), variant_b_keep=tuple(fv.variant_b_keep),
         relex_max_gb=fv.relex_max_gb, eval_checkpoints=fv.eval_checkpoints, svd_dtype=fv.svd_dtype,
         svd_method=fv.svd_method)
-    evaluate = make_evaluator(fv.evaluate, fv.run) if os.path.isdir(fv.run) else None
+    evaluate = make_evaluator(fv.evaluate, fv.run, fv.metric) if os.path.isdir(fv.run) else None
     analysis = analyze_run(fv.run, config, evaluate, log=lambda s: print(s, flush=True))
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)

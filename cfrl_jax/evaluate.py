@@ -82,13 +82,20 @@ def evaluate(policy, params, rows: list[dict], task, key, *, samples: int, tempe
   return out
 
 
-def evaluator_for_run(run_dir: str, *, num_problems: int | None = None):
-  """params -> greedy held-out accuracy, for the run's own task and tokenizer (used by cfrl_jax.analyze)."""
+def evaluator_for_run(run_dir: str, *, metric: str = 'auto', num_problems: int | None = None):
+  """params -> held-out `metric` for the run's own task, tokenizer and eval settings (cfrl_jax.analyze).
+
+  metric: 'greedy_accuracy', any sampled key of `evaluate` ('pass@1', 'pass@4', 'majority@4', ...),
+  or 'auto': pass@1 when the run evaluates samples (config.eval.samples > 0), else greedy accuracy.
+  Sampled metrics use the run's eval key, samples and temperature (experiment.make_eval_fn), so the
+  base and final checkpoints score exactly what the run's own eval logged for them.
+  """
   import json
   import os
 
   import ml_collections
 
+  from cfrl_jax.config import parse_list
   from cfrl_jax.policy import load_policy
   from cfrl_jax.tasks import build_task
   path = os.path.join(run_dir, 'config.json')
@@ -96,14 +103,27 @@ def evaluator_for_run(run_dir: str, *, num_problems: int | None = None):
     raise FileNotFoundError(f'{path} not found: evaluation needs the config.json that cfrl_jax.main writes into a run.')
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
+  ec = config.eval
+  if metric == 'auto':
+    metric = 'pass@1' if ec.samples > 0 else 'greedy_accuracy'
+  greedy = metric == 'greedy_accuracy'
+  if not greedy and ec.samples < 1:
+    raise ValueError(f'metric={metric!r} needs sampled evaluation, but the run at {run_dir} has eval.samples='
+                     f"{ec.samples}; use metric 'greedy_accuracy'.")
   task = build_task(config.task)
   policy, _ = load_policy(config, task)
-  rows = task.eval[:num_problems or config.eval.num_problems]
+  rows = task.eval[:num_problems or ec.num_problems]
   key = jax.random.PRNGKey(10_000 + config.seed)
+  temperature = ec.temperature if ec.temperature >= 0 else config.rl.temperature
 
   def evaluate_params(params) -> float:
     params = jax.tree_util.tree_map(jax.numpy.asarray, params)
-    return evaluate(policy, params, rows, task, key, samples=0, temperature=1.0,
-                    max_new_tokens=config.rl.max_new_tokens, batch_size=config.eval.batch_size)['greedy_accuracy']
+    out = evaluate(policy, params, rows, task, key, samples=0 if greedy else ec.samples, temperature=temperature,
+                   max_new_tokens=config.rl.max_new_tokens, pass_k=parse_list(ec.pass_k, int),
+                   batch_size=ec.batch_size, greedy=greedy)
+    if metric not in out:
+      raise ValueError(f'metric={metric!r} is not computed by the eval of {run_dir}; it gives {sorted(out)}.')
+    return out[metric]
 
+  evaluate_params.metric = metric
   return evaluate_params

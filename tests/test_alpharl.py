@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from cfrl_jax import alpharl, experiment
+from cfrl_jax import evaluate as evaluate_lib
 from cfrl_jax.config import base_config
 from cfrl_jax.dynamics import rank1
 from cfrl_jax.main import load_config_file
@@ -247,3 +248,13 @@ def test_demo_smoke_runs_end_to_end_through_experiment(tmp_path):
   assert 'share of the gain' in md and 'AlphaRL B' in md and '](alpharl.png)' in md
   with pytest.raises(ValueError, match='resume'):   # a second run would mix two histories
     experiment.run(c)
+  # cfrl_jax.analyze --evaluate=task on this run scores checkpoints exactly as the run's own eval did.
+  logged = alpharl.eval_records(run_dir)[0]
+  base_params = checkpoint.restore_params(run_dir, 0)
+  auto = evaluate_lib.evaluator_for_run(run_dir)
+  assert auto.metric == 'pass@1'
+  assert auto(base_params) == pytest.approx(logged['pass@1'], abs=1e-9)
+  assert evaluate_lib.evaluator_for_run(run_dir, metric='greedy_accuracy')(base_params) == pytest.approx(
+      logged['greedy_accuracy'], abs=1e-9)
+  with pytest.raises(ValueError, match='not computed'):
+    evaluate_lib.evaluator_for_run(run_dir, metric='pass@64')(base_params)

@@ -208,6 +208,8 @@ def test_evaluator_specs(tmp_path, monkeypatch):
   '''))
   monkeypatch.syspath_prepend(str(tmp_path))
   assert analyze.make_evaluator('my_eval:factory', 'abcd')({}) == 4
+  with pytest.raises(ValueError, match='--metric'):   # a custom factory picks its own metric
+    analyze.make_evaluator('my_eval:factory', 'abcd', 'pass@1')
   with pytest.raises(ValueError, match='returned int'):
     analyze.make_evaluator('my_eval:not_callable', 'abcd')
   with pytest.raises(ValueError, match='no callable'):
@@ -219,3 +221,14 @@ def test_evaluator_specs(tmp_path, monkeypatch):
   if task_evaluate is None or not hasattr(task_evaluate, 'evaluator_for_run'):
     with pytest.raises(ValueError, match='--evaluate=none'):
       analyze.make_evaluator('task', 'abcd')
+
+
+def test_a_run_that_made_the_metric_worse_gets_a_warning_not_silent_shares(run):
+  _, analysis, _ = run
+  acc = {'base': 0.66, 'final': 0.65, 'rank1_A': 0.60}
+  with pytest.warns(RuntimeWarning, match='did not improve'):
+    ev = analyze._gains(acc, {}, analyze.AnalysisConfig(), {'extrapolation': []}, 'greedy_accuracy')
+  assert ev['recovered_gain']['rank1_A'] == pytest.approx(6.0)     # (0.60 - 0.66) / (0.65 - 0.66)
+  assert 'did not improve' in ev['warning'] and ev['metric'] == 'greedy_accuracy'
+  md = analyze.markdown_section({**analysis, 'evaluation': ev}, '.', [])
+  assert 'Held-out greedy_accuracy: base 0.660' in md and 'Warning: The final checkpoint scores below' in md
