@@ -1032,12 +1032,52 @@ def write_figures(study: Study, out_dir: str, target: float | None = None) -> di
   }
 
 
+def found_analyses(study: Study) -> str | None:
+  """Markdown of the analyses written next to the study's runs, images linked relative to the report.
+
+  Picked up: <run>/analysis/analysis.json (python -m cfrl_jax.analyze) for every run, and
+  <study>/alpharl/[<arm>/seed<k>/]alpharl.json (the AlphaRL run mode). Each is re-rendered from its
+  JSON (not its .md), so its image links point from report.md to the PNGs beside the JSON.
+  """
+  from cfrl_jax import alpharl, analyze
+  sections = []
+  for runs in study.arms.values():
+    for run in runs:
+      adir = os.path.join(os.path.dirname(run.path), 'analysis')   # run.path is the run's metrics.jsonl
+      if os.path.exists(os.path.join(adir, 'analysis.json')):
+        with open(os.path.join(adir, 'analysis.json')) as f:
+          loaded = json.load(f)
+        pngs = [n for n in (analyze.PNG_SHARES, analyze.PNG_R2, analyze.PNG_GAIN, analyze.PNG_EXTRAPOLATION)
+                if os.path.exists(os.path.join(adir, n))]
+        section = analyze.markdown_section(loaded, os.path.relpath(adir, study.path), pngs, heading_level=3)
+        sections.append(section.replace('### Update dynamics', f'### Update dynamics of {run.arm}'
+                                        + (f' seed {run.seed}' if run.seed is not None else ''), 1))
+  # A study's AlphaRL runs sit in <study>/alpharl/; a report of that directory itself finds them too.
+  here = os.path.basename(os.path.normpath(study.path)) == alpharl.SUBDIR
+  root = study.path if here else os.path.join(study.path, alpharl.SUBDIR)
+  if os.path.isdir(root):
+    for dirpath, _, files in sorted(os.walk(root)):
+      if alpharl.JSON_NAME in files:
+        with open(os.path.join(dirpath, alpharl.JSON_NAME)) as f:
+          result = json.load(f)
+        image = os.path.join(dirpath, alpharl.PNG_NAME)
+        sections.append(alpharl.markdown_section(
+            result, os.path.relpath(image, study.path) if os.path.exists(image) else None, heading_level=3))
+  return '\n\n'.join(s.strip() for s in sections) if sections else None
+
+
 def write_report(path: str, *, title: str | None = None, target_accuracy: float | None = None,
                  analysis_md: str | None = None) -> str:
-  """Writes the figures (PNG) and report.md into `path` (a run or study dir); returns the report's path."""
+  """Writes the figures (PNG) and report.md into `path` (a run or study dir); returns the report's path.
+
+  The Analysis section holds `analysis_md` (e.g. report --analysis=FILE) and every analysis found
+  beside the runs (found_analyses).
+  """
   study = load_study(path)
   nums = summarize(study, target_accuracy)
   figures = write_figures(study, study.path, nums.target)
+  found = found_analyses(study)
+  analysis_md = '\n\n'.join(m.strip() for m in (analysis_md, found) if m) or None
   out = os.path.join(study.path, 'report.md')
   with open(out, 'w') as f:
     f.write(report_markdown(study, nums, figures, title=title, analysis_md=analysis_md))

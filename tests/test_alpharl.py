@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from cfrl_jax import alpharl, experiment
+from cfrl_jax import alpharl, experiment, report
 from cfrl_jax import evaluate as evaluate_lib
 from cfrl_jax.config import base_config
 from cfrl_jax.dynamics import rank1
@@ -248,6 +248,11 @@ def test_demo_smoke_runs_end_to_end_through_experiment(tmp_path):
   assert 'share of the gain' in md and 'AlphaRL B' in md and '](alpharl.png)' in md
   with pytest.raises(ValueError, match='resume'):   # a second run would mix two histories
     experiment.run(c)
+  # The report of the AlphaRL directory carries the AlphaRL section, its plot linked from report.md.
+  report_md = open(report.write_report(out)).read()
+  assert '### AlphaRL: demo_smoke (grpo, CF-RL, seed 0)' in report_md
+  link = 'cfgrpo/seed0/alpharl.png'
+  assert f']({link})' in report_md and os.path.exists(os.path.join(out, link))
   # cfrl_jax.analyze --evaluate=task on this run scores checkpoints exactly as the run's own eval did.
   logged = alpharl.eval_records(run_dir)[0]
   base_params = checkpoint.restore_params(run_dir, 0)

@@ -232,3 +232,18 @@ def test_a_run_that_made_the_metric_worse_gets_a_warning_not_silent_shares(run):
   assert 'did not improve' in ev['warning'] and ev['metric'] == 'greedy_accuracy'
   md = analyze.markdown_section({**analysis, 'evaluation': ev}, '.', [])
   assert 'Held-out greedy_accuracy: base 0.660' in md and 'Warning: The final checkpoint scores below' in md
+
+
+def test_the_runs_report_picks_up_the_analysis_with_working_image_links(run):
+  from cfrl_jax import report
+  run_dir, _, _ = run
+  with open(os.path.join(run_dir, 'metrics.jsonl'), 'w') as f:
+    for step, acc in ((0, 0.25), (12, 0.5)):
+      f.write(json.dumps({'step': step, 'kind': 'eval', 'pass@1': acc, 'pass@1_stderr': 0.01}) + '\n')
+  md = open(report.write_report(run_dir)).read()
+  section = md.split('## Analysis', 1)[1]
+  assert '### Update dynamics' in section and '| q_proj |' in section
+  links = [line.split('](', 1)[1].rstrip(')') for line in section.splitlines() if line.startswith('![')]
+  assert len(links) == 4
+  for link in links:
+    assert os.path.exists(os.path.join(run_dir, link)), link
