@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cfrl_jax import analyze
 from cfrl_jax import metrics as metrics_lib
 from cfrl_jax.config import parse_list
 from cfrl_jax.dynamics import rank1
@@ -303,16 +304,6 @@ class WindowFit(NamedTuple):
   diagnostics: dict
 
 
-def _read_meta(run_dir: str, step: int) -> dict:
-  # The JSON item that checkpoint.Checkpointer.save writes next to the params.
-  path = os.path.join(checkpoint.checkpoint_dir(run_dir), str(step), 'meta', 'metadata')
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return {}
-
-
 def fit_window(run_dir: str, window_end: int, target_step: int, *, keep=rank1.VARIANT_B,
                expo: bool = True) -> WindowFit:
   """Fits AlphaRL on the checkpoints 0..window_end of run_dir and builds the models at target_step.
@@ -326,7 +317,7 @@ def fit_window(run_dir: str, window_end: int, target_step: int, *, keep=rank1.VA
                             f'{checkpoint.checkpoint_dir(run_dir)}; found {steps}.')
   if target_step < window_end:
     raise ValueError(f'target_step={target_step} is before the window end {window_end}.')
-  meta = _read_meta(run_dir, window_end)
+  meta = checkpoint.read_meta(run_dir, window_end)
   if meta.get('stage') == 1:
     raise ValueError(f'CF-RL was still in its head-only stage at the window end (step {window_end}): the backbone '
                      'has not moved, so there is nothing to fit. Raise config.alpharl.window or make stage one '
@@ -672,26 +663,13 @@ def write_plot(result: Mapping, path: str) -> str:
   return path
 
 
-def to_jsonable(x):
-  """Tuples to lists, numpy to Python, non-finite floats to None (strict JSON)."""
-  if isinstance(x, Mapping):
-    return {str(k): to_jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [to_jsonable(v) for v in x]
-  if isinstance(x, (np.ndarray, np.generic)):
-    return to_jsonable(x.tolist())
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  return x
-
-
 def write_outputs(result: Mapping, run_dir: str) -> dict[str, str]:
   """Writes alpharl.json, alpharl.png and alpharl.md into run_dir; returns {kind: path}."""
   os.makedirs(run_dir, exist_ok=True)
   paths = {'json': os.path.join(run_dir, JSON_NAME), 'png': os.path.join(run_dir, PNG_NAME),
            'markdown': os.path.join(run_dir, MD_NAME)}
   with open(paths['json'], 'w') as f:
-    json.dump(to_jsonable(result), f, indent=1, allow_nan=False)
+    json.dump(analyze.to_jsonable(result), f, indent=1, allow_nan=False)
   write_plot(result, paths['png'])
   with open(paths['markdown'], 'w') as f:
     f.write(markdown_section(result) + '\n')

@@ -103,16 +103,6 @@ def select_steps(run_dir: str, base_step: int | None = None, steps: Sequence[int
   return [base] + later
 
 
-def _read_meta(run_dir: str, step: int) -> dict:
-  # Same layout as checkpoint.restore_model_config; the meta is optional here.
-  path = os.path.join(checkpoint.checkpoint_dir(run_dir), str(step), 'meta', 'metadata')
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return {}
-
-
 def _model_summary(run_dir: str) -> dict | None:
   try:
     cfg = checkpoint.restore_model_config(run_dir)
@@ -190,7 +180,7 @@ def analyze_run(run_dir: str, config: AnalysisConfig = AnalysisConfig(), evaluat
   analysis = {
       'run_dir': os.path.abspath(run_dir),
       'base_step': base_step, 'final_step': final_step, 'steps': later,
-      'stages': {str(s): _read_meta(run_dir, s).get('stage') for s in steps},
+      'stages': {str(s): checkpoint.read_meta(run_dir, s).get('stage') for s in steps},
       'model': _model_summary(run_dir),
       'tied': tied,
       'config': dataclasses.asdict(config),

@@ -127,14 +127,27 @@ class _DropMessage(logging.Filter):
     return self.text not in record.getMessage()
 
 
+def _meta_path(run_dir: str, step: int) -> str:
+  # Where Checkpointer.save's JSON 'meta' item lands; read without orbax (no manager, no restore args).
+  return os.path.join(checkpoint_dir(run_dir), str(step), 'meta', 'metadata')
+
+
+def read_meta(run_dir: str, step: int) -> dict:
+  """A checkpoint's JSON metadata (stage, stage_start, model_config, ...); {} when it has none."""
+  try:
+    with open(_meta_path(run_dir, step)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
 def restore_model_config(run_dir: str, step: int | None = None) -> qwen.QwenConfig:
   """The model config recorded in a checkpoint's metadata (latest step by default)."""
   steps = available_steps(run_dir)
   if not steps:
     raise FileNotFoundError(f'No checkpoints under {checkpoint_dir(run_dir)}.')
   step = steps[-1] if step is None else step
-  path = os.path.join(checkpoint_dir(run_dir), str(step), 'meta', 'metadata')
-  with open(path) as f:
+  with open(_meta_path(run_dir, step)) as f:
     meta = json.load(f)
   return qwen.QwenConfig(**_tuple_fields(meta['model_config']))
 
