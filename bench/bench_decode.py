@@ -4,7 +4,8 @@ A Qwen2-shaped model (hidden 512, 8 layers, 8 query / 2 KV heads, FFN 1408, voca
 gets random weights from transformers + torch, is saved with save_pretrained and loaded by
 cfrl_jax.models.hf.load_pretrained. Both sides then generate --new_tokens tokens greedily for the
 same prompts (each --batch size) of --prompt_len random tokens, every step forced (no stop token for us,
-min_new_tokens for transformers), float32, with the same number of threads (each thread count of
+min_new_tokens for transformers), in each --dtype (float32, and bfloat16 weights and compute on both
+sides: the dtype RL rollouts run in), with the same number of threads (each thread count of
 --threads runs in its own process, pinned to that many cores). Warm-up (compilation)
 is excluded; the timed runs alternate ours / theirs so machine load hits both alike, and the
 medians are compared. Tokens/s = batch * new_tokens / time of the whole call (prefill included);
@@ -17,7 +18,8 @@ jitted and timed in the same rounds. The decode step cannot be faster than its m
 when that figure exceeds half of transformers' ms/step, a 2x speed-up is out of reach of this
 formulation on this machine.
 
-    python bench/bench_decode.py [--batch 8,64 --prompt_len 64 --new_tokens 128 --reps 5 --threads 2,1]
+    python bench/bench_decode.py [--batch 8,64 --dtype float32,bfloat16 --prompt_len 64 --new_tokens 128
+                                  --reps 5 --threads 2,1]
 
 Writes its section of bench/RESULTS.md (between <!-- bench_decode --> markers).
 """
@@ -41,6 +43,8 @@ def parse_args():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--batch', default='8,64',
                  help='comma-separated batch sizes (8: memory-bound decode; 64: rows of an RL rollout)')
+  p.add_argument('--dtype', default='float32,bfloat16',
+                 help='comma-separated dtypes of the weights and compute, the same on both sides')
   p.add_argument('--prompt_len', type=int, default=64)
   p.add_argument('--new_tokens', type=int, default=128)
   p.add_argument('--reps', type=int, default=5)
@@ -80,6 +84,7 @@ def measure(args, threads: int) -> dict:
   torch.set_num_threads(threads)
 
   B, P, N = int(args.batch), args.prompt_len, args.new_tokens
+  dtype = args.dtype
   hf_config = transformers.Qwen2Config(
       vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
       num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
@@ -88,7 +93,8 @@ def measure(args, threads: int) -> dict:
   model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
   with tempfile.TemporaryDirectory() as d:
     model.save_pretrained(d)
-    cfg, params = hf.load_pretrained(d)
+    cfg, params = hf.load_pretrained(d, dtype=dtype, param_dtype=dtype)
+  model = model.to(getattr(torch, dtype))
   prompts = np.random.RandomState(0).randint(1, cfg.vocab_size, (B, P)).astype(np.int32)
   mask = np.ones((B, P), np.int32)
   key = jax.random.PRNGKey(0)
@@ -99,20 +105,22 @@ def measure(args, threads: int) -> dict:
     return np.asarray(jax.block_until_ready(out.tokens))
 
   import jax.numpy as jnp
-  layer_w = [{k: w[k] for k in ('qkv', 'o', 'gate_up', 'down')}
-             for w in sampling.decode_weights(cfg, params['backbone']['layers'])]
-  head_w = qwen.head_params(cfg, params)['w'].astype(cfg.compute_dtype)  # (V, d), as qwen.logits reads it
+  prepared = sampling.prepare_decode(cfg, params)
+  layer_w = [{k: w[k] for k in ('qkv', 'o', 'gate_up', 'down')} for w in prepared.layers]
+  head_w = prepared.head['w']                        # (V, d), as qwen.logits reads it
   F = cfg.intermediate_size
+  # As the step multiplies: float32 accumulation, results in the compute dtype.
+  mm = lambda x, w: jnp.einsum('bi,oi->bo', x, w, preferred_element_type=jnp.float32).astype(w.dtype)
 
   @jax.jit
   def products(x, layer_w, head_w):
     # The residual adds keep the chain sequential, as in the step; no norms, attention or cache.
     for w in layer_w:
-      qkv = jnp.einsum('bi,oi->bo', x, w['qkv'])
-      x = x + jnp.einsum('bi,oi->bo', qkv[:, :w['o'].shape[1]], w['o'])
-      gu = jnp.einsum('bi,oi->bo', x, w['gate_up'])
-      x = x + jnp.einsum('bi,oi->bo', gu[:, :F] * gu[:, F:], w['down'])
-    return jnp.einsum('bi,oi->bo', x, head_w)
+      qkv = mm(x, w['qkv'])
+      x = x + mm(qkv[:, :w['o'].shape[1]], w['o'])
+      gu = mm(x, w['gate_up'])
+      x = x + mm(gu[:, :F] * gu[:, F:], w['down'])
+    return mm(x, head_w)
 
   x0 = jnp.ones((B, cfg.hidden_size), cfg.compute_dtype)
   layer_w, head_w = jax.block_until_ready((layer_w, head_w))
@@ -147,7 +155,7 @@ def measure(args, threads: int) -> dict:
       runs[name].append(timed(lambda: fn(N)))
       runs1[name].append(timed(lambda: fn(1)))
     products_ms += [1e3 * timed(matmuls)[0] / 10 for _ in range(3)]
-  result = dict(threads=threads, batch=B, agree=agree, load=(load_before, os.getloadavg()[0]),
+  result = dict(threads=threads, batch=B, dtype=dtype, agree=agree, load=(load_before, os.getloadavg()[0]),
                 products_ms=statistics.median(products_ms))
   for name in runs:
     wall = statistics.median(w for w, _ in runs[name])
@@ -164,44 +172,55 @@ def main():
     print('RESULT ' + json.dumps(measure(args, args.child)))
     return
   results = []
-  for batch in dict.fromkeys(int(b) for b in args.batch.split(',')):
-    for threads in dict.fromkeys(int(t) for t in args.threads.split(',')):
-      cmd = [sys.executable, os.path.abspath(__file__), '--child', str(threads), '--batch', str(batch),
-             '--prompt_len', str(args.prompt_len), '--new_tokens', str(args.new_tokens), '--reps', str(args.reps)]
-      proc = subprocess.run(cmd, capture_output=True, text=True)
-      line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
-      if proc.returncode or not line:
-        sys.exit(f'measurement with batch {batch}, {threads} threads failed:\n{proc.stderr[-3000:]}')
-      results.append(json.loads(line[0][len('RESULT '):]))
+  for dtype in dict.fromkeys(args.dtype.split(',')):
+    for batch in dict.fromkeys(int(b) for b in args.batch.split(',')):
+      for threads in dict.fromkeys(int(t) for t in args.threads.split(',')):
+        cmd = [sys.executable, os.path.abspath(__file__), '--child', str(threads), '--batch', str(batch),
+               '--dtype', dtype, '--prompt_len', str(args.prompt_len), '--new_tokens', str(args.new_tokens),
+               '--reps', str(args.reps)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
+        if proc.returncode or not line:
+          sys.exit(f'measurement with {dtype}, batch {batch}, {threads} threads failed:\n{proc.stderr[-3000:]}')
+        results.append(json.loads(line[0][len('RESULT '):]))
+        print(f'{dtype} batch {batch} threads {threads}: ours {results[-1]["ours"]["step_ms"]:.1f} ms/step, '
+              f'transformers {results[-1]["transformers"]["step_ms"]:.1f}', flush=True)
 
   P, N = args.prompt_len, args.new_tokens
   lines = [
-      f'Prompt {P}, {N} new tokens (all forced), float32, greedy; torch threads = XLA '
-      f'threads (process pinned to that many cores); median of {args.reps} alternating runs after '
-      'warm-up. tokens/s = B * N / whole call; decode ms/step excludes the prefill.',
+      f'Prompt {P}, {N} new tokens (all forced), greedy; weights and compute in the dtype shown on both '
+      'sides; torch threads = XLA threads (process pinned to that many cores); median of '
+      f'{args.reps} alternating runs after warm-up. tokens/s = B * N / whole call (prefill and, for us, '
+      'laying out the decode weights included); decode ms/step excludes the prefill.',
       '',
-      '| batch | threads | | tokens/s | whole call (s) | decode ms/step | prefill + 1 token (ms) | CPU s per call | speed-up (tokens/s) | load avg |',
-      '|---|---|---|---|---|---|---|---|---|---|',
+      '| dtype | batch | threads | | tokens/s | whole call (s) | decode ms/step | prefill + 1 token (ms) | CPU s per call | speed-up: tokens/s | speed-up: decode step | load avg |',
+      '|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for r in results:
     for name, label in (('ours', 'cfrl_jax `sample`'), ('transformers', 'transformers `generate`')):
       s = r[name]
-      speed = (f'**{r["ours"]["tok_s"] / r["transformers"]["tok_s"]:.2f}x**' if name == 'ours' else '1')
-      lines.append(f'| {r["batch"]} | {r["threads"]} | {label} | {s["tok_s"]:.0f} | {s["wall"]:.2f} | {s["step_ms"]:.1f} | '
-                   f'{s["prefill_ms"]:.0f} | {s["cpu"]:.2f} | {speed} | {r["load"][0]:.1f}-{r["load"][1]:.1f} |')
+      if name == 'ours':
+        speed = f'**{r["ours"]["tok_s"] / r["transformers"]["tok_s"]:.2f}x**'
+        step = f'**{r["transformers"]["step_ms"] / r["ours"]["step_ms"]:.2f}x**'
+      else:
+        speed = step = '1'
+      lines.append(f'| {r["dtype"]} | {r["batch"]} | {r["threads"]} | {label} | {s["tok_s"]:.0f} | {s["wall"]:.2f} | '
+                   f'{s["step_ms"]:.1f} | {s["prefill_ms"]:.0f} | {s["cpu"]:.2f} | {speed} | {step} | '
+                   f'{r["load"][0]:.1f}-{r["load"][1]:.1f} |')
   lines += ['', 'Lower bound of the decode step in XLA: its matrix products alone (ms per step, median), '
             'against the step time a 2x speed-up over transformers needs:', '',
-            '| batch | threads | matrix products alone (ms) | our decode step (ms) | 2x target (ms) | 2x reachable by this formulation |',
-            '|---|---|---|---|---|---|']
+            '| dtype | batch | threads | matrix products alone (ms) | our decode step (ms) | 2x target (ms) | 2x reachable by this formulation |',
+            '|---|---|---|---|---|---|---|']
   for r in results:
     target = r['transformers']['step_ms'] / 2
-    lines.append(f'| {r["batch"]} | {r["threads"]} | {r["products_ms"]:.1f} | {r["ours"]["step_ms"]:.1f} | '
+    lines.append(f'| {r["dtype"]} | {r["batch"]} | {r["threads"]} | {r["products_ms"]:.1f} | {r["ours"]["step_ms"]:.1f} | '
                  f'{target:.1f} | {"yes" if r["products_ms"] < target else "no"} |')
-  agree = min(r['agree'] for r in results)
-  lines += ['', f'Greedy tokens of the two implementations are identical for the first {agree} of {N} '
-            'steps (random weights at HF init give near-tied logits, so float rounding may flip a late '
-            'argmax). The load average is that of the whole machine during the runs: it is shared, '
-            'and a thread count above the free cores penalises torch\'s OpenMP pool most.']
+  agree = ', '.join(f'{r["dtype"]} batch {r["batch"]}: {r["agree"]}' for r in results if r['threads'] == results[0]['threads'])
+  lines += ['', f'Greedy tokens of the two implementations agree for the first steps (of {N}): {agree}. Random '
+            'weights at HF init give near-tied logits, so rounding flips an argmax early in bfloat16 (each '
+            'side rounds its own sums) and late or never in float32. The load average is that of the '
+            'whole machine during the runs: it is shared, and a thread count above the free cores '
+            'penalises torch\'s OpenMP pool most.']
   desc = machine()
   print(f'Machine: {desc}')
   print('\n'.join(lines))

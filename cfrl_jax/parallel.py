@@ -549,11 +549,12 @@ def sample_sharded(cfg, params, prompt_tokens, prompt_mask, key, *, mesh: Mesh, 
   top_k = 0 if greedy or int(top_k) >= cfg.vocab_size else int(top_k)
   stops = np.asarray(sorted({int(t) for t in stop_token_ids}), np.int32)
   with jax.sharding.set_mesh(mesh):
+    unroll = sampling.unroll_layers_default()
     out = sampling._sample_padded(  # pylint: disable=protected-access
-        params, rows['tokens'], rows['mask'], rows['live'], rep(key),
+        sampling.sampler_model(cfg, params, unroll), rows['tokens'], rows['mask'], rows['live'], rep(key),
         rep(np.float32(1.0 if greedy else temperature)), rep(np.float32(top_p)), rep(stops),
         rep(np.int32(pad_id)), cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=top_k,
-        use_top_p=(not greedy) and float(top_p) < 1.0)
+        use_top_p=(not greedy) and float(top_p) < 1.0, unroll_layers=unroll)
   if process_local:   # rows split as the prompts were (the partitioner may have chosen otherwise)
     out = jax.device_put(tuple(out), NamedSharding(mesh, batch_spec(mesh, Bp)))
     return sampling.SampleOutput(*(local_rows(x) for x in out))

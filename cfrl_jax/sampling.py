@@ -16,7 +16,10 @@ handful of times; padded rows are dummies that start finished and are stripped o
 The decode step is kept lean: logits are computed for one position per row (never over the
 prompt again), the cache is updated in place inside one lax.while_loop that exits as soon as
 every row has stopped, and on CPU the layers are unrolled over per-layer fused (out, in) weights
-and per-layer (B, Hkv, S, hd) caches (see unroll_layers_default, decode_weights and LayerKV).
+and per-layer (B, Hkv, S, hd) caches (see unroll_layers_default, prepare_decode and LayerKV); the
+prefill runs through the same unrolled layers. In bfloat16 every matrix product accumulates in
+float32 and returns bfloat16 (XLA:CPU's fast bf16 kernels need the float32 result type), and
+bf16 data is moved as uint16 bits (see _bits).
 """
 from __future__ import annotations
 
@@ -192,38 +195,29 @@ class LayerKV(NamedTuple):
   index: jax.Array
 
 
-def _layer_kv_from_prefill(cache: qwen.KVCache, total_slots: int) -> LayerKV:
-  """Moves a prefilled qwen.KVCache (L, B, P, Hkv, hd) into a LayerKV with total_slots slots."""
-  L, B, P, Hkv, hd = cache.k.shape
-  grow = lambda x: jnp.zeros((B, Hkv, total_slots, hd), x.dtype).at[:, :, :P].set(jnp.swapaxes(x, 1, 2))
-  mask = jnp.zeros((B, total_slots), jnp.int32).at[:, :P].set(cache.mask)
-  return LayerKV(tuple(grow(cache.k[l]) for l in range(L)), tuple(grow(cache.v[l]) for l in range(L)),
-                 mask, cache.index)
-
-
 def decode_weights(cfg: QwenConfig, layers: Params) -> list[dict]:
   """Per-layer weights laid out for one-token decoding: a list of L dicts.
 
   layers: the backbone's stacked layer tree. Each dict holds the layer's q/k/v kernels fused into
   one (Hq*hd + 2*Hkv*hd, d) matrix, gate and up fused into one (2F, d) matrix, o (d, Hq*hd) and
   down (d, F), all (out, in) and in the compute dtype, plus norms and biases. Built once per
-  sample call, inside the jit (an extra copy of the layer weights while sampling).
+  sample call by prepare_decode (an extra copy of the layer weights while sampling).
 
   Why: a decode step reads every weight once for a handful of rows, so it is bound by memory
   bandwidth and by the number of kernels launched per step. One matrix per stage halves the
   matmuls, and (out, in) rows are contiguous dot products, which XLA:CPU's matrix-vector kernels
   stream faster than (in, out) columns (measured ~10% on the MLP).
   """
+  dt = cfg.compute_dtype
+  kernels = {n: _bits(layers[n]['kernel'].astype(dt)) for n in
+             ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')}
   out = []
   for l in range(cfg.num_layers):
     p = jax.tree_util.tree_map(lambda x, l=l: x[l], layers)
+    fused = lambda *names, l=l: _unbits(jnp.concatenate([kernels[n][l] for n in names], axis=1).T, dt)
     w = {'input_norm': p['input_norm'], 'post_attn_norm': p['post_attn_norm'],
-         'qkv': jnp.concatenate([p[n]['kernel'] for n in ('q_proj', 'k_proj', 'v_proj')], axis=1).T,
-         'o': p['o_proj']['kernel'].T,
-         'gate_up': jnp.concatenate([p['gate_proj']['kernel'], p['up_proj']['kernel']], axis=1).T,
-         'down': p['down_proj']['kernel'].T}
-    for name in ('qkv', 'o', 'gate_up', 'down'):
-      w[name] = w[name].astype(cfg.compute_dtype)
+         'qkv': fused('q_proj', 'k_proj', 'v_proj'), 'o': fused('o_proj'),
+         'gate_up': fused('gate_proj', 'up_proj'), 'down': fused('down_proj')}
     if cfg.attention_bias:
       w['qkv_bias'] = jnp.concatenate([p[n]['bias'] for n in ('q_proj', 'k_proj', 'v_proj')])
     if cfg.o_bias:
@@ -234,70 +228,145 @@ def decode_weights(cfg: QwenConfig, layers: Params) -> list[dict]:
   return out
 
 
+class DecodeParams(NamedTuple):
+  """The policy laid out for the unrolled sampler (see prepare_decode).
+
+  embed: (V, d) input embedding in the compute dtype; for 16-bit dtypes its uint16 bits (see _bits), so the per-step
+    row gather never converts the table. layers: decode_weights. final_norm: (d,).
+  head: {'w': (V, d)} in the compute dtype, as qwen.logits reads it.
+  """
+  embed: jax.Array
+  layers: list
+  final_norm: jax.Array
+  head: Params
+
+
+@functools.partial(jax.jit, static_argnames=('cfg',))
+def prepare_decode(cfg: QwenConfig, params: Params) -> DecodeParams:
+  """Lays params out for the unrolled sampler, in its own compiled call (once per sample call).
+
+  Separate from the sampler's jit so that the sampler's matrix products read materialised
+  compute-dtype matrices: inside one jit XLA:CPU fused the weight transposes into the prefill's
+  products and ran those in float32 (bfloat16 prefill ~3x slower, measured).
+  """
+  backbone = params['backbone']
+  head = qwen.head_params(cfg, params)
+  return DecodeParams(embed=_bits(backbone['embed'].astype(cfg.compute_dtype)), layers=decode_weights(cfg, backbone['layers']),
+                      final_norm=backbone['final_norm'],
+                      head={'w': head['w'].astype(cfg.compute_dtype)})
+
+
+def _bits(x):
+  """A 16-bit float array viewed as uint16 (other dtypes unchanged), for pure data movement.
+
+  XLA:CPU moves bfloat16 data (concatenate, transpose, gather) by converting it to float32 and
+  back; on the raw bits the same moves are plain copies (~3x faster measured on the decode
+  weights, and a gather from the embedding no longer converts the whole table every call).
+  """
+  return jax.lax.bitcast_convert_type(x, jnp.uint16) if jnp.dtype(x.dtype).itemsize == 2 else x
+
+
+def _unbits(x, dtype):
+  """Inverse of _bits: the uint16 view back to `dtype`."""
+  return jax.lax.bitcast_convert_type(x, dtype) if x.dtype == jnp.uint16 else x
+
+
 def _matvec(x, w, dtype, bias=None):
-  """x (B, in) times an (out, in) matrix -> (B, out)."""
-  y = jnp.einsum('bi,oi->bo', x, w.astype(dtype))
+  """x (B, in) times an (out, in) matrix -> (B, out) in dtype, accumulated in float32.
+
+  The float32 result type is also what makes XLA:CPU take its fast bfloat16 kernel: a bf16 x bf16
+  -> bf16 dot runs ~4x slower than the same dot with a float32 result (measured on the decode
+  benchmark's shapes).
+  """
+  y = jnp.einsum('bi,oi->bo', x, w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
   return y if bias is None else y + bias.astype(dtype)
 
 
-def _rope_one(x, cos, sin):
-  """x (B, H, hd); cos/sin (B, hd): qwen.apply_rope for a single position per row."""
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return x * cos[:, None].astype(x.dtype) + rotated * sin[:, None].astype(x.dtype)
+def _cached_layer(cfg: QwenConfig, w: dict, h, cos, sin, k_cache, v_cache, slot, key_mask, *,
+                  prefill: bool):
+  """One decoder block for T new tokens per row over per-layer caches (qwen._layer's maths).
 
-
-def _decode_layer(cfg: QwenConfig, w: dict, h, cos, sin, k_cache, v_cache, slot, key_mask):
-  """One decoder block for one token per row (qwen._layer's maths, decode layout).
-
-  h: (B, d); cos, sin: (B, hd); k_cache, v_cache: (B, Hkv, S, hd); key_mask: (B, S) with the new
-  slot already set. Returns (h, k_cache, v_cache) with this token's key/value written at `slot`.
+  h: (B, T, d); cos, sin: (B, T, hd); k_cache, v_cache: (B, Hkv, S, hd); key_mask: (B, S) with the
+  T new slots [slot, slot + T) already set. prefill (static): the caches are empty and slot is 0,
+  so the T tokens attend among themselves (causally) instead of over all S slots. Otherwise T is
+  1 and the token attends over the cache. Returns (h, k_cache, v_cache) with the new keys/values
+  written at [slot, slot + T).
   """
   dt = cfg.compute_dtype
-  B = h.shape[0]
+  B, T, d = h.shape
   Hq, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  x = qwen.rms_norm(h, w['input_norm'], cfg.rms_norm_eps)
-  qkv = _matvec(x, w['qkv'], dt, w.get('qkv_bias'))
-  q = qkv[:, :Hq * hd].reshape(B, Hq, hd)
-  k = qkv[:, Hq * hd:(Hq + Hkv) * hd].reshape(B, Hkv, hd)
-  v = qkv[:, (Hq + Hkv) * hd:].reshape(B, Hkv, hd)
+  x = qwen.rms_norm(h, w['input_norm'], cfg.rms_norm_eps).reshape(B * T, d)
+  qkv = _matvec(x, w['qkv'], dt, w.get('qkv_bias')).reshape(B, T, -1)
+  q = qkv[..., :Hq * hd].reshape(B, T, Hq, hd)
+  k = qkv[..., Hq * hd:(Hq + Hkv) * hd].reshape(B, T, Hkv, hd)
+  v = qkv[..., (Hq + Hkv) * hd:].reshape(B, T, Hkv, hd)
   if cfg.qk_norm:
     q = qwen.rms_norm(q, w['q_norm'], cfg.rms_norm_eps)
     k = qwen.rms_norm(k, w['k_norm'], cfg.rms_norm_eps)
-  q, k = _rope_one(q, cos, sin), _rope_one(k, cos, sin)
-  k_cache = jax.lax.dynamic_update_slice(k_cache, k[:, :, None].astype(k_cache.dtype), (0, 0, slot, 0))
-  v_cache = jax.lax.dynamic_update_slice(v_cache, v[:, :, None].astype(v_cache.dtype), (0, 0, slot, 0))
-  # Grouped-query attention straight on the (B, Hkv, S, hd) cache: no transposed copy per step.
-  qg = q.reshape(B, Hkv, Hq // Hkv, hd)
-  scores = jnp.einsum('bkgh,bksh->bkgs', qg, k_cache.astype(dt), preferred_element_type=jnp.float32)
-  scores = scores / math.sqrt(hd)
-  # Slots after the current one are still 0 in key_mask, so the mask is also the causal mask.
-  scores = jnp.where(key_mask[:, None, None, :] > 0, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-  attn = jnp.einsum('bkgs,bksh->bkgh', probs, v_cache.astype(dt)).reshape(B, Hq * hd)
-  h = h + _matvec(attn, w['o'], dt, w.get('o_bias'))
-  x = qwen.rms_norm(h, w['post_attn_norm'], cfg.rms_norm_eps)
+  q, k = qwen.apply_rope(q, cos, sin), qwen.apply_rope(k, cos, sin)
+  k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)            # (B, Hkv, T, hd), the cache's order
+  k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, slot, 0))
+  v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, slot, 0))
+  G = Hq // Hkv
+  neg = jnp.finfo(jnp.float32).min   # finite: a query at a left pad sees no key and gets no NaN
+  if prefill:
+    # In float32 whatever the compute dtype: these T x T products are ~7% of a bf16 prefill
+    # (profiled), and XLA:CPU's fallback kernel for batched products has no bf16 x bf16 -> f32
+    # variant ("Unsupported element type for DotThunk" in some operand layouts; see below).
+    qg = q.reshape(B, T, Hkv, G, hd).astype(jnp.float32)
+    scores = jnp.einsum('btkgh,bksh->bkgts', qg, k.astype(jnp.float32)) / math.sqrt(hd)
+    causal = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
+    allowed = (key_mask[:, None, None, None, :T] > 0) & causal
+    probs = jax.nn.softmax(jnp.where(allowed, scores, neg), axis=-1)
+    # (B, Hkv, G, T, hd) then moved: asking for (B, T, Hkv, G, hd) directly picks a slower kernel.
+    attn = jnp.transpose(jnp.einsum('bkgts,bksh->bkgth', probs, v.astype(jnp.float32)), (0, 3, 1, 2, 4))
+  else:
+    # One query per row, grouped-query attention straight on the (B, Hkv, S, hd) cache (no
+    # transposed copy per step), in operand layouts XLA:CPU's library kernels take for bf16 with
+    # float32 results (a (B, T, Hkv, G, hd) output here fell back to the kernel without one).
+    # Slots after the current one are still 0 in key_mask: it is also the causal mask.
+    qg = q.reshape(B, Hkv, G, hd)
+    scores = jnp.einsum('bkgh,bksh->bkgs', qg, k_cache.astype(dt),
+                        preferred_element_type=jnp.float32) / math.sqrt(hd)
+    probs = jax.nn.softmax(jnp.where(key_mask[:, None, None, :] > 0, scores, neg), axis=-1)
+    attn = jnp.einsum('bkgs,bksh->bkgh', probs.astype(dt), v_cache.astype(dt),
+                      preferred_element_type=jnp.float32)
+  attn = attn.astype(dt).reshape(B * T, Hq * hd)
+  h = h + _matvec(attn, w['o'], dt, w.get('o_bias')).reshape(B, T, d)
+  x = qwen.rms_norm(h, w['post_attn_norm'], cfg.rms_norm_eps).reshape(B * T, d)
   gate_up = _matvec(x, w['gate_up'], dt)
   F = cfg.intermediate_size
-  return h + _matvec(jax.nn.silu(gate_up[:, :F]) * gate_up[:, F:], w['down'], dt), k_cache, v_cache
+  mlp = _matvec(jax.nn.silu(gate_up[:, :F]) * gate_up[:, F:], w['down'], dt)
+  return h + mlp.reshape(B, T, d), k_cache, v_cache
 
 
-def _decode_step(cfg: QwenConfig, embed, final_norm, weights: list, tokens, positions, kv: LayerKV):
-  """One token per row through the decoder, layers unrolled over decode_weights and per-layer caches.
+def _cached_forward(cfg: QwenConfig, model: DecodeParams, tokens, positions, kv: LayerKV, mask=None):
+  """T tokens per row through the decoder, layers unrolled over decode_weights and per-layer caches.
 
-  tokens, positions: (B,) int32. Returns (phi (B, d), kv with the new keys/values at slot kv.index).
+  tokens, positions: (B, T) int32. mask: (B, T) real-token mask of a prefill (the caches must be
+  empty, kv.index 0); None for a decode step (T = 1, every row's token is real). Returns
+  (phi (B, T, d), kv with the new keys/values at slots [kv.index, kv.index + T)).
   """
-  B = tokens.shape[0]
+  B, T = tokens.shape
+  prefill = mask is not None
   slot = kv.index
-  key_mask = jax.lax.dynamic_update_slice(kv.mask, jnp.ones((B, 1), jnp.int32), (0, slot))
-  cos, sin = qwen.rope_tables(positions[:, None], cfg.head_dim, cfg.rope_theta)
-  cos, sin = cos[:, 0], sin[:, 0]
-  h = jnp.take(embed, tokens, axis=0).astype(cfg.compute_dtype)
+  new = mask.astype(jnp.int32) if prefill else jnp.ones((B, T), jnp.int32)
+  key_mask = jax.lax.dynamic_update_slice(kv.mask, new, (0, slot))
+  cos, sin = qwen.rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+  h = _unbits(jnp.take(model.embed, tokens, axis=0), cfg.compute_dtype)
   ks, vs = list(kv.k), list(kv.v)
-  for l, w in enumerate(weights):
-    h, ks[l], vs[l] = _decode_layer(cfg, w, h, cos, sin, ks[l], vs[l], slot, key_mask)
-  phi = qwen.rms_norm(h, final_norm, cfg.rms_norm_eps)
-  return phi, LayerKV(tuple(ks), tuple(vs), key_mask, slot + 1)
+  for l, w in enumerate(model.layers):
+    h, ks[l], vs[l] = _cached_layer(cfg, w, h, cos, sin, ks[l], vs[l], slot, key_mask, prefill=prefill)
+  phi = qwen.rms_norm(h, model.final_norm, cfg.rms_norm_eps)
+  return phi, LayerKV(tuple(ks), tuple(vs), key_mask, slot + T)
+
+
+def init_layer_kv(cfg: QwenConfig, batch: int, slots: int, dtype=None) -> LayerKV:
+  """An empty LayerKV: per-layer (batch, Hkv, slots, hd) zeros in `dtype` (default: compute dtype)."""
+  dtype = dtype or cfg.compute_dtype
+  zeros = lambda: jnp.zeros((batch, cfg.num_kv_heads, slots, cfg.head_dim), dtype)
+  return LayerKV(tuple(zeros() for _ in range(cfg.num_layers)), tuple(zeros() for _ in range(cfg.num_layers)),
+                 jnp.zeros((batch, slots), jnp.int32), jnp.zeros((), jnp.int32))
 
 
 def unroll_layers_default() -> bool:
@@ -310,23 +379,44 @@ def unroll_layers_default() -> bool:
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'max_new_tokens', 'greedy', 'top_k', 'use_top_p',
                                              'unroll_layers'))
-def _sample_padded(params: Params, prompt_tokens, prompt_mask, live_rows, key, temperature, top_p,
+def _sample_padded(model: Params | DecodeParams, prompt_tokens, prompt_mask, live_rows, key, temperature, top_p,
                    stop_token_ids, pad_id, *, cfg: QwenConfig, max_new_tokens: int, greedy: bool,
                    top_k: int, use_top_p: bool, unroll_layers: bool | None = None) -> SampleOutput:
-  """The compiled sampler on bucketed shapes. live_rows (B,) bool: False for dummy rows."""
+  """The compiled sampler on bucketed shapes. live_rows (B,) bool: False for dummy rows.
+
+  model: prepare_decode's DecodeParams with unroll_layers (default on CPU), else the params tree.
+  """
   B, P = prompt_tokens.shape
   N = max_new_tokens
   if unroll_layers is None:
     unroll_layers = unroll_layers_default()
+  if unroll_layers != isinstance(model, DecodeParams):
+    raise ValueError('the unrolled sampler takes prepare_decode(cfg, params); the scanned one the params.')
   choose = functools.partial(_choose, temperature=temperature, top_p=top_p, greedy=greedy,
                              top_k=top_k, use_top_p=use_top_p)
   is_stop = lambda t: jnp.any(t[:, None] == stop_token_ids[None, :], axis=-1)
-  backbone, head = params['backbone'], qwen.head_params(cfg, params)
   keys = jax.random.split(key, N)
 
   # Prefill: logits only at the last column (every prompt ends there), not over all P positions.
-  cache = qwen.init_cache(cfg, B, P if unroll_layers else P + N - 1)
-  phi, cache = qwen.features(cfg, backbone, prompt_tokens, prompt_mask, cache=cache)
+  if unroll_layers:
+    head = model.head
+    forward = functools.partial(_cached_forward, cfg, model)
+    phi, cache = forward(prompt_tokens, qwen.positions_from_mask(prompt_mask),
+                         init_layer_kv(cfg, B, P + N - 1), mask=prompt_mask)
+
+    def step(tok, pos, cache):
+      phi, cache = forward(tok[:, None], pos[:, None], cache)
+      return phi[:, 0], cache
+  else:
+    backbone, head = model['backbone'], qwen.head_params(cfg, model)
+    cache = qwen.init_cache(cfg, B, P + N - 1)
+    phi, cache = qwen.features(cfg, backbone, prompt_tokens, prompt_mask, cache=cache)
+
+    def step(tok, pos, cache):
+      phi, cache = qwen.features(cfg, backbone, tok[:, None], jnp.ones((B, 1), jnp.int32),
+                                 positions=pos[:, None], cache=cache)
+      return phi[:, 0], cache
+
   tok, lp, slp = choose(qwen.logits(cfg, head, phi[:, -1]), keys[0])
   tok = jnp.where(live_rows, tok, pad_id)
   live = live_rows.astype(jnp.int32)
@@ -337,17 +427,6 @@ def _sample_padded(params: Params, prompt_tokens, prompt_mask, live_rows, key, t
       sample_logprobs=jnp.zeros((B, N), jnp.float32).at[:, 0].set(slp * live))
   done = ~live_rows | is_stop(tok)
   lengths = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)
-
-  if unroll_layers:
-    cache = _layer_kv_from_prefill(cache, P + N - 1)
-    weights = decode_weights(cfg, backbone['layers'])
-    step = lambda tok, pos, cache: _decode_step(cfg, backbone['embed'], backbone['final_norm'], weights,
-                                                tok, pos, cache)
-  else:
-    def step(tok, pos, cache):
-      phi, cache = qwen.features(cfg, backbone, tok[:, None], jnp.ones((B, 1), jnp.int32),
-                                 positions=pos[:, None], cache=cache)
-      return phi[:, 0], cache
 
   def cond(carry):
     t, _, done, _, _ = carry
@@ -370,6 +449,11 @@ def _sample_padded(params: Params, prompt_tokens, prompt_mask, live_rows, key, t
 
   _, _, _, _, out = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, done, cache, out))
   return out
+
+
+def sampler_model(cfg: QwenConfig, params: Params, unroll_layers: bool) -> Params | DecodeParams:
+  """What _sample_padded takes: prepare_decode(cfg, params) when unrolled, else params itself."""
+  return prepare_decode(cfg, params) if unroll_layers else params
 
 
 def bucket_size(n: int, step: int, minimum: int = 1) -> int:
@@ -397,7 +481,8 @@ def sample(cfg: QwenConfig, params: Params, prompt_tokens, prompt_mask, key, *, 
   bucket: round B and P up to buckets so few shapes compile. Each row's randomness depends on
   the key, the step and its row index only, so bucketing changes no sample.
   unroll_layers: decode with the layers unrolled over per-layer weight copies (default: on CPU
-  only, see unroll_layers_default) instead of a scan over the stacked weights; same results.
+  only, see unroll_layers_default) instead of a scan over the stacked weights; the same maths
+  (equal results in float32, equal up to rounding in bfloat16).
   Returns SampleOutput with (B, max_new_tokens) arrays.
   """
   tokens = np.asarray(prompt_tokens)
@@ -445,12 +530,12 @@ def sample(cfg: QwenConfig, params: Params, prompt_tokens, prompt_mask, key, *, 
   greedy = bool(greedy)
   top_k = 0 if greedy or int(top_k) >= cfg.vocab_size else int(top_k)
   use_top_p = (not greedy) and float(top_p) < 1.0
+  unroll_layers = unroll_layers_default() if unroll_layers is None else bool(unroll_layers)
   out = _sample_padded(
-      params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask), jnp.asarray(live_rows), key,
+      sampler_model(cfg, params, unroll_layers), jnp.asarray(tokens, jnp.int32), jnp.asarray(mask), jnp.asarray(live_rows), key,
       jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p), jnp.asarray(stops),
       jnp.int32(pad_id), cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=top_k,
-      use_top_p=use_top_p,
-      unroll_layers=unroll_layers_default() if unroll_layers is None else bool(unroll_layers))
+      use_top_p=use_top_p, unroll_layers=unroll_layers)
   if Bp > B:
     out = SampleOutput(*(x[:B] for x in out))
   return out

@@ -124,6 +124,52 @@ def test_logprobs_equal_a_full_forward_recomputation(tiny_qwen3_dir, kw):
   assert np.all(np.asarray(out.sample_logprobs)[real] >= np.asarray(out.logprobs)[real] - 1.0 / 0.7)
 
 
+# --- bfloat16: the decode path's own layout (uint16 moves, float32 accumulation) ------------
+@pytest.mark.parametrize('fixture,param_dtype', [('tiny_qwen3_dir', 'bfloat16'),
+                                                 ('tiny_qwen2_tied_dir', 'float32')])
+def test_bfloat16_sampling_matches_a_float32_recomputation(fixture, param_dtype, request):
+  """bf16 compute (bf16 or f32 storage, Qwen3 and a tied Qwen2): the returned log-probs equal a
+  float32 forward over the same (bf16-rounded) weights to bf16 accuracy."""
+  cfg, params = hf.load_pretrained(request.getfixturevalue(fixture), dtype='bfloat16',
+                                   param_dtype=param_dtype)
+  prepared = sampling.prepare_decode(cfg, params)
+  assert prepared.embed.dtype == jnp.uint16                  # gathered as raw bits (see _bits)
+  assert all(w['qkv'].dtype == jnp.bfloat16 for w in prepared.layers)
+  tokens, mask = _prompts(cfg.vocab_size, [3, 6, 1], seed=2)
+  kw = dict(max_new_tokens=8, temperature=1.0, stop_token_ids=(5,), pad_id=0)
+  out = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(3), **kw)
+  c_tokens, c_mask = np.asarray(out.tokens), np.asarray(out.mask)
+  real = c_mask == 1
+  assert real.sum() > 8 and np.all(np.isfinite(np.asarray(out.logprobs)))
+
+  cfg32 = cfg.replace(dtype='float32', param_dtype='float32')
+  params32 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), params)
+  full_tokens = np.concatenate([tokens, c_tokens], 1)
+  full_mask = np.concatenate([mask, c_mask], 1)
+  logp, _ = qwen.token_logprobs(cfg32, params32, full_tokens, full_mask)
+  ref = np.asarray(logp)[:, tokens.shape[1] - 1:]
+  got = np.asarray(out.logprobs)
+  # bf16 keeps 8 bits of mantissa: log-probs near -log(V) ~ -5 carry ~0.02 of rounding per layer.
+  np.testing.assert_allclose(got[real], ref[real], atol=0.1)
+  assert np.abs(got[real] - ref[real]).mean() < 0.03
+
+
+
+def test_bfloat16_greedy_decoding_continues_a_bf16_forward(tiny_qwen2_dir):
+  """Each greedy token is the argmax of a bf16 full forward over the prefix, up to near-ties."""
+  cfg, params = hf.load_pretrained(tiny_qwen2_dir, dtype='bfloat16', param_dtype='bfloat16')
+  tokens, mask = _prompts(cfg.vocab_size, [4, 2, 5], seed=7)
+  out = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(0), max_new_tokens=6, greedy=True)
+  full = np.concatenate([tokens, np.asarray(out.tokens)], 1)
+  full_mask = np.concatenate([mask, np.asarray(out.mask)], 1)
+  z, _ = qwen.forward(cfg, params, full, full_mask)
+  z = np.asarray(z, np.float64)[:, tokens.shape[1] - 1:-1]           # (B, N, V) before each token
+  chosen = np.take_along_axis(z, np.asarray(out.tokens)[..., None], -1)[..., 0]
+  gap = z.max(-1) - chosen                                           # 0 where the argmax agrees
+  assert np.all(gap <= 0.05 * np.abs(z).max()), gap.max()
+  assert (gap == 0).mean() >= 0.8
+
+
 # --- the filtered distribution ------------------------------------------------------------------
 @pytest.mark.parametrize('temperature,top_k,top_p', [
     (1.0, 0, 1.0), (0.6, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.7), (1.7, 30, 0.9), (0.9, 0, 0.95)])
