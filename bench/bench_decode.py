@@ -109,8 +109,8 @@ def measure(args, threads: int) -> dict:
   layer_w = [{k: w[k] for k in ('qkv', 'o', 'gate_up', 'down')} for w in prepared.layers]
   head_w = prepared.head['w']                        # (V, d), as qwen.logits reads it
   F = cfg.intermediate_size
-  # As the step multiplies: float32 accumulation, results in the compute dtype.
-  mm = lambda x, w: jnp.einsum('bi,oi->bo', x, w, preferred_element_type=jnp.float32).astype(w.dtype)
+  # The step's own product: float32 accumulation, results in the compute dtype.
+  mm = lambda x, w: sampling._matvec(x, w, w.dtype)  # pylint: disable=protected-access
 
   @jax.jit
   def products(x, layer_w, head_w):

@@ -251,8 +251,8 @@ def prepare_decode(cfg: QwenConfig, params: Params) -> DecodeParams:
   """
   backbone = params['backbone']
   head = qwen.head_params(cfg, params)
-  return DecodeParams(embed=_bits(backbone['embed'].astype(cfg.compute_dtype)), layers=decode_weights(cfg, backbone['layers']),
-                      final_norm=backbone['final_norm'],
+  return DecodeParams(embed=_bits(backbone['embed'].astype(cfg.compute_dtype)),
+                      layers=decode_weights(cfg, backbone['layers']), final_norm=backbone['final_norm'],
                       head={'w': head['w'].astype(cfg.compute_dtype)})
 
 
@@ -532,7 +532,8 @@ def sample(cfg: QwenConfig, params: Params, prompt_tokens, prompt_mask, key, *, 
   use_top_p = (not greedy) and float(top_p) < 1.0
   unroll_layers = unroll_layers_default() if unroll_layers is None else bool(unroll_layers)
   out = _sample_padded(
-      sampler_model(cfg, params, unroll_layers), jnp.asarray(tokens, jnp.int32), jnp.asarray(mask), jnp.asarray(live_rows), key,
+      sampler_model(cfg, params, unroll_layers), jnp.asarray(tokens, jnp.int32), jnp.asarray(mask),
+      jnp.asarray(live_rows), key,
       jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p), jnp.asarray(stops),
       jnp.int32(pad_id), cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=top_k,
       use_top_p=use_top_p, unroll_layers=unroll_layers)
