@@ -149,10 +149,17 @@ def test_bfloat16_sampling_matches_a_float32_recomputation(fixture, param_dtype,
   logp, _ = qwen.token_logprobs(cfg32, params32, full_tokens, full_mask)
   ref = np.asarray(logp)[:, tokens.shape[1] - 1:]
   got = np.asarray(out.logprobs)
-  # bf16 keeps 8 bits of mantissa: log-probs near -log(V) ~ -5 carry ~0.02 of rounding per layer.
-  np.testing.assert_allclose(got[real], ref[real], atol=0.1)
-  assert np.abs(got[real] - ref[real]).mean() < 0.03
-
+  # The tolerance is bf16 rounding itself, measured on the same tokens: our own bf16 full forward
+  # (qwen.token_logprobs, another summation order) against the same float32 reference. The
+  # sampler must be about as close as that peer; a fixed bound either hides a real error or trips
+  # when a change moves only the rounding. A wrong slot, position or mask is off by O(1).
+  logp16, _ = qwen.token_logprobs(cfg, params, full_tokens, full_mask)
+  peer = np.asarray(logp16, np.float32)[:, tokens.shape[1] - 1:]
+  e_ours, e_peer = np.abs(got[real] - ref[real]), np.abs(peer[real] - ref[real])
+  assert 0 < e_peer.mean() < 0.05                              # the peer is bf16-accurate, not exact
+  assert e_ours.mean() <= 1.5 * e_peer.mean() + 0.005, (e_ours.mean(), e_peer.mean())
+  assert np.quantile(e_ours, 0.9) <= 2 * np.quantile(e_peer, 0.9) + 0.01, (e_ours, e_peer)
+  assert e_ours.max() <= 3 * e_peer.max() + 0.02, (e_ours.max(), e_peer.max())
 
 
 def test_bfloat16_greedy_decoding_continues_a_bf16_forward(tiny_qwen2_dir):
