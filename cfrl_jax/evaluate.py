@@ -23,11 +23,13 @@ def _generate(policy, params, prompts, key, *, n_per_prompt, greedy, temperature
   """Completions for each prompt repeated n_per_prompt times (group-major), in batches."""
   rep = [p for p in prompts for _ in range(n_per_prompt)]
   texts, lengths = [], []
+  # Every batch samples from the same params: lay the decode weights out once, not per batch.
+  model = sampling.prepare_decode(policy.cfg, params) if sampling.unroll_layers_default() else params
   for i, start in enumerate(range(0, len(rep), batch_size)):
     chunk = rep[start:start + batch_size]
     toks, mask = tokenization.encode_prompts(policy.tokenizer, chunk, chat_template=policy.chat_template,
                                              system_prompt=policy.system_prompt)
-    out = sampling.sample(policy.cfg, params, toks, mask, jax.random.fold_in(key, i),
+    out = sampling.sample(policy.cfg, model, toks, mask, jax.random.fold_in(key, i),
                           max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
                           stop_token_ids=policy.stop_ids, pad_id=policy.pad_id)
     m = np.asarray(out.mask)

@@ -451,8 +451,16 @@ def _sample_padded(model: Params | DecodeParams, prompt_tokens, prompt_mask, liv
   return out
 
 
-def sampler_model(cfg: QwenConfig, params: Params, unroll_layers: bool) -> Params | DecodeParams:
-  """What _sample_padded takes: prepare_decode(cfg, params) when unrolled, else params itself."""
+def sampler_model(cfg: QwenConfig, params: Params | DecodeParams, unroll_layers: bool) -> Params | DecodeParams:
+  """What _sample_padded takes: prepare_decode(cfg, params) when unrolled, else params itself.
+
+  params may already be prepare_decode's DecodeParams (laid out once, reused across calls).
+  """
+  if isinstance(params, DecodeParams):
+    if not unroll_layers:
+      raise ValueError('params is prepare_decode(...) output, which only the unrolled sampler reads; '
+                       'pass the params tree itself with unroll_layers=False.')
+    return params
   return prepare_decode(cfg, params) if unroll_layers else params
 
 
@@ -468,12 +476,15 @@ def compile_cache_size() -> int:
   return _sample_padded._cache_size()  # pylint: disable=protected-access
 
 
-def sample(cfg: QwenConfig, params: Params, prompt_tokens, prompt_mask, key, *, max_new_tokens: int,
+def sample(cfg: QwenConfig, params: Params | DecodeParams, prompt_tokens, prompt_mask, key, *, max_new_tokens: int,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
            stop_token_ids: Iterable[int] = (), pad_id: int = 0, bucket: bool = True,
            unroll_layers: bool | None = None) -> SampleOutput:
   """Samples up to max_new_tokens tokens after each LEFT-padded prompt.
 
+  params: the policy's {'backbone', 'head'} tree, or prepare_decode(cfg, params) to lay the
+  weights out once for many calls on the same params (evaluation, several rollout batches per
+  policy version); the unrolled sampler otherwise lays them out at every call.
   prompt_tokens, prompt_mask: (B, P) ints, mask 1 on real tokens, every row with at least one.
   key: a PRNG key (split once per step inside). greedy: argmax instead of sampling (temperature,
   top_k and top_p are then ignored; sample_logprobs are 0). A row stops after emitting any of
@@ -530,7 +541,9 @@ def sample(cfg: QwenConfig, params: Params, prompt_tokens, prompt_mask, key, *, 
   greedy = bool(greedy)
   top_k = 0 if greedy or int(top_k) >= cfg.vocab_size else int(top_k)
   use_top_p = (not greedy) and float(top_p) < 1.0
-  unroll_layers = unroll_layers_default() if unroll_layers is None else bool(unroll_layers)
+  if unroll_layers is None:
+    unroll_layers = isinstance(params, DecodeParams) or unroll_layers_default()
+  unroll_layers = bool(unroll_layers)
   out = _sample_padded(
       sampler_model(cfg, params, unroll_layers), jnp.asarray(tokens, jnp.int32), jnp.asarray(mask),
       jnp.asarray(live_rows), key,

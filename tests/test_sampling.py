@@ -97,6 +97,25 @@ def test_scanned_and_unrolled_decoding_agree(tiny_qwen3_dir):
   np.testing.assert_allclose(np.asarray(a.sample_logprobs), np.asarray(b.sample_logprobs), atol=1e-5)
 
 
+def test_prepared_decode_weights_are_reused_across_calls(tiny_qwen3_dir, monkeypatch):
+  """sample(cfg, prepare_decode(cfg, params), ...) equals sample(cfg, params, ...) and lays
+  nothing out again; the scanned sampler refuses prepared weights with a clear error."""
+  cfg, params = hf.load_pretrained(tiny_qwen3_dir)
+  tokens, mask = _prompts(cfg.vocab_size, [3, 6, 1], seed=5)
+  kw = dict(max_new_tokens=10, temperature=0.8, top_k=20, stop_token_ids=(5, 7))
+  a = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(4), unroll_layers=True, **kw)
+  prepared = sampling.prepare_decode(cfg, params)
+  calls = []
+  monkeypatch.setattr(sampling, 'prepare_decode', lambda *args: calls.append(args))
+  for _ in range(2):
+    b = sampling.sample(cfg, prepared, tokens, mask, jax.random.PRNGKey(4), **kw)
+    for x, y in zip(a, b):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert not calls
+  with pytest.raises(ValueError, match='unroll_layers=False'):
+    sampling.sample(cfg, prepared, tokens, mask, jax.random.PRNGKey(4), unroll_layers=False, **kw)
+
+
 # --- log-probs == recomputation from a full forward pass ---------------------------------------
 @pytest.mark.parametrize('kw', [dict(temperature=0.7, top_p=0.8), dict(temperature=1.3, top_k=20)])
 def test_logprobs_equal_a_full_forward_recomputation(tiny_qwen3_dir, kw):
