@@ -460,6 +460,11 @@ def sampler_model(cfg: QwenConfig, params: Params | DecodeParams, unroll_layers:
     if not unroll_layers:
       raise ValueError('params is prepare_decode(...) output, which only the unrolled sampler reads; '
                        'pass the params tree itself with unroll_layers=False.')
+    head = tuple(params.head['w'].shape)
+    if len(params.layers) != cfg.num_layers or head != (cfg.vocab_size, cfg.hidden_size):
+      raise ValueError(f'prepared decode weights ({len(params.layers)} layers, head {head}) do not match cfg '
+                       f'({cfg.num_layers} layers, head {(cfg.vocab_size, cfg.hidden_size)}); lay them out '
+                       'with prepare_decode(cfg, params) for this cfg.')
     return params
   return prepare_decode(cfg, params) if unroll_layers else params
 

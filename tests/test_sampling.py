@@ -114,6 +114,8 @@ def test_prepared_decode_weights_are_reused_across_calls(tiny_qwen3_dir, monkeyp
   assert not calls
   with pytest.raises(ValueError, match='unroll_layers=False'):
     sampling.sample(cfg, prepared, tokens, mask, jax.random.PRNGKey(4), unroll_layers=False, **kw)
+  with pytest.raises(ValueError, match='do not match cfg'):
+    sampling.sample(cfg.replace(num_layers=cfg.num_layers + 1), prepared, tokens, mask, jax.random.PRNGKey(4), **kw)
 
 
 # --- log-probs == recomputation from a full forward pass ---------------------------------------
