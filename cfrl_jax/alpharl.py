@@ -47,6 +47,7 @@ import numpy as np
 
 from cfrl_jax import analyze
 from cfrl_jax import metrics as metrics_lib
+from cfrl_jax.analyze import fmt
 from cfrl_jax.config import parse_list
 from cfrl_jax.dynamics import rank1
 from cfrl_jax.train import checkpoint
@@ -438,10 +439,7 @@ def run_alpharl(config, run_dir: str, task=None, *, progress: bool | None = None
   policy, params = load_policy(config, task)
   seconds['load'] = time.time() - t0
   writer = jax.process_index() == 0
-  if writer:
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=1))
+  experiment.write_run_config(config, run_dir)
   eval_fn = experiment.make_eval_fn(config, policy, task)
   probe_fn = experiment.make_probe_fn(config, policy, task)
   train_eval = eval_fn if config.eval.every > 0 else None
@@ -475,10 +473,7 @@ def run_alpharl(config, run_dir: str, task=None, *, progress: bool | None = None
     ccfg = continued_config(config, settings)
     log(f'AlphaRL: continuing from {start} for {settings.continue_steps} steps (data from step {W})')
     t0 = time.time()
-    if writer:
-      os.makedirs(cdir, exist_ok=True)
-      with open(os.path.join(cdir, 'config.json'), 'w') as f:
-        f.write(ccfg.to_json_best_effort(indent=1))
+    experiment.write_run_config(ccfg, cdir)
     t = trainer.Trainer(ccfg, policy, _as_device(fit.models[start]), task, cdir, eval_fn=train_eval,
                         probe_fn=probe_fn, progress=progress, initial_step=W)
     try:
@@ -558,12 +553,6 @@ def summarize(config, settings: Settings, run_dir, fit: WindowFit, evals: Mappin
 
 
 # --- output --------------------------------------------------------------------------------
-def _fmt(x, digits: int = 3) -> str:
-  if x is None or (isinstance(x, float) and not math.isfinite(x)):
-    return 'n/a'
-  return f'{x:.{digits}f}' if isinstance(x, float) else str(x)
-
-
 def _label(name: str, result: Mapping) -> str:
   start = (result.get('continued') or {}).get('start', '')
   return MODEL_LABELS[name].format(keep='+'.join(result['keep']), start=start.replace('alpharl_', 'AlphaRL '))
@@ -577,12 +566,12 @@ def markdown_section(result: Mapping, image: str | None = PNG_NAME, heading_leve
   has_share = r['reference'] is not None
   lines = ['#' * heading_level + ' ' + (title or f'AlphaRL: {r["name"]} ({r["algorithm"]}'
                                         f'{", CF-RL" if r["cfrl"] else ""}, seed {r["seed"]})'), '']
-  lines += [f'Trained {W} of {T} planned steps ({_fmt(100 * r["step_fraction"], 0)}% of the steps, '
-            f'{_fmt(r["speedup"], 2)}x fewer), fitted the rank-1 linear dynamics of {r["fit"]["kernels"]} stacked '
+  lines += [f'Trained {W} of {T} planned steps ({fmt(100 * r["step_fraction"], 0)}% of the steps, '
+            f'{fmt(r["speedup"], 2)}x fewer), fitted the rank-1 linear dynamics of {r["fit"]["kernels"]} stacked '
             f'attention/MLP kernels on checkpoints {r["fit_steps"]} plus the origin (step {r["fit_origin"]}'
             f'{", the start of CF-RL stage 2" if r["fit_origin"] else ""}; median R^2 of the coefficient lines '
-            f'{_fmt(r["fit"]["r2_median"])}), and extrapolated the update to step {T} '
-            f'(predicted kernel update norm / window update norm: {_fmt(r["fit"]["norm_ratio"], 2)}).', '']
+            f'{fmt(r["fit"]["r2_median"])}), and extrapolated the update to step {T} '
+            f'(predicted kernel update norm / window update norm: {fmt(r["fit"]["norm_ratio"], 2)}).', '']
   head = ['model', 'steps trained', f'{metric} ± s.e.', 'gain over base']
   if has_share:
     head += ['share of the gain ± s.e.', f'target (≥{TARGET_SHARE:.0%} at ≤{TARGET_STEP_FRACTION:.0%} steps)']
@@ -592,10 +581,10 @@ def markdown_section(result: Mapping, image: str | None = PNG_NAME, heading_leve
     m = r['models'].get(name)
     if m is None:
       continue
-    row = [_label(name, r), str(m['steps_trained']), f'{_fmt(m["accuracy"])} ± {_fmt(m["stderr"])}',
+    row = [_label(name, r), str(m['steps_trained']), f'{fmt(m["accuracy"])} ± {fmt(m["stderr"])}',
            f'{m["gain"]:+.3f}']
     if has_share:
-      share = '—' if name == 'base' else f'{_fmt(m["share"])} ± {_fmt(m["share_stderr"])}'
+      share = '—' if name == 'base' else f'{fmt(m["share"])} ± {fmt(m["share_stderr"])}'
       row += [share, r['target']['verdicts'].get(name, '')]
     lines.append('| ' + ' | '.join(row) + ' |')
   lines.append('')
@@ -607,15 +596,15 @@ def markdown_section(result: Mapping, image: str | None = PNG_NAME, heading_leve
               'are positively correlated, so this overstates the noise). "within noise": within 2 s.e. of the '
               'target share.', '']
     if r['base_mismatch']:
-      lines += [f'Note: the reference\'s own base eval ({_fmt(ref["base_accuracy"])}) differs from this run\'s '
-                f'({_fmt(r["models"]["base"]["accuracy"])}); the gain uses this run\'s base.', '']
+      lines += [f'Note: the reference\'s own base eval ({fmt(ref["base_accuracy"])}) differs from this run\'s '
+                f'({fmt(r["models"]["base"]["accuracy"])}); the gain uses this run\'s base.', '']
   if r['share_note']:
     lines += [r['share_note'], '']
   wq = r.get('weight_quality')
   if wq:
     lines += [f'Predicted vs actual kernel update at step {T} (reference checkpoint, all kernels pooled): ' + '; '.join(
-        f'{name} cosine {_fmt(q["cosine"])}, relative error {_fmt(q["relative_error"])}, norm ratio '
-        f'{_fmt(q["norm_ratio"], 2)}' for name, q in wq.items()) + '.', '']
+        f'{name} cosine {fmt(q["cosine"])}, relative error {fmt(q["relative_error"])}, norm ratio '
+        f'{fmt(q["norm_ratio"], 2)}' for name, q in wq.items()) + '.', '']
   secs = r['seconds']
   lines += ['Wall time: ' + ', '.join(f'{k.replace("_", " ")} {v:.0f} s' for k, v in secs.items()) + '.', '']
   if image:

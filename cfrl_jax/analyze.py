@@ -520,7 +520,8 @@ def write_plots(analysis: Mapping, out_dir: str) -> list[str]:
   return written
 
 
-def _fmt(x, digits=3):
+def fmt(x, digits=3):
+  """A table cell: floats to `digits` decimals, None / NaN / inf as 'n/a', anything else str()."""
   if x is None or (isinstance(x, float) and not math.isfinite(x)):
     return 'n/a'
   if isinstance(x, float):
@@ -555,11 +556,11 @@ def markdown_section(analysis: Mapping, image_dir: str = '.', images: Sequence[s
     head.append('R^2 coef vs acc')
   lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for name, r in summary.items():
-    row = [name, _fmt(r['relative_update'], 4)] + [_fmt(r[f'share{k}_mean']) for k in ks] + [
-        _fmt(r['r2_step_median']), _fmt(r['r2_pooled_median']), _fmt(r.get('relex_r2_median')),
-        _fmt(r.get('relex_share_median')), _fmt(r['r2_full_pooled_median'])]
+    row = [name, fmt(r['relative_update'], 4)] + [fmt(r[f'share{k}_mean']) for k in ks] + [
+        fmt(r['r2_step_median']), fmt(r['r2_pooled_median']), fmt(r.get('relex_r2_median')),
+        fmt(r.get('relex_share_median')), fmt(r['r2_full_pooled_median'])]
     if 'R^2 coef vs acc' in head:
-      row.append(_fmt(r['r2_accuracy_median']))
+      row.append(fmt(r['r2_accuracy_median']))
     lines.append('| ' + ' | '.join(row) + ' |')
   lines.append('')
   if not a['relex_computed']:
@@ -567,19 +568,19 @@ def markdown_section(analysis: Mapping, image_dir: str = '.', images: Sequence[s
   other = a['other_updates']
   if other:
     lines += ['Other parameters at the final step (kept at base in variant A): ' + '; '.join(
-        f'{g} ‖Δ‖ = {_fmt(v["update_norm"][-1], 4)} (‖base‖ = {_fmt(v["base_norm"], 3)})'
+        f'{g} ‖Δ‖ = {fmt(v["update_norm"][-1], 4)} (‖base‖ = {fmt(v["base_norm"], 3)})'
         for g, v in other.items()) + '.', '']
   ev = a.get('evaluation')
   if ev:
     acc = ev['accuracy']
-    lines += [f'Held-out {ev.get("metric", "accuracy")}: base {_fmt(acc["base"])}, final {_fmt(acc["final"])} '
-              f'(gain {_fmt(ev["gain"])}). Share of the gain recovered, (acc(model) - acc(base)) / '
+    lines += [f'Held-out {ev.get("metric", "accuracy")}: base {fmt(acc["base"])}, final {fmt(acc["final"])} '
+              f'(gain {fmt(ev["gain"])}). Share of the gain recovered, (acc(model) - acc(base)) / '
               '(acc(final) - acc(base)), by rank-k models (variant A: embeddings, head, norms and biases at base '
               f'as in AlphaRL; variant B: also the full update of {", ".join(a["config"]["variant_b_keep"])}):', '']
     cols = [str(k) for k in ks] + ['full']
     lines += ['| variant | ' + ' | '.join(f'k={c}' for c in cols) + ' |', '|---|' + '---|' * len(cols)]
     for v in ('A', 'B'):
-      cells = [_fmt(ev['recovered_gain'].get(f'rank{k}_{v}')) for k in ks] + [_fmt(ev['recovered_gain'].get(f'full_{v}'))]
+      cells = [fmt(ev['recovered_gain'].get(f'rank{k}_{v}')) for k in ks] + [fmt(ev['recovered_gain'].get(f'full_{v}'))]
       lines.append(f'| {v} | ' + ' | '.join(cells) + ' |')
     lines.append('')
     if ev.get('warning'):
@@ -597,11 +598,11 @@ def markdown_section(analysis: Mapping, image_dir: str = '.', images: Sequence[s
       head += ['gain AlphaRL A', 'gain AlphaRL B', 'gain ExPO', 'gain window ckpt']
     lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for e in ext:
-      row = [str(e['window_end']), f'{_fmt(e["speedup"], 2)}x', _fmt(e['alpharl']['cosine']),
-             _fmt(e['alpharl']['relative_error']), _fmt(e['expo']['cosine']), _fmt(e['expo']['relative_error'])]
+      row = [str(e['window_end']), f'{fmt(e["speedup"], 2)}x', fmt(e['alpharl']['cosine']),
+             fmt(e['alpharl']['relative_error']), fmt(e['expo']['cosine']), fmt(e['expo']['relative_error'])]
       if has_acc:
         g = e.get('recovered_gain', {})
-        row += [_fmt(g.get('alpharl_A')), _fmt(g.get('alpharl_B')), _fmt(g.get('expo')), _fmt(g.get('window'))]
+        row += [fmt(g.get('alpharl_A')), fmt(g.get('alpharl_B')), fmt(g.get('expo')), fmt(g.get('window'))]
       lines.append('| ' + ' | '.join(row) + ' |')
     lines.append('')
   for name in (images if images is not None else []):

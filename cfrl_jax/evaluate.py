@@ -24,7 +24,7 @@ def _generate(policy, params, prompts, key, *, n_per_prompt, greedy, temperature
   rep = [p for p in prompts for _ in range(n_per_prompt)]
   texts, lengths = [], []
   # Every batch samples from the same params: lay the decode weights out once, not per batch.
-  model = sampling.prepare_decode(policy.cfg, params) if sampling.unroll_layers_default() else params
+  model = sampling.sampler_model(policy.cfg, params, sampling.unroll_layers_default())
   for i, start in enumerate(range(0, len(rep), batch_size)):
     chunk = rep[start:start + batch_size]
     toks, mask = tokenization.encode_prompts(policy.tokenizer, chunk, chat_template=policy.chat_template,
@@ -97,7 +97,7 @@ def evaluator_for_run(run_dir: str, *, metric: str = 'auto', num_problems: int |
 
   import ml_collections
 
-  from cfrl_jax.config import parse_list
+  from cfrl_jax.experiment import make_eval_fn
   from cfrl_jax.policy import load_policy
   from cfrl_jax.tasks import build_task
   path = os.path.join(run_dir, 'config.json')
@@ -114,15 +114,10 @@ def evaluator_for_run(run_dir: str, *, metric: str = 'auto', num_problems: int |
                      f"{ec.samples}; use metric 'greedy_accuracy'.")
   task = build_task(config.task)
   policy, _ = load_policy(config, task)
-  rows = task.eval[:num_problems or ec.num_problems]
-  key = jax.random.PRNGKey(10_000 + config.seed)
-  temperature = ec.temperature if ec.temperature >= 0 else config.rl.temperature
+  eval_fn = make_eval_fn(config, policy, task, num_problems=num_problems, greedy=greedy, sampled=not greedy)
 
   def evaluate_params(params) -> float:
-    params = jax.tree_util.tree_map(jax.numpy.asarray, params)
-    out = evaluate(policy, params, rows, task, key, samples=0 if greedy else ec.samples, temperature=temperature,
-                   max_new_tokens=config.rl.max_new_tokens, pass_k=parse_list(ec.pass_k, int),
-                   batch_size=ec.batch_size, greedy=greedy)
+    out = eval_fn(jax.tree_util.tree_map(jax.numpy.asarray, params), None)
     if metric not in out:
       raise ValueError(f'metric={metric!r} is not computed by the eval of {run_dir}; it gives {sorted(out)}.')
     return out[metric]

@@ -49,19 +49,33 @@ def arm_config(config, arm: str, seed: int):
   return c
 
 
-def make_eval_fn(config, policy, task):
+def make_eval_fn(config, policy, task, *, num_problems: int | None = None, greedy: bool = True,
+                 sampled: bool = True):
+  """eval_fn(params, step) -> the run's held-out metrics (evaluate_lib.evaluate) under config.eval.
+
+  greedy / sampled: whether the greedy pass and the config.eval.samples sampled pass run (a caller
+  that needs one metric skips the other); num_problems overrides config.eval.num_problems.
+  """
   ec = config.eval
-  rows = task.eval[:ec.num_problems]
+  rows = task.eval[:num_problems or ec.num_problems]
   temperature = ec.temperature if ec.temperature >= 0 else config.rl.temperature
   # The same evaluation randomness for every arm and step: differences are the model's.
   key = jax.random.PRNGKey(10_000 + config.seed)
 
   def eval_fn(params, step):
-    return evaluate_lib.evaluate(policy, params, rows, task, key, samples=ec.samples, temperature=temperature,
-                                 max_new_tokens=config.rl.max_new_tokens, pass_k=parse_list(ec.pass_k, int),
-                                 batch_size=ec.batch_size)
+    return evaluate_lib.evaluate(policy, params, rows, task, key, samples=ec.samples if sampled else 0,
+                                 temperature=temperature, max_new_tokens=config.rl.max_new_tokens,
+                                 pass_k=parse_list(ec.pass_k, int), batch_size=ec.batch_size, greedy=greedy)
 
   return eval_fn
+
+
+def write_run_config(config, run_dir: str) -> None:
+  """<run_dir>/config.json (process 0 only): what evaluation and analysis of the run read back."""
+  if jax.process_index() == 0:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=1))
 
 
 def make_probe_fn(config, policy, task):
@@ -80,10 +94,7 @@ def make_probe_fn(config, policy, task):
 def run_single(config, run_dir: str, task=None, *, progress: bool | None = None) -> trainer.TrainResult:
   task = task or build_task(config.task)
   policy, params = load_policy(config, task)
-  if jax.process_index() == 0:
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=1))
+  write_run_config(config, run_dir)
   eval_fn = make_eval_fn(config, policy, task) if config.eval.every > 0 else None
   probe_fn = make_probe_fn(config, policy, task)
   progress = config.log.progress if progress is None else progress

@@ -231,8 +231,9 @@ def decode_weights(cfg: QwenConfig, layers: Params) -> list[dict]:
 class DecodeParams(NamedTuple):
   """The policy laid out for the unrolled sampler (see prepare_decode).
 
-  embed: (V, d) input embedding in the compute dtype; for 16-bit dtypes its uint16 bits (see _bits), so the per-step
-    row gather never converts the table. layers: decode_weights. final_norm: (d,).
+  embed: (V, d) input embedding in the compute dtype; for 16-bit dtypes its uint16 bits (see
+    _bits), so the per-step row gather never converts the table. layers: decode_weights.
+  final_norm: (d,).
   head: {'w': (V, d)} in the compute dtype, as qwen.logits reads it.
   """
   embed: jax.Array
