@@ -110,7 +110,10 @@ def measure(args, threads: int) -> dict:
   head_w = prepared.head['w']                        # (V, d), as qwen.logits reads it
   F = cfg.intermediate_size
   # The step's own product: float32 accumulation, results in the compute dtype.
-  mm = lambda x, w: sampling._matvec(x, w, w.dtype)  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  mm = lambda x, w: sampling._matvec(x, w, w.dtype, weight_major=B <= sampling.WEIGHT_MAJOR_MAX_ROWS)
+  head_mm = lambda x, hw: sampling._head_logits(cfg, {'w': hw}, x,
+                                            weight_major=B <= sampling.HEAD_WEIGHT_MAJOR_MAX_ROWS)
 
   @jax.jit
   def products(x, layer_w, head_w):
@@ -120,7 +123,7 @@ def measure(args, threads: int) -> dict:
       x = x + mm(qkv[:, :w['o'].shape[1]], w['o'])
       gu = mm(x, w['gate_up'])
       x = x + mm(gu[:, :F] * gu[:, F:], w['down'])
-    return mm(x, head_w)
+    return head_mm(x, head_w)
 
   x0 = jnp.ones((B, cfg.hidden_size), cfg.compute_dtype)
   layer_w, head_w = jax.block_until_ready((layer_w, head_w))

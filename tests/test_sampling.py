@@ -119,10 +119,15 @@ def test_prepared_decode_weights_are_reused_across_calls(tiny_qwen3_dir, monkeyp
 
 
 # --- log-probs == recomputation from a full forward pass ---------------------------------------
-@pytest.mark.parametrize('kw', [dict(temperature=0.7, top_p=0.8), dict(temperature=1.3, top_k=20)])
-def test_logprobs_equal_a_full_forward_recomputation(tiny_qwen3_dir, kw):
+@pytest.mark.parametrize('kw,lengths', [
+    (dict(temperature=0.7, top_p=0.8), [3, 6, 1]),
+    (dict(temperature=1.3, top_k=20), [3, 6, 1]),
+    # More rows than sampling.WEIGHT_MAJOR_MAX_ROWS: the decode step's row-major products.
+    (dict(temperature=1.3, top_k=20), [3, 6, 1, 4, 2] * 8)])
+def test_logprobs_equal_a_full_forward_recomputation(tiny_qwen3_dir, kw, lengths):
   cfg, params = hf.load_pretrained(tiny_qwen3_dir)
-  tokens, mask = _prompts(cfg.vocab_size, [3, 6, 1], seed=2)
+  assert (len(lengths) > sampling.WEIGHT_MAJOR_MAX_ROWS) == (len(lengths) == 40)
+  tokens, mask = _prompts(cfg.vocab_size, lengths, seed=2)
   out = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(3), max_new_tokens=10,
                         stop_token_ids=(5, 7), pad_id=0, **kw)
   c_tokens, c_mask = np.asarray(out.tokens), np.asarray(out.mask)
