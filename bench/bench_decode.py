@@ -13,12 +13,13 @@ ms/step = (time(new_tokens) - time(1)) / (new_tokens - 1), the decode step alone
 
 A third timing bounds what any decode step built from XLA's CPU kernels can reach: the step's
 matrix products alone (the fused per-layer q/k/v, o, gate/up and down matrices of
-sampling.decode_weights and the head, chained over a (batch, hidden) activation, nothing else),
+sampling.decode_weights and the head, chained over a (batch, hidden) activation in the step's own
+product form, weight-major for small batches (see sampling._matvec), nothing else),
 jitted and timed in the same rounds. The decode step cannot be faster than its matrix products, so
 when that figure exceeds half of transformers' ms/step, a 2x speed-up is out of reach of this
 formulation on this machine.
 
-    python bench/bench_decode.py [--batch 8,64 --dtype float32,bfloat16 --prompt_len 64 --new_tokens 128
+    python bench/bench_decode.py [--batch 1,8,64 --dtype float32,bfloat16 --prompt_len 64 --new_tokens 128
                                   --reps 5 --threads 2,1]
 
 Writes its section of bench/RESULTS.md (between <!-- bench_decode --> markers).
@@ -41,8 +42,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--batch', default='8,64',
-                 help='comma-separated batch sizes (8: memory-bound decode; 64: rows of an RL rollout)')
+  p.add_argument('--batch', default='1,8,64',
+                 help='comma-separated batch sizes (1: one prompt; 8: memory-bound decode; 64: rows of an RL '
+                      'rollout)')
   p.add_argument('--dtype', default='float32,bfloat16',
                  help='comma-separated dtypes of the weights and compute, the same on both sides')
   p.add_argument('--prompt_len', type=int, default=64)
@@ -111,9 +113,10 @@ def measure(args, threads: int) -> dict:
   F = cfg.intermediate_size
   # The step's own product: float32 accumulation, results in the compute dtype.
   # pylint: disable=protected-access
-  mm = lambda x, w: sampling._matvec(x, w, w.dtype, weight_major=B <= sampling.WEIGHT_MAJOR_MAX_ROWS)
+  rows = sampling.bucket_size(B, sampling.BATCH_BUCKET_STEP, sampling.min_batch_bucket(cfg, True))
+  mm = lambda x, w: sampling._matvec(x, w, w.dtype, weight_major=rows <= sampling.WEIGHT_MAJOR_MAX_ROWS)
   head_mm = lambda x, hw: sampling._head_logits(cfg, {'w': hw}, x,
-                                            weight_major=B <= sampling.HEAD_WEIGHT_MAJOR_MAX_ROWS)
+                                                weight_major=rows <= sampling.HEAD_WEIGHT_MAJOR_MAX_ROWS)
 
   @jax.jit
   def products(x, layer_w, head_w):
@@ -125,7 +128,7 @@ def measure(args, threads: int) -> dict:
       x = x + mm(gu[:, :F] * gu[:, F:], w['down'])
     return head_mm(x, head_w)
 
-  x0 = jnp.ones((B, cfg.hidden_size), cfg.compute_dtype)
+  x0 = jnp.ones((rows, cfg.hidden_size), cfg.compute_dtype)   # the rows the sampler runs
   layer_w, head_w = jax.block_until_ready((layer_w, head_w))
 
   def matmuls():
