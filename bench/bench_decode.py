@@ -82,7 +82,7 @@ def measure(args, threads: int) -> dict:
   import transformers
   sys.path.insert(0, ROOT)
   from cfrl_jax import sampling
-  from cfrl_jax.models import hf, qwen
+  from cfrl_jax.models import hf
   torch.set_num_threads(threads)
 
   B, P, N = int(args.batch), args.prompt_len, args.new_tokens
@@ -113,7 +113,7 @@ def measure(args, threads: int) -> dict:
   F = cfg.intermediate_size
   # The step's own product: float32 accumulation, results in the compute dtype.
   # pylint: disable=protected-access
-  rows = sampling.bucket_size(B, sampling.BATCH_BUCKET_STEP, sampling.min_batch_bucket(cfg, True))
+  rows = sampling.batch_bucket(cfg, B, True)
   mm = lambda x, w: sampling._matvec(x, w, w.dtype, weight_major=rows <= sampling.WEIGHT_MAJOR_MAX_ROWS)
   head_mm = lambda x, hw: sampling._head_logits(cfg, {'w': hw}, x,
                                                 weight_major=rows <= sampling.HEAD_WEIGHT_MAJOR_MAX_ROWS)

@@ -525,6 +525,7 @@ def sample_sharded(cfg, params, prompt_tokens, prompt_mask, key, *, mesh: Mesh, 
   if np.any(mask.sum(-1) == 0) or np.any(np.diff(mask, axis=-1) < 0):
     raise ValueError('every prompt needs a real token and LEFT padding (see tokenization.encode_prompts).')
   B, P = tokens.shape
+  unroll = sampling.unroll_layers_default()
   if process_local and jax.process_count() > 1:
     from jax.experimental import multihost_utils
     shapes = multihost_utils.process_allgather(np.asarray([B, P], np.int32))
@@ -535,8 +536,7 @@ def sample_sharded(cfg, params, prompt_tokens, prompt_mask, key, *, mesh: Mesh, 
     Bp = B
   else:
     process_local = False
-    shards = batch_shards(mesh)
-    Bp = -(-sampling.bucket_size(B, sampling.BATCH_BUCKET_STEP) // shards) * shards
+    Bp = sampling.batch_bucket(cfg, B, unroll, batch_shards(mesh))
   Pp = sampling.bucket_size(P, sampling.LENGTH_BUCKET_STEP, sampling.MIN_LENGTH_BUCKET)
   tokens = np.concatenate([np.full((B, Pp - P), pad_id, tokens.dtype), tokens], axis=1)
   mask = np.concatenate([np.zeros((B, Pp - P), np.int32), mask], axis=1)
@@ -549,7 +549,6 @@ def sample_sharded(cfg, params, prompt_tokens, prompt_mask, key, *, mesh: Mesh, 
   top_k = 0 if greedy or int(top_k) >= cfg.vocab_size else int(top_k)
   stops = np.asarray(sorted({int(t) for t in stop_token_ids}), np.int32)
   with jax.sharding.set_mesh(mesh):
-    unroll = sampling.unroll_layers_default()
     out = sampling._sample_padded(  # pylint: disable=protected-access
         sampling.sampler_model(cfg, params, unroll), rows['tokens'], rows['mask'], rows['live'], rep(key),
         rep(np.float32(1.0 if greedy else temperature)), rep(np.float32(top_p)), rep(stops),

@@ -522,6 +522,17 @@ def min_batch_bucket(cfg: QwenConfig, unroll_layers: bool) -> int:
   return 2 if unroll_layers and jnp.dtype(cfg.compute_dtype).itemsize == 2 else 1
 
 
+def batch_bucket(cfg: QwenConfig, rows: int, unroll_layers: bool, shards: int = 1) -> int:
+  """The rows the sampler compiles for `rows` prompts split over `shards` devices.
+
+  bucket_size(rows, BATCH_BUCKET_STEP) rounded up to a multiple of shards, with at least
+  min_batch_bucket rows on every shard (the products run per shard).
+  """
+  least = min_batch_bucket(cfg, unroll_layers)
+  padded = -(-bucket_size(rows, BATCH_BUCKET_STEP, least) // shards) * shards
+  return max(padded, least * shards)
+
+
 def compile_cache_size() -> int:
   """How many shape/static-arg variants of the sampler have been compiled (for tests and logs)."""
   return _sample_padded._cache_size()  # pylint: disable=protected-access
@@ -582,7 +593,7 @@ def sample(cfg: QwenConfig, params: Params | DecodeParams, prompt_tokens, prompt
   if unroll_layers is None:
     unroll_layers = isinstance(params, DecodeParams) or unroll_layers_default()
   unroll_layers = bool(unroll_layers)
-  Bp = bucket_size(B, BATCH_BUCKET_STEP, min_batch_bucket(cfg, unroll_layers)) if bucket else B
+  Bp = batch_bucket(cfg, B, unroll_layers) if bucket else B
   Pp = bucket_size(P, LENGTH_BUCKET_STEP, MIN_LENGTH_BUCKET) if bucket else P
   if Pp > P:  # more left padding
     tokens = np.concatenate([np.full((B, Pp - P), pad_id, tokens.dtype), tokens], axis=1)

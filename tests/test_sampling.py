@@ -402,6 +402,18 @@ def test_bucket_sizes():
   assert [sampling.bucket_size(n, 128, 8) for n in (1, 9, 128, 129)] == [8, 16, 128, 256]
 
 
+def test_batch_buckets_keep_two_bf16_rows_per_shard():
+  f32 = qwen.QwenConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
+                        num_kv_heads=1, head_dim=4)
+  bf16 = f32.replace(dtype='bfloat16')
+  assert [sampling.batch_bucket(f32, n, True) for n in (1, 3, 64, 65)] == [1, 4, 64, 128]
+  assert [sampling.batch_bucket(bf16, n, True) for n in (1, 3, 64, 65)] == [2, 4, 64, 128]
+  assert sampling.batch_bucket(bf16, 1, False) == 1                   # the scanned sampler: no minimum
+  # Over 8 shards: a multiple of 8 rows, and in bf16 at least 2 per shard.
+  assert [sampling.batch_bucket(f32, n, True, 8) for n in (1, 9, 17, 65)] == [8, 16, 32, 128]
+  assert [sampling.batch_bucket(bf16, n, True, 8) for n in (1, 9, 17, 65)] == [16, 16, 32, 128]
+
+
 def test_bad_inputs_are_errors(tiny_qwen2_dir):
   cfg, params = hf.load_pretrained(tiny_qwen2_dir)
   tokens, mask = _prompts(cfg.vocab_size, [3, 2])
