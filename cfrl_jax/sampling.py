@@ -242,19 +242,32 @@ class DecodeParams(NamedTuple):
   head: Params
 
 
-@functools.partial(jax.jit, static_argnames=('cfg',))
 def prepare_decode(cfg: QwenConfig, params: Params) -> DecodeParams:
-  """Lays params out for the unrolled sampler, in its own compiled call (once per sample call).
+  """Lays params out for the unrolled sampler (once per sample call, or once per params).
 
-  Separate from the sampler's jit so that the sampler's matrix products read materialised
-  compute-dtype matrices: inside one jit XLA:CPU fused the weight transposes into the prefill's
-  products and ran those in float32 (bfloat16 prefill ~3x slower, measured).
+  The layer weights are laid out in their own compiled call, separate from the sampler's jit so
+  that the sampler's matrix products read materialised compute-dtype matrices: inside one jit
+  XLA:CPU fused the weight transposes into the prefill's products and ran those in float32
+  (bfloat16 prefill ~3x slower, measured). The embedding and head stay outside that call: already
+  in the compute dtype they are the params' own arrays, where a jit would have to return copies
+  (two 65 MB copies on bench_decode's float32 model: 80 -> 35 ms per call, measured).
   """
   backbone = params['backbone']
   head = qwen.head_params(cfg, params)
-  return DecodeParams(embed=_bits(backbone['embed'].astype(cfg.compute_dtype)),
-                      layers=decode_weights(cfg, backbone['layers']), final_norm=backbone['final_norm'],
+  return DecodeParams(embed=_embed_bits(backbone['embed'], cfg.compute_dtype),
+                      layers=_decode_layers(cfg, backbone['layers']), final_norm=backbone['final_norm'],
                       head={'w': head['w'].astype(cfg.compute_dtype)})
+
+
+_decode_layers = jax.jit(decode_weights, static_argnames=('cfg',))
+
+
+def _embed_bits(embed, dtype):
+  """The embedding in dtype, as its uint16 bits for 16-bit dtypes; the array itself when unchanged."""
+  return _to_bits(embed, dtype) if jnp.dtype(dtype).itemsize == 2 else embed.astype(dtype)
+
+
+_to_bits = jax.jit(lambda x, dtype: _bits(x.astype(dtype)), static_argnames=('dtype',))
 
 
 def _bits(x):
@@ -412,14 +425,64 @@ def unroll_layers_default() -> bool:
   return jax.default_backend() == 'cpu'
 
 
+# The decode loop attends over the whole preallocated cache at every step, so a step's attention
+# costs the final length P + N - 1 however few tokens exist yet. Run it instead in segments, each
+# over a cache just long enough for its last step (grown between segments): with K equal segments
+# the mean length attended falls from P + N to about P + N/2 + N/(2K). Each segment compiles its
+# own loop body, and growing the cache briefly holds the old and the new one, so the default (CPU
+# only, where the attention over the cache was ~40% of a bfloat16 batch-64 step on bench_decode's
+# model, profiled) stops at MAX_DECODE_SEGMENTS and keeps segments at least MIN_SEGMENT_STEPS long;
+# 8 segments were no faster than 4 there (hand-timed).
+MAX_DECODE_SEGMENTS = 4
+MIN_SEGMENT_STEPS = 32
+
+
+def decode_segments_default(max_new_tokens: int) -> int:
+  """How many segments the decode loop runs in by default: on CPU up to MAX_DECODE_SEGMENTS of at
+  least MIN_SEGMENT_STEPS steps; 1 on accelerators (whose memory is scarcer; see above)."""
+  if jax.default_backend() != 'cpu':
+    return 1
+  return int(min(MAX_DECODE_SEGMENTS, max(1, (max_new_tokens - 1) // MIN_SEGMENT_STEPS)))
+
+
+def decode_windows(prompt_len: int, max_new_tokens: int, segments: int) -> tuple[int, ...]:
+  """Cache slots of each decode segment: increasing, the last = prompt_len + max_new_tokens - 1.
+
+  Step t (1 <= t < max_new_tokens) writes slot prompt_len + t - 1 and attends over the slots
+  before it, so a segment with W slots runs the steps t <= W - prompt_len. The N - 1 steps split as
+  evenly as the count allows (at most one segment per step).
+  """
+  steps = max_new_tokens - 1
+  k = max(1, min(int(segments), steps))
+  return tuple(prompt_len + -(-steps * j // k) for j in range(1, k + 1)) if steps else (prompt_len,)
+
+
+def _grow_cache(cache, slots: int):
+  """cache (LayerKV, or qwen.KVCache of the scanned sampler) with its slot axis zero-padded to slots."""
+  extra = slots - cache.mask.shape[1]
+
+  def pad(x, axis):
+    # On the uint16 bits: XLA:CPU would move bfloat16 data through float32 (see _bits).
+    widths = [(0, extra if a == axis else 0) for a in range(x.ndim)]
+    return _unbits(jnp.pad(_bits(x), widths), x.dtype)
+
+  mask = pad(cache.mask, 1)
+  if isinstance(cache, LayerKV):
+    return LayerKV(tuple(pad(k, 2) for k in cache.k), tuple(pad(v, 2) for v in cache.v), mask, cache.index)
+  return qwen.KVCache(pad(cache.k, 2), pad(cache.v, 2), mask, cache.index)
+
+
 @functools.partial(jax.jit, static_argnames=('cfg', 'max_new_tokens', 'greedy', 'top_k', 'use_top_p',
-                                             'unroll_layers'))
+                                             'unroll_layers', 'segments'))
 def _sample_padded(model: Params | DecodeParams, prompt_tokens, prompt_mask, live_rows, key, temperature, top_p,
                    stop_token_ids, pad_id, *, cfg: QwenConfig, max_new_tokens: int, greedy: bool,
-                   top_k: int, use_top_p: bool, unroll_layers: bool | None = None) -> SampleOutput:
+                   top_k: int, use_top_p: bool, unroll_layers: bool | None = None,
+                   segments: int | None = None) -> SampleOutput:
   """The compiled sampler on bucketed shapes. live_rows (B,) bool: False for dummy rows.
 
   model: prepare_decode's DecodeParams with unroll_layers (default on CPU), else the params tree.
+  segments: how many segments the decode loop runs in (decode_windows; default
+  decode_segments_default).
   """
   B, P = prompt_tokens.shape
   N = max_new_tokens
@@ -431,20 +494,21 @@ def _sample_padded(model: Params | DecodeParams, prompt_tokens, prompt_mask, liv
                              top_k=top_k, use_top_p=use_top_p)
   is_stop = lambda t: jnp.any(t[:, None] == stop_token_ids[None, :], axis=-1)
   keys = jax.random.split(key, N)
+  windows = decode_windows(P, N, decode_segments_default(N) if segments is None else segments)
 
   # Prefill: logits only at the last column (every prompt ends there), not over all P positions.
   if unroll_layers:
     head = model.head
     forward = functools.partial(_cached_forward, cfg, model)
     phi, cache = forward(prompt_tokens, qwen.positions_from_mask(prompt_mask),
-                         init_layer_kv(cfg, B, P + N - 1), mask=prompt_mask)
+                         init_layer_kv(cfg, B, windows[0]), mask=prompt_mask)
 
     def step(tok, pos, cache):
       phi, cache = forward(tok[:, None], pos[:, None], cache)
       return phi[:, 0], cache
   else:
     backbone, head = model['backbone'], qwen.head_params(cfg, model)
-    cache = qwen.init_cache(cfg, B, P + N - 1)
+    cache = qwen.init_cache(cfg, B, windows[0])
     phi, cache = qwen.features(cfg, backbone, prompt_tokens, prompt_mask, cache=cache)
 
     def step(tok, pos, cache):
@@ -463,10 +527,6 @@ def _sample_padded(model: Params | DecodeParams, prompt_tokens, prompt_mask, liv
   done = ~live_rows | is_stop(tok)
   lengths = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)
 
-  def cond(carry):
-    t, _, done, _, _ = carry
-    return (t < N) & ~jnp.all(done)
-
   def body(carry):
     t, tok, done, cache, out = carry
     # Token t-1 sits at position len + t - 1; finished rows keep feeding pads that nobody reads.
@@ -483,8 +543,15 @@ def _sample_padded(model: Params | DecodeParams, prompt_tokens, prompt_mask, liv
         sample_logprobs=out.sample_logprobs.at[:, t].set(slp * livef))
     return t + 1, new, done | is_stop(new), cache, out
 
-  _, _, _, _, out = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, done, cache, out))
-  return out
+  carry = (jnp.int32(1), tok, done, cache, out)
+  for j, slots in enumerate(windows):
+    if j:
+      t, tok, done, cache, out = carry
+      carry = (t, tok, done, _grow_cache(cache, slots), out)
+    # This segment's cache holds the steps t <= slots - P (the last segment's: t <= N - 1).
+    cond = lambda carry, last=slots - P: (carry[0] <= last) & ~jnp.all(carry[2])
+    carry = jax.lax.while_loop(cond, body, carry)
+  return carry[-1]
 
 
 def sampler_model(cfg: QwenConfig, params: Params | DecodeParams, unroll_layers: bool) -> Params | DecodeParams:
@@ -541,7 +608,7 @@ def compile_cache_size() -> int:
 def sample(cfg: QwenConfig, params: Params | DecodeParams, prompt_tokens, prompt_mask, key, *, max_new_tokens: int,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
            stop_token_ids: Iterable[int] = (), pad_id: int = 0, bucket: bool = True,
-           unroll_layers: bool | None = None) -> SampleOutput:
+           unroll_layers: bool | None = None, decode_segments: int | None = None) -> SampleOutput:
   """Samples up to max_new_tokens tokens after each LEFT-padded prompt.
 
   params: the policy's {'backbone', 'head'} tree, or prepare_decode(cfg, params) to lay the
@@ -556,6 +623,9 @@ def sample(cfg: QwenConfig, params: Params | DecodeParams, prompt_tokens, prompt
   unroll_layers: decode with the layers unrolled over per-layer weight copies (default: on CPU
   only, see unroll_layers_default) instead of a scan over the stacked weights; the same maths
   (equal results in float32, equal up to rounding in bfloat16).
+  decode_segments: run the decode loop in this many segments, each attending over a KV cache just
+  long enough for its last step (see decode_windows); default decode_segments_default (up to 4
+  on CPU, 1 on accelerators). The same maths at any count.
   Returns SampleOutput with (B, max_new_tokens) arrays.
   """
   tokens = np.asarray(prompt_tokens)
@@ -578,6 +648,8 @@ def sample(cfg: QwenConfig, params: Params | DecodeParams, prompt_tokens, prompt
                      f'[{tokens.min()}, {tokens.max()}].')
   if int(max_new_tokens) < 1:
     raise ValueError(f'max_new_tokens={max_new_tokens}; need at least 1.')
+  if decode_segments is not None and (int(decode_segments) != decode_segments or decode_segments < 1):
+    raise ValueError(f'decode_segments={decode_segments}; it must be a positive integer (None: the default).')
   if not greedy:
     if not temperature > 0:
       raise ValueError(f'temperature={temperature}; it must be > 0 (use greedy=True for argmax decoding).')
@@ -611,7 +683,8 @@ def sample(cfg: QwenConfig, params: Params | DecodeParams, prompt_tokens, prompt
       jnp.asarray(live_rows), key,
       jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p), jnp.asarray(stops),
       jnp.int32(pad_id), cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=top_k,
-      use_top_p=use_top_p, unroll_layers=unroll_layers)
+      use_top_p=use_top_p, unroll_layers=unroll_layers,
+      segments=None if decode_segments is None else int(decode_segments))
   if Bp > B:
     out = SampleOutput(*(x[:B] for x in out))
   return out

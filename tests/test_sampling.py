@@ -306,24 +306,6 @@ def test_draw_never_picks_a_zero_probability_token():
   assert np.all(tokens[:, 0] == 1) and np.all(tokens[:, 1] == 0)
 
 
-def _known_logits_model(target_logits):
-  """A one-layer model whose next-token logits after token 1 are target_logits (up to RMSNorm's eps).
-
-  Attention and MLP outputs are zeroed, so phi = rmsnorm(embed[1]) = sqrt(d) e_0 and
-  logits = head[:, 0] * sqrt(d).
-  """
-  V, d = len(target_logits), 8
-  cfg = qwen.QwenConfig(vocab_size=V, hidden_size=d, intermediate_size=8, num_layers=1, num_heads=2,
-                        num_kv_heads=1, head_dim=4)
-  params = jax.tree_util.tree_map(jnp.zeros_like, qwen.init_params(cfg, jax.random.PRNGKey(0)))
-  params['backbone']['layers']['input_norm'] = jnp.ones((1, d))
-  params['backbone']['layers']['post_attn_norm'] = jnp.ones((1, d))
-  params['backbone']['final_norm'] = jnp.ones((d,))
-  params['backbone']['embed'] = jnp.zeros((V, d)).at[:, 0].set(1.0)
-  params['head']['w'] = jnp.zeros((V, d)).at[:, 0].set(jnp.asarray(target_logits) / np.sqrt(d))
-  return cfg, params
-
-
 def test_sample_draws_from_temperature_top_k_top_p_of_the_model():
   temperature, top_k, top_p = 1.5, 6, 0.8
   cfg, params = _known_logits_model(np.log(_PROBS))
@@ -397,6 +379,60 @@ def test_batches_within_a_bucket_do_not_recompile(tiny_qwen2_tied_dir):
   assert sampling.compile_cache_size() == compiled_with_top_p + 1
 
 
+def test_decode_windows():
+  # Steps 1..N-1; step t writes slot P + t - 1, so a segment of W slots runs the steps t <= W - P.
+  assert sampling.decode_windows(8, 10, 1) == (17,)
+  assert sampling.decode_windows(8, 10, 3) == (11, 14, 17)       # 9 steps: 3 + 3 + 3
+  assert sampling.decode_windows(8, 11, 3) == (12, 15, 18)       # 10 steps: 4 + 3 + 3
+  assert sampling.decode_windows(8, 3, 5) == (9, 10)             # at most one segment per step
+  assert sampling.decode_windows(8, 1, 4) == (8,)                # prefill only
+  expected = [1] * 3 + [2, 3, 4, 4] if jax.default_backend() == 'cpu' else [1] * 7
+  assert [sampling.decode_segments_default(n) for n in (1, 33, 64, 65, 97, 129, 1024)] == expected
+
+
+@pytest.mark.parametrize('unroll_layers', [True, False])
+def test_segmented_decoding_equals_one_loop_over_the_whole_cache(tiny_qwen3_dir, unroll_layers):
+  """The decode loop in segments over growing caches gives the single loop's tokens and log-probs,
+  also when rows stop (EOS) inside a segment and when every row is done before the last one."""
+  cfg, params = hf.load_pretrained(tiny_qwen3_dir)
+  tokens, mask = _prompts(cfg.vocab_size, [3, 6, 1], seed=5)
+  kw = dict(max_new_tokens=20, temperature=0.8, top_k=20, unroll_layers=unroll_layers)
+  free = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(4), decode_segments=1, **kw)
+  # Row r's token at step 2 + 2r as a stop id: every row ends by step 7, in the first of 3 segments.
+  early_stops = tuple(int(np.asarray(free.tokens)[r, 2 + 2 * r]) for r in range(3))
+  for stops in [(), early_stops]:
+    one = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(4), stop_token_ids=stops,
+                          decode_segments=1, **kw)
+    for segments in (3, 7):
+      seg = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(4), stop_token_ids=stops,
+                            decode_segments=segments, **kw)
+      np.testing.assert_array_equal(np.asarray(seg.tokens), np.asarray(one.tokens))
+      np.testing.assert_array_equal(np.asarray(seg.mask), np.asarray(one.mask))
+      np.testing.assert_allclose(np.asarray(seg.logprobs), np.asarray(one.logprobs), atol=1e-5)
+      np.testing.assert_allclose(np.asarray(seg.sample_logprobs), np.asarray(one.sample_logprobs), atol=1e-5)
+  assert np.asarray(one.mask).sum(1).max() <= 7
+
+
+def test_segmented_decoding_runs_one_loop_per_segment_over_growing_caches(tiny_qwen2_dir):
+  cfg, params = hf.load_pretrained(tiny_qwen2_dir)
+  tokens, mask = _prompts(cfg.vocab_size, [3, 6], seed=1)
+  P, N = tokens.shape[1], 13
+
+  def loops(segments):
+    jaxpr = jax.make_jaxpr(lambda t, m: sampling._sample_padded(  # pylint: disable=protected-access
+        sampling.prepare_decode(cfg, params), t, m, jnp.ones(2, bool), jax.random.PRNGKey(0), jnp.float32(1),
+        jnp.float32(1), jnp.full(4, -1, jnp.int32), jnp.int32(0), cfg=cfg, max_new_tokens=N, greedy=True,
+        top_k=0, use_top_p=False, unroll_layers=True, segments=segments))(tokens, mask)
+    inner = jaxpr.eqns[-1].params['jaxpr'].jaxpr           # the jitted sampler's body
+    whiles = [e for e in inner.eqns if e.primitive.name == 'while']
+    # The loop carry holds the (B, S) key mask: its S is that loop's cache length.
+    return [next(v.aval.shape[1] for v in e.outvars if v.aval.ndim == 2 and v.aval.shape[0] == 2
+                 and v.aval.dtype == jnp.int32 and v.aval.shape[1] >= P) for e in whiles]
+
+  assert loops(1) == [P + N - 1]
+  assert loops(3) == list(sampling.decode_windows(P, N, 3)) == [P + 4, P + 8, P + 12]
+
+
 def test_bucket_sizes():
   assert [sampling.bucket_size(n, 64) for n in (1, 2, 3, 5, 64, 65, 130)] == [1, 2, 4, 8, 64, 128, 192]
   assert [sampling.bucket_size(n, 128, 8) for n in (1, 9, 128, 129)] == [8, 16, 128, 256]
@@ -429,6 +465,9 @@ def test_bad_inputs_are_errors(tiny_qwen2_dir):
     run(top_p=0.0)
   with pytest.raises(ValueError, match='max_new_tokens'):
     run(max_new_tokens=0)
+  for bad in (0, 2.5):
+    with pytest.raises(ValueError, match='decode_segments'):
+      run(decode_segments=bad)
   with pytest.raises(ValueError, match=r'\[0, 384\)'):
     run(t=tokens + 1000)
   with pytest.raises(ValueError, match=r'\(B, P\)'):
