@@ -151,9 +151,12 @@ def test_logprobs_equal_a_full_forward_recomputation(tiny_qwen3_dir, kw, lengths
 
 
 # --- bfloat16: the decode path's own layout (uint16 moves, float32 accumulation) ------------
-@pytest.mark.parametrize('fixture,param_dtype', [('tiny_qwen3_dir', 'bfloat16'),
-                                                 ('tiny_qwen2_tied_dir', 'float32')])
-def test_bfloat16_sampling_matches_a_float32_recomputation(fixture, param_dtype, request):
+@pytest.mark.parametrize('fixture,param_dtype,lengths', [
+    ('tiny_qwen3_dir', 'bfloat16', [3, 6, 1]),
+    ('tiny_qwen2_tied_dir', 'float32', [3, 6, 1]),
+    # Over WEIGHT_MAJOR_MAX_ROWS rows: row-major products and the fused attention over uint16 caches.
+    ('tiny_qwen3_dir', 'bfloat16', [3, 6, 1, 4, 2] * 8)])
+def test_bfloat16_sampling_matches_a_float32_recomputation(fixture, param_dtype, lengths, request):
   """bf16 compute (bf16 or f32 storage, Qwen3 and a tied Qwen2): the returned log-probs equal a
   float32 forward over the same (bf16-rounded) weights to bf16 accuracy."""
   cfg, params = hf.load_pretrained(request.getfixturevalue(fixture), dtype='bfloat16',
@@ -161,7 +164,8 @@ def test_bfloat16_sampling_matches_a_float32_recomputation(fixture, param_dtype,
   prepared = sampling.prepare_decode(cfg, params)
   assert prepared.embed.dtype == jnp.uint16                  # gathered as raw bits (see _bits)
   assert all(w['qkv'].dtype == jnp.bfloat16 for w in prepared.layers)
-  tokens, mask = _prompts(cfg.vocab_size, [3, 6, 1], seed=2)
+  assert sampling._fused_attention(cfg, len(lengths)) == (len(lengths) == 40)  # pylint: disable=protected-access
+  tokens, mask = _prompts(cfg.vocab_size, lengths, seed=2)
   kw = dict(max_new_tokens=8, temperature=1.0, stop_token_ids=(5,), pad_id=0)
   out = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(3), **kw)
   c_tokens, c_mask = np.asarray(out.tokens), np.asarray(out.mask)
