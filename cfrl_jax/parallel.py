@@ -504,7 +504,8 @@ def sharded_update(update_fn: Callable, mesh: Mesh, param_specs, opt_specs, batc
 
 def sample_sharded(cfg, params, prompt_tokens, prompt_mask, key, *, mesh: Mesh, max_new_tokens: int,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-                   stop_token_ids: Iterable[int] = (), pad_id: int = 0, process_local: bool = False):
+                   stop_token_ids: Iterable[int] = (), pad_id: int = 0, process_local: bool = False,
+                   decode_segments: int | None = None):
   """sampling.sample with the prompt batch split over ('data', 'fsdp') and params as sharded.
 
   Same arguments and result as sampling.sample (host numpy arrays, gathered on every process);
@@ -518,12 +519,9 @@ def sample_sharded(cfg, params, prompt_tokens, prompt_mask, key, *, mesh: Mesh, 
   the random numbers it would draw in a single-process run (sampling.draw folds in the row index).
   """
   from cfrl_jax import sampling
-  tokens = np.asarray(prompt_tokens)
-  mask = (np.asarray(prompt_mask) > 0).astype(np.int32)
-  if tokens.ndim != 2 or tokens.shape != mask.shape or tokens.size == 0:
-    raise ValueError(f'prompt_tokens {tokens.shape} and prompt_mask {mask.shape} must both be (B, P), non-empty.')
-  if np.any(mask.sum(-1) == 0) or np.any(np.diff(mask, axis=-1) < 0):
-    raise ValueError('every prompt needs a real token and LEFT padding (see tokenization.encode_prompts).')
+  tokens, mask = sampling.check_prompts(cfg, prompt_tokens, prompt_mask)
+  sampling.check_decoding(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          greedy=greedy, decode_segments=decode_segments)
   B, P = tokens.shape
   unroll = sampling.unroll_layers_default()
   if process_local and jax.process_count() > 1:
@@ -538,22 +536,18 @@ def sample_sharded(cfg, params, prompt_tokens, prompt_mask, key, *, mesh: Mesh, 
     process_local = False
     Bp = sampling.batch_bucket(cfg, B, unroll, batch_shards(mesh))
   Pp = sampling.bucket_size(P, sampling.LENGTH_BUCKET_STEP, sampling.MIN_LENGTH_BUCKET)
-  tokens = np.concatenate([np.full((B, Pp - P), pad_id, tokens.dtype), tokens], axis=1)
-  mask = np.concatenate([np.zeros((B, Pp - P), np.int32), mask], axis=1)
-  tokens = np.concatenate([tokens, np.repeat(tokens[:1], Bp - B, axis=0)], axis=0).astype(np.int32)
-  mask = np.concatenate([mask, np.repeat(mask[:1], Bp - B, axis=0)], axis=0)
-  rows = shard_batch({'tokens': tokens, 'mask': mask, 'live': np.arange(Bp) < B}, mesh,
-                     process_local=process_local)
+  tokens, mask, live = sampling.pad_prompts(tokens, mask, Bp, Pp, pad_id)
+  rows = shard_batch({'tokens': tokens, 'mask': mask, 'live': live}, mesh, process_local=process_local)
   rep = lambda x: _put(x, NamedSharding(mesh, PartitionSpec()))
-  greedy = bool(greedy)
-  top_k = 0 if greedy or int(top_k) >= cfg.vocab_size else int(top_k)
-  stops = np.asarray(sorted({int(t) for t in stop_token_ids}), np.int32)
+  greedy, top_k, use_top_p = sampling.decoding_statics(cfg, greedy, top_k, top_p)
+  stops = sampling.stop_id_array(stop_token_ids)
   with jax.sharding.set_mesh(mesh):
     out = sampling._sample_padded(  # pylint: disable=protected-access
         sampling.sampler_model(cfg, params, unroll), rows['tokens'], rows['mask'], rows['live'], rep(key),
         rep(np.float32(1.0 if greedy else temperature)), rep(np.float32(top_p)), rep(stops),
         rep(np.int32(pad_id)), cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=top_k,
-        use_top_p=(not greedy) and float(top_p) < 1.0, unroll_layers=unroll)
+        use_top_p=use_top_p, unroll_layers=unroll,
+        segments=None if decode_segments is None else int(decode_segments))
   if process_local:   # rows split as the prompts were (the partitioner may have chosen otherwise)
     out = jax.device_put(tuple(out), NamedSharding(mesh, batch_spec(mesh, Bp)))
     return sampling.SampleOutput(*(local_rows(x) for x in out))

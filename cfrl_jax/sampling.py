@@ -649,6 +649,70 @@ def compile_cache_size() -> int:
   return _sample_padded._cache_size()  # pylint: disable=protected-access
 
 
+def check_prompts(cfg: QwenConfig, prompt_tokens, prompt_mask) -> tuple[np.ndarray, np.ndarray]:
+  """(B, P) prompts as the sampler takes them: int32 tokens and a 0/1 int32 mask, LEFT-padded, every
+  row with a real token, ids inside the vocabulary; otherwise a ValueError that names the problem."""
+  tokens = np.asarray(prompt_tokens)
+  mask = np.asarray(prompt_mask)
+  if tokens.ndim != 2 or tokens.shape != mask.shape:
+    raise ValueError(f'prompt_tokens {tokens.shape} and prompt_mask {mask.shape} must both be (B, P).')
+  if not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError(f'prompt_tokens must be integer token ids, got dtype {tokens.dtype}.')
+  if tokens.size == 0:
+    raise ValueError(f'empty prompt batch {tokens.shape}.')
+  mask = (mask > 0).astype(np.int32)
+  if np.any(mask.sum(-1) == 0):
+    raise ValueError(f'prompt rows {np.flatnonzero(mask.sum(-1) == 0).tolist()} have no real token.')
+  if np.any(np.diff(mask, axis=-1) < 0):
+    raise ValueError('prompts must be LEFT-padded (mask 0...0 1...1 per row); use '
+                     'tokenization.encode_prompts or move the padding to the left.')
+  if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
+    raise ValueError(f'prompt token ids must lie in [0, {cfg.vocab_size}); got range '
+                     f'[{tokens.min()}, {tokens.max()}].')
+  return tokens.astype(np.int32), mask
+
+
+def check_decoding(*, max_new_tokens, temperature, top_k, top_p, greedy, decode_segments=None) -> None:
+  """A ValueError naming the first decoding argument out of range (sampling ones only unless greedy)."""
+  if int(max_new_tokens) < 1:
+    raise ValueError(f'max_new_tokens={max_new_tokens}; need at least 1.')
+  if decode_segments is not None and (int(decode_segments) != decode_segments or decode_segments < 1):
+    raise ValueError(f'decode_segments={decode_segments}; it must be a positive integer (None: the default).')
+  if not greedy:
+    if not temperature > 0:
+      raise ValueError(f'temperature={temperature}; it must be > 0 (use greedy=True for argmax decoding).')
+    if not 0 < top_p <= 1:
+      raise ValueError(f'top_p={top_p}; it must lie in (0, 1] (1 disables nucleus filtering).')
+    if top_k < 0:
+      raise ValueError(f'top_k={top_k}; it must be >= 0 (0 disables top-k filtering).')
+
+
+def pad_prompts(tokens, mask, rows: int, width: int, pad_id: int):
+  """check_prompts' (B, P) arrays grown to (rows, width): more left padding, then dummy rows that copy
+  row 0 (no all-padding row) and start finished. Returns (tokens, mask, live_rows (rows,) bool)."""
+  B, P = tokens.shape
+  tokens = np.concatenate([np.full((B, width - P), pad_id, np.int32), tokens], axis=1)
+  mask = np.concatenate([np.zeros((B, width - P), np.int32), mask], axis=1)
+  tokens = np.concatenate([tokens, np.repeat(tokens[:1], rows - B, axis=0)], axis=0)
+  mask = np.concatenate([mask, np.repeat(mask[:1], rows - B, axis=0)], axis=0)
+  return tokens, mask, np.arange(rows) < B
+
+
+def stop_id_array(stop_token_ids: Iterable[int]) -> np.ndarray:
+  """The distinct stop ids, int32, padded with -1 (never a token) to a multiple of 4 (at least 4),
+  so a different number of stop ids rarely means a new compilation."""
+  stops = sorted({int(t) for t in stop_token_ids})
+  return np.asarray(stops + [-1] * (-len(stops) % 4 if stops else 4), np.int32)
+
+
+def decoding_statics(cfg: QwenConfig, greedy: bool, top_k: int, top_p: float) -> tuple[bool, int, bool]:
+  """The compiled sampler's static choices (greedy, top_k, use_top_p): filters that keep every token
+  (top_k >= vocab, top_p = 1) and all filters under greedy compile away."""
+  greedy = bool(greedy)
+  top_k = 0 if greedy or int(top_k) >= cfg.vocab_size else int(top_k)
+  return greedy, top_k, (not greedy) and float(top_p) < 1.0
+
+
 def sample(cfg: QwenConfig, params: Params | DecodeParams, prompt_tokens, prompt_mask, key, *, max_new_tokens: int,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
            stop_token_ids: Iterable[int] = (), pad_id: int = 0, bucket: bool = True,
@@ -672,60 +736,21 @@ def sample(cfg: QwenConfig, params: Params | DecodeParams, prompt_tokens, prompt
   on CPU, 1 on accelerators). The same maths at any count.
   Returns SampleOutput with (B, max_new_tokens) arrays.
   """
-  tokens = np.asarray(prompt_tokens)
-  mask = np.asarray(prompt_mask)
-  if tokens.ndim != 2 or tokens.shape != mask.shape:
-    raise ValueError(f'prompt_tokens {tokens.shape} and prompt_mask {mask.shape} must both be (B, P).')
-  if not np.issubdtype(tokens.dtype, np.integer):
-    raise ValueError(f'prompt_tokens must be integer token ids, got dtype {tokens.dtype}.')
+  tokens, mask = check_prompts(cfg, prompt_tokens, prompt_mask)
+  check_decoding(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                 greedy=greedy, decode_segments=decode_segments)
   B, P = tokens.shape
-  if B == 0 or P == 0:
-    raise ValueError(f'empty prompt batch {tokens.shape}.')
-  mask = (mask > 0).astype(np.int32)
-  if np.any(mask.sum(-1) == 0):
-    raise ValueError(f'prompt rows {np.flatnonzero(mask.sum(-1) == 0).tolist()} have no real token.')
-  if np.any(np.diff(mask, axis=-1) < 0):
-    raise ValueError('prompts must be LEFT-padded (mask 0...0 1...1 per row); use '
-                     'tokenization.encode_prompts or move the padding to the left.')
-  if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
-    raise ValueError(f'prompt token ids must lie in [0, {cfg.vocab_size}); got range '
-                     f'[{tokens.min()}, {tokens.max()}].')
-  if int(max_new_tokens) < 1:
-    raise ValueError(f'max_new_tokens={max_new_tokens}; need at least 1.')
-  if decode_segments is not None and (int(decode_segments) != decode_segments or decode_segments < 1):
-    raise ValueError(f'decode_segments={decode_segments}; it must be a positive integer (None: the default).')
-  if not greedy:
-    if not temperature > 0:
-      raise ValueError(f'temperature={temperature}; it must be > 0 (use greedy=True for argmax decoding).')
-    if not 0 < top_p <= 1:
-      raise ValueError(f'top_p={top_p}; it must lie in (0, 1] (1 disables nucleus filtering).')
-    if top_k < 0:
-      raise ValueError(f'top_k={top_k}; it must be >= 0 (0 disables top-k filtering).')
-  stops = sorted({int(t) for t in stop_token_ids})
-  # Padded with -1 (never a token) to a multiple of 4, so a different number of stop ids rarely
-  # means a new compilation.
-  stops = np.asarray(stops + [-1] * (-len(stops) % 4 if stops else 4), np.int32)
-
   if unroll_layers is None:
     unroll_layers = isinstance(params, DecodeParams) or unroll_layers_default()
   unroll_layers = bool(unroll_layers)
   Bp = batch_bucket(cfg, B, unroll_layers) if bucket else B
   Pp = bucket_size(P, LENGTH_BUCKET_STEP, MIN_LENGTH_BUCKET) if bucket else P
-  if Pp > P:  # more left padding
-    tokens = np.concatenate([np.full((B, Pp - P), pad_id, tokens.dtype), tokens], axis=1)
-    mask = np.concatenate([np.zeros((B, Pp - P), np.int32), mask], axis=1)
-  if Bp > B:  # dummy rows copy row 0 (no all-padding rows) and start finished
-    tokens = np.concatenate([tokens, np.repeat(tokens[:1], Bp - B, axis=0)], axis=0)
-    mask = np.concatenate([mask, np.repeat(mask[:1], Bp - B, axis=0)], axis=0)
-  live_rows = np.arange(Bp) < B
-
-  greedy = bool(greedy)
-  top_k = 0 if greedy or int(top_k) >= cfg.vocab_size else int(top_k)
-  use_top_p = (not greedy) and float(top_p) < 1.0
+  tokens, mask, live_rows = pad_prompts(tokens, mask, Bp, Pp, pad_id)
+  greedy, top_k, use_top_p = decoding_statics(cfg, greedy, top_k, top_p)
   out = _sample_padded(
-      sampler_model(cfg, params, unroll_layers), jnp.asarray(tokens, jnp.int32), jnp.asarray(mask),
+      sampler_model(cfg, params, unroll_layers), jnp.asarray(tokens), jnp.asarray(mask),
       jnp.asarray(live_rows), key,
-      jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p), jnp.asarray(stops),
+      jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p), jnp.asarray(stop_id_array(stop_token_ids)),
       jnp.int32(pad_id), cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=top_k,
       use_top_p=use_top_p, unroll_layers=unroll_layers,
       segments=None if decode_segments is None else int(decode_segments))

@@ -207,6 +207,30 @@ def test_shard_batch_and_host_rows_on_this_process():
   assert parallel.host_rows(n, mesh) == slice(0, n)
 
 
+def test_sample_sharded_on_this_process_equals_sample_and_checks_inputs_alike(tiny_qwen2_dir):
+  from cfrl_jax import sampling
+  from cfrl_jax.models import hf
+  cfg, params = hf.load_pretrained(tiny_qwen2_dir)
+  mesh = parallel.make_mesh((1, -1, 1))
+  tokens = np.asarray([[0, 0, 5, 9], [3, 4, 8, 2], [0, 7, 1, 6]], np.int32)
+  mask = (np.arange(4)[None] >= np.asarray([[2], [0], [1]])).astype(np.int32)
+  kw = dict(max_new_tokens=5, temperature=0.9, top_k=7, stop_token_ids=(3,))
+  ours = parallel.sample_sharded(cfg, params, tokens, mask, jax.random.PRNGKey(2), mesh=mesh, **kw)
+  ref = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(2), **kw)
+  np.testing.assert_array_equal(ours.tokens, np.asarray(ref.tokens))
+  np.testing.assert_allclose(ours.logprobs, np.asarray(ref.logprobs), atol=1e-5)
+  bad = [(dict(prompt_tokens=tokens + cfg.vocab_size), r'\[0, 384\)'),
+         (dict(prompt_mask=mask[:, ::-1]), 'LEFT-padded'),
+         (dict(temperature=0.0), 'temperature'),
+         (dict(max_new_tokens=0), 'max_new_tokens'),
+         (dict(decode_segments=0), 'decode_segments')]
+  for change, match in bad:
+    args = {'prompt_tokens': tokens, 'prompt_mask': mask, **kw, **change}
+    for fn, extra in ((parallel.sample_sharded, {'mesh': mesh}), (sampling.sample, {})):
+      with pytest.raises(ValueError, match=match):
+        fn(cfg, params, key=jax.random.PRNGKey(2), **args, **extra)
+
+
 def test_per_host_helpers_are_identities_on_one_process():
   """With one process every row is local: the per-host helpers must not change a single-process run."""
   import ml_collections as mc
