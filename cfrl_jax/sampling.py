@@ -251,7 +251,7 @@ def prepare_decode(cfg: QwenConfig, params: Params) -> DecodeParams:
   XLA:CPU fused the weight transposes into the prefill's products and ran those in float32
   (bfloat16 prefill ~3x slower, measured). The embedding and head stay outside that call: already
   in the compute dtype they are the params' own arrays, where a jit would have to return copies
-  (two 65 MB copies on bench_decode's float32 model: 80 -> 35 ms per call, measured).
+  (two 65 MB copies on bench_decode's float32 model: 80 -> 42-50 ms per call, hand-timed).
   """
   backbone = params['backbone']
   head = qwen.head_params(cfg, params)

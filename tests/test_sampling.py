@@ -105,6 +105,9 @@ def test_prepared_decode_weights_are_reused_across_calls(tiny_qwen3_dir, monkeyp
   kw = dict(max_new_tokens=10, temperature=0.8, top_k=20, stop_token_ids=(5, 7))
   a = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(4), unroll_layers=True, **kw)
   prepared = sampling.prepare_decode(cfg, params)
+  # Already in the compute dtype (float32), the embedding and head are the params' own arrays, not copies.
+  assert prepared.embed is params['backbone']['embed']
+  assert prepared.head['w'] is qwen.head_params(cfg, params)['w']
   calls = []
   monkeypatch.setattr(sampling, 'prepare_decode', lambda *args: calls.append(args))
   for _ in range(2):
