@@ -17,8 +17,9 @@ sampling.decode_weights and the head, chained over a (batch, hidden) activation 
 product form, weight-major for small batches (see sampling._matvec), nothing else),
 jitted and timed in the same rounds. The decode step cannot be faster than its matrix products, so
 when that figure exceeds half of transformers' ms/step, a 2x speed-up is out of reach of this
-formulation on this machine. A fourth timing, our sampler with its decode loop in one segment over the
-whole cache (decode_segments=1), measures what the default segments over a growing cache save.
+formulation on this machine. A fourth timing, our sampler with the decode step's attention and greedy
+pick in XLA ops (attention='xla', with its default decode segments) instead of the compiled CPU
+kernels (cfrl_jax/kernels/cpu_decode.cc, the default where they build), measures what the kernels save.
 
     python bench/bench_decode.py [--batch 1,8,64 --dtype float32,bfloat16 --prompt_len 64 --new_tokens 128
                                   --reps 5 --threads 2,1]
@@ -102,9 +103,11 @@ def measure(args, threads: int) -> dict:
   mask = np.ones((B, P), np.int32)
   key = jax.random.PRNGKey(0)
 
-  def ours(n, decode_segments=None):
+  attention = sampling.attention_default(cfg)
+
+  def ours(n, attention=attention):
     out = sampling.sample(cfg, params, prompts, mask, key, max_new_tokens=n, greedy=True,
-                          stop_token_ids=(), decode_segments=decode_segments)
+                          stop_token_ids=(), attention=attention)
     return np.asarray(jax.block_until_ready(out.tokens))
 
   import jax.numpy as jnp
@@ -116,8 +119,14 @@ def measure(args, threads: int) -> dict:
   # pylint: disable=protected-access
   rows = sampling.batch_bucket(cfg, B, True)
   mm = lambda x, w: sampling._matvec(x, w, w.dtype, weight_major=rows <= sampling.WEIGHT_MAJOR_MAX_ROWS)
-  head_mm = lambda x, hw: sampling._head_logits(cfg, {'w': hw}, x,
-                                                weight_major=rows <= sampling.HEAD_WEIGHT_MAJOR_MAX_ROWS)
+  if attention == 'kernel' and rows > sampling.HEAD_WEIGHT_MAJOR_MAX_ROWS:
+    # The greedy step's own head product (sampling._greedy_head without its kernel): (V, B) logits.
+    lanes = sampling.cpu_decode.GREEDY_LANES
+    head_mm = lambda x, hw: jnp.einsum('vd,bd->vb', hw, jnp.pad(x, ((0, -rows % lanes), (0, 0))),
+                                       preferred_element_type=jnp.float32)
+  else:
+    head_mm = lambda x, hw: sampling._head_logits(cfg, {'w': hw}, x,
+                                                  weight_major=rows <= sampling.HEAD_WEIGHT_MAJOR_MAX_ROWS)
 
   @jax.jit
   def products(x, layer_w, head_w):
@@ -149,7 +158,7 @@ def measure(args, threads: int) -> dict:
   # Warm-up: compiles both shapes of ours, warms torch's allocator; also checks the tokens agree.
   a, b = ours(N), theirs(N)
   ours(1), theirs(1), matmuls()
-  one_loop = ours(N, decode_segments=1)   # ablation: the decode loop over the whole cache (see below)
+  xla_ops = ours(N, attention='xla')   # ablation: attention and greedy pick in XLA ops (see below)
   assert a.shape == b.shape == (B, N), (a.shape, b.shape)
   differs = (a != b).any(0)
   agree = int(np.argmax(differs)) if differs.any() else N
@@ -157,25 +166,25 @@ def measure(args, threads: int) -> dict:
   load_before = os.getloadavg()[0]
   runs = {'ours': [], 'transformers': []}
   runs1 = {'ours': [], 'transformers': []}
-  products_ms, one_loop_s = [], []
+  products_ms, xla_s = [], []
   for _ in range(args.reps):
     for name, fn in (('ours', ours), ('transformers', theirs)):
       runs[name].append(timed(lambda: fn(N)))
       runs1[name].append(timed(lambda: fn(1)))
     products_ms += [1e3 * timed(matmuls)[0] / 10 for _ in range(3)]
-    one_loop_s.append(timed(lambda: ours(N, decode_segments=1))[0])
+    xla_s.append(timed(lambda: ours(N, attention='xla'))[0])
   result = dict(threads=threads, batch=B, dtype=dtype, agree=agree, load=(load_before, os.getloadavg()[0]),
-                products_ms=statistics.median(products_ms), segments=sampling.decode_segments_default(N),
-                one_loop_agree=bool((one_loop == a).all()))
+                products_ms=statistics.median(products_ms), attention=attention,
+                segments=sampling.decode_segments_default(N, attention), xla_agree=bool((xla_ops == a).all()))
   for name in runs:
     wall = statistics.median(w for w, _ in runs[name])
     wall1 = statistics.median(w for w, _ in runs1[name])
     result[name] = dict(wall=wall, cpu=statistics.median(c for _, c in runs[name]),
                         tok_s=B * N / wall, step_ms=1e3 * (wall - wall1) / (N - 1),
                         prefill_ms=1e3 * wall1)
-  # The N = 1 call has no decode loop to segment: the same prefill time serves both.
+  # The N = 1 call runs no decode step: the same prefill time serves both.
   wall1 = statistics.median(w for w, _ in runs1['ours'])
-  result['one_loop_step_ms'] = 1e3 * (statistics.median(one_loop_s) - wall1) / (N - 1)
+  result['xla_step_ms'] = 1e3 * (statistics.median(xla_s) - wall1) / (N - 1)
   return result
 
 
@@ -221,21 +230,21 @@ def main():
                    f'{s["step_ms"]:.1f} | {s["prefill_ms"]:.0f} | {s["cpu"]:.2f} | {speed} | {step} | '
                    f'{r["load"][0]:.1f}-{r["load"][1]:.1f} |')
   lines += ['', 'Lower bound of the decode step in XLA: its matrix products alone (ms per step, median), '
-            'against the step time a 2x speed-up over transformers needs. Also our step with the decode '
-            'loop in one segment over the whole cache (`decode_segments=1`, timed in the same rounds) '
-            'instead of the default segments over a growing cache (README, Sampler):', '',
-            '| dtype | batch | threads | matrix products alone (ms) | our decode step (ms) | 2x target (ms) | 2x reachable by this formulation | segments | step in one segment (ms) | one segment / segments |',
+            'against the step time a 2x speed-up over transformers needs. Also our step with the attention '
+            'and greedy pick in XLA ops (`attention=\'xla\'`, with its default decode segments; timed in the '
+            'same rounds) instead of the compiled CPU kernels (README, Sampler):', '',
+            '| dtype | batch | threads | matrix products alone (ms) | our decode step (ms) | 2x target (ms) | 2x reachable by this formulation | attention | step with XLA ops (ms) | XLA ops / kernels |',
             '|---|---|---|---|---|---|---|---|---|---|']
   for r in results:
     target = r['transformers']['step_ms'] / 2
     lines.append(f'| {r["dtype"]} | {r["batch"]} | {r["threads"]} | {r["products_ms"]:.1f} | {r["ours"]["step_ms"]:.1f} | '
-                 f'{target:.1f} | {"yes" if r["products_ms"] < target else "no"} | {r["segments"]} | '
-                 f'{r["one_loop_step_ms"]:.1f} | {r["one_loop_step_ms"] / r["ours"]["step_ms"]:.2f}x |')
-  same = list(dict.fromkeys(f'{r["dtype"]} batch {r["batch"]}' for r in results if r['one_loop_agree']))
-  differ = list(dict.fromkeys(f'{r["dtype"]} batch {r["batch"]}' for r in results if not r['one_loop_agree']))
-  lines += ['', f'Greedy tokens of one segment equal the segmented run\'s in: {", ".join(same) or "none"}'
-            + (f'; they differ in: {", ".join(differ)} (bfloat16: the softmax over a different cache length '
-               'sums in another order, and rounding flips near-tied argmaxes).' if differ else '.')]
+                 f'{target:.1f} | {"yes" if r["products_ms"] < target else "no"} | {r["attention"]} | '
+                 f'{r["xla_step_ms"]:.1f} | {r["xla_step_ms"] / r["ours"]["step_ms"]:.2f}x |')
+  same = list(dict.fromkeys(f'{r["dtype"]} batch {r["batch"]}' for r in results if r['xla_agree']))
+  differ = list(dict.fromkeys(f'{r["dtype"]} batch {r["batch"]}' for r in results if not r['xla_agree']))
+  lines += ['', f'Greedy tokens with XLA ops equal those with the kernels in: {", ".join(same) or "none"}'
+            + (f'; they differ in: {", ".join(differ)} (bfloat16: the two round their sums in another order, '
+               'and rounding flips near-tied argmaxes).' if differ else '.')]
   agree = ', '.join(f'{r["dtype"]} batch {r["batch"]}: {r["agree"]}' for r in results if r['threads'] == results[0]['threads'])
   lines += ['', f'Greedy tokens of the two implementations agree for the first steps (of {N}): {agree}. Random '
             'weights at HF init give near-tied logits, so rounding flips an argmax early in bfloat16 (each '

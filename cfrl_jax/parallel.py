@@ -505,7 +505,7 @@ def sharded_update(update_fn: Callable, mesh: Mesh, param_specs, opt_specs, batc
 def sample_sharded(cfg, params, prompt_tokens, prompt_mask, key, *, mesh: Mesh, max_new_tokens: int,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
                    stop_token_ids: Iterable[int] = (), pad_id: int = 0, process_local: bool = False,
-                   decode_segments: int | None = None):
+                   decode_segments: int | None = None, attention: str | None = None):
   """sampling.sample with the prompt batch split over ('data', 'fsdp') and params as sharded.
 
   Same arguments and result as sampling.sample (host numpy arrays, gathered on every process);
@@ -524,6 +524,7 @@ def sample_sharded(cfg, params, prompt_tokens, prompt_mask, key, *, mesh: Mesh, 
                           greedy=greedy, decode_segments=decode_segments)
   B, P = tokens.shape
   unroll = sampling.unroll_layers_default()
+  attention = sampling.resolve_attention(cfg, attention, unroll)
   if process_local and jax.process_count() > 1:
     from jax.experimental import multihost_utils
     shapes = multihost_utils.process_allgather(np.asarray([B, P], np.int32))
@@ -547,7 +548,7 @@ def sample_sharded(cfg, params, prompt_tokens, prompt_mask, key, *, mesh: Mesh, 
         rep(np.float32(1.0 if greedy else temperature)), rep(np.float32(top_p)), rep(stops),
         rep(np.int32(pad_id)), cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=top_k,
         use_top_p=use_top_p, unroll_layers=unroll,
-        segments=None if decode_segments is None else int(decode_segments))
+        segments=None if decode_segments is None else int(decode_segments), attention=attention)
   if process_local:   # rows split as the prompts were (the partitioner may have chosen otherwise)
     out = jax.device_put(tuple(out), NamedSharding(mesh, batch_spec(mesh, Bp)))
     return sampling.SampleOutput(*(local_rows(x) for x in out))

@@ -17,7 +17,9 @@ The decode step is kept lean: logits are computed for one position per row (neve
 prompt again), the cache is updated in place inside one lax.while_loop that exits as soon as
 every row has stopped, and on CPU the layers are unrolled over per-layer fused (out, in) weights
 and per-layer (B, Hkv, S, hd) caches (see unroll_layers_default, prepare_decode and LayerKV); the
-prefill runs through the same unrolled layers. In bfloat16 every matrix product accumulates in
+prefill runs through the same unrolled layers. On CPU the decode step's attention (and the greedy
+pick of many rows) are compiled C++ kernels (cfrl_jax/kernels/cpu_decode; see attention_form and
+_greedy_head). In bfloat16 every matrix product accumulates in
 float32 and returns bfloat16 (XLA:CPU's fast bf16 kernels need the float32 result type), and
 bf16 data is moved as uint16 bits (see _bits).
 """
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cfrl_jax.kernels import cpu_decode
 from cfrl_jax.models import qwen
 from cfrl_jax.models.qwen import Params, QwenConfig
 
@@ -183,7 +186,8 @@ def _choose(z, key, temperature, top_p, *, greedy, top_k, use_top_p):
 
 class LayerKV(NamedTuple):
   """The decode loop's KV cache: one (B, Hkv, S, hd) array per layer for keys and for values
-  (keys (B, Hkv, hd, S), 16-bit caches as uint16 bits, where _fused_attention; see init_layer_kv).
+  (keys (B, Hkv, hd, S) and 16-bit caches as uint16 bits for the 'kernel' and 'fused' attention
+  forms; see attention_form and init_layer_kv).
 
   Separate per-layer arrays (not qwen.KVCache's stacked (L, B, S, Hkv, hd)) let each step update
   and read a layer's cache in place, and these orders are the ones the one-token attention
@@ -327,21 +331,76 @@ def _head_logits(cfg: QwenConfig, head: Params, phi, *, weight_major: bool):
   return jax.lax.optimization_barrier(zt).T
 
 
-def _fused_attention(cfg: QwenConfig, rows: int) -> bool:
-  """Whether a decode step of `rows` rows attends with fused multiply-reduce loops over a
-  (B, Hkv, hd, S) key cache (16-bit caches held as uint16 bits) instead of batched dot products
-  over (B, Hkv, S, hd) caches: always in float32, in 16-bit dtypes above WEIGHT_MAJOR_MAX_ROWS rows.
+# How the unrolled sampler's decode step attends over its KV cache (the static `attention` choice
+# of sample): 'kernel' calls the compiled CPU kernel cpu_decode.decode_attention, 'xla' expresses the
+# attention in XLA ops (attention_form picks which). Only the attention differs: the same maths.
+ATTENTION_CHOICES = ('kernel', 'xla')
 
-  Why: one query per row leaves XLA:CPU a batched (G x hd)(hd x S) product per row and KV head,
-  which it runs far below both its matmul and its memory speed. As one loop, vectorised along
+
+def attention_default(cfg: QwenConfig) -> str:
+  """'kernel' on the CPU backend for float32 and bfloat16 where the kernel builds (a C++ compiler
+  is on the machine and CFRL_JAX_CPU_KERNELS is not 0), else 'xla'."""
+  if jax.default_backend() != 'cpu' or jnp.dtype(cfg.compute_dtype) not in (jnp.float32, jnp.bfloat16):
+    return 'xla'
+  return 'kernel' if cpu_decode.available() else 'xla'
+
+
+def check_attention(cfg: QwenConfig, attention: str) -> None:
+  """A clear error for an attention choice this cfg or machine cannot run."""
+  if attention not in ATTENTION_CHOICES:
+    raise ValueError(f'attention={attention!r}: expected one of {ATTENTION_CHOICES} (or None for '
+                     'attention_default).')
+  if attention == 'kernel':
+    if jnp.dtype(cfg.compute_dtype) not in (jnp.float32, jnp.bfloat16):
+      raise ValueError(f"attention='kernel' runs float32 and bfloat16 caches, not {cfg.compute_dtype}; use "
+                       "attention='xla'.")
+    if not cpu_decode.available():
+      raise ValueError(f"attention='kernel' is unavailable here ({cpu_decode.unavailable_reason()}); use "
+                       "attention='xla'.")
+
+
+def attention_form(cfg: QwenConfig, rows: int, attention: str) -> str:
+  """How a decode step of `rows` rows attends, given the `attention` choice, and so the layout of
+  its caches (init_layer_kv):
+
+  'kernel': cpu_decode.decode_attention over a (B, Hkv, hd, S) key cache and a (B, Hkv, S, hd) value
+    cache, 16-bit ones held as uint16 bits (written in place), reading only the slots written so far.
+  'fused' (attention='xla'; float32, and 16-bit dtypes above WEIGHT_MAJOR_MAX_ROWS rows): fused
+    multiply-reduce loops over a (B, Hkv, hd, S) key cache, 16-bit caches as uint16 bits.
+  'batched' (attention='xla' otherwise): batched dot products over (B, Hkv, S, hd) caches.
+
+  Why 'fused': one query per row leaves XLA:CPU a batched (G x hd)(hd x S) product per row and KV
+  head, which it runs far below both its matmul and its memory speed. As one loop, vectorised along
   the S contiguous keys of the transposed cache, the scores run faster in float32; in bfloat16 the
   uint16 cache is also written in place, where XLA:CPU writes a bf16 cache by converting the whole
   cache to float32 and back. Measured on bench_decode's model (prompt 64, 128 new tokens, decode
   segments on), ms per step, batched products -> fused, 2 threads unless noted: float32 B1 7.4 ->
   7.3, B8 14.3 -> 14.2 (1 thread 21.0 -> 20.8), B64 45.5 -> 41.7; bfloat16 B64 24.0 -> 23.1
-  (1 thread 32.6 -> 30.8), but B32 14.2 -> 14.4 and B8 5.6 -> 6.0.
+  (1 thread 32.6 -> 30.8), but B32 14.2 -> 14.4 and B8 5.6 -> 6.0. Both stay far below memory
+  speed (~20 GFLOP/s at B64), hence the kernel.
   """
-  return jnp.dtype(cfg.compute_dtype).itemsize > 2 or rows > WEIGHT_MAJOR_MAX_ROWS
+  if attention == 'kernel':
+    return 'kernel'
+  return 'fused' if jnp.dtype(cfg.compute_dtype).itemsize > 2 or rows > WEIGHT_MAJOR_MAX_ROWS else 'batched'
+
+
+def _greedy_head(cfg: QwenConfig, head: Params, phi):
+  """Greedy tokens (B,) int32 and their log-probs (B,) from phi (B, d) with the compiled CPU kernel
+  cpu_decode.greedy_pick: the same as first_argmax and _logprob_of over qwen.logits.
+
+  The product runs weight-major, (V, d) x (d, B) -> (V, B) logits, which the kernel reduces along V
+  as they lie. Why: in the (B, V) form, XLA:CPU's bfloat16 product first repacks the whole (V, d)
+  head every step, and its reductions over V (max, argmax, logsumexp) or a transpose of (V, B) back
+  to (B, V) each cost more than the product. Rows are padded to a multiple of GREEDY_LANES (the
+  product's cost is the head's bytes, whatever the rows) so that the kernel runs only full vectors.
+  """
+  B = phi.shape[0]
+  rows = -(-B // cpu_decode.GREEDY_LANES) * cpu_decode.GREEDY_LANES
+  dt = cfg.compute_dtype
+  x = jnp.pad(phi.astype(dt), ((0, rows - B), (0, 0)))
+  zt = jnp.einsum('vd,bd->vb', head['w'].astype(dt), x, preferred_element_type=jnp.float32)
+  tokens, logprobs = cpu_decode.greedy_pick(zt)
+  return tokens[:B], logprobs[:B]
 
 
 def _as_f32(cache):
@@ -352,11 +411,11 @@ def _as_f32(cache):
 
 
 def _cached_layer(cfg: QwenConfig, w: dict, h, cos, sin, k_cache, v_cache, slot, key_mask, *,
-                  prefill: bool, weight_major: bool = False):
+                  prefill: bool, form: str, weight_major: bool = False):
   """One decoder block for T new tokens per row over per-layer caches (qwen._layer's maths).
 
-  h: (B, T, d); cos, sin: (B, T, hd); k_cache, v_cache: (B, Hkv, S, hd), keys (B, Hkv, hd, S) and
-  16-bit caches as uint16 bits where _fused_attention(cfg, B); key_mask: (B, S) with the
+  h: (B, T, d); cos, sin: (B, T, hd); k_cache, v_cache: laid out for `form` (attention_form; see
+  init_layer_kv); key_mask: (B, S) with the
   T new slots [slot, slot + T) already set. prefill (static): the caches are empty and slot is 0,
   so the T tokens attend among themselves (causally) instead of over all S slots. Otherwise T is
   1 and the token attends over the cache. Returns (h, k_cache, v_cache) with the new keys/values
@@ -376,9 +435,10 @@ def _cached_layer(cfg: QwenConfig, w: dict, h, cos, sin, k_cache, v_cache, slot,
     k = qwen.rms_norm(k, w['k_norm'], cfg.rms_norm_eps)
   q, k = qwen.apply_rope(q, cos, sin), qwen.apply_rope(k, cos, sin)
   k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)            # (B, Hkv, T, hd), the cache's order
-  fused = _fused_attention(cfg, B)
+  keys_t = form in ('fused', 'kernel')   # keys (B, Hkv, hd, S)
+  fused = form == 'fused'
   store = lambda x, cache: _bits(x.astype(dt)) if cache.dtype == jnp.uint16 else x.astype(cache.dtype)
-  if fused:   # keys (B, Hkv, hd, S)
+  if keys_t:
     k_cache = jax.lax.dynamic_update_slice(k_cache, store(jnp.swapaxes(k, 2, 3), k_cache), (0, 0, 0, slot))
   else:
     k_cache = jax.lax.dynamic_update_slice(k_cache, store(k, k_cache), (0, 0, slot, 0))
@@ -396,6 +456,10 @@ def _cached_layer(cfg: QwenConfig, w: dict, h, cos, sin, k_cache, v_cache, slot,
     probs = jax.nn.softmax(jnp.where(allowed, scores, neg), axis=-1)
     # (B, Hkv, G, T, hd) then moved: asking for (B, T, Hkv, G, hd) directly picks a slower kernel.
     attn = jnp.transpose(jnp.einsum('bkgts,bksh->bkgth', probs, v.astype(jnp.float32)), (0, 3, 1, 2, 4))
+  elif form == 'kernel':
+    qg = q.reshape(B, Hkv, G, hd).astype(jnp.float32) / math.sqrt(hd)
+    # Slots after this one hold no token yet: the kernel reads only the first slot + 1.
+    attn = cpu_decode.decode_attention(qg, k_cache, v_cache, key_mask, jnp.full((B,), slot + 1, jnp.int32))
   elif fused:
     # The barriers keep scores, softmax and values in separate loops: XLA otherwise fuses them into
     # one another, measured slower in bfloat16 (this attention alone at B64: 11.0 vs 9.2 ms) and no
@@ -425,17 +489,20 @@ def _cached_layer(cfg: QwenConfig, w: dict, h, cos, sin, k_cache, v_cache, slot,
   return h + mlp.reshape(B, T, d), k_cache, v_cache
 
 
-def _cached_forward(cfg: QwenConfig, model: DecodeParams, tokens, positions, kv: LayerKV, mask=None):
+def _cached_forward(cfg: QwenConfig, model: DecodeParams, tokens, positions, kv: LayerKV, mask=None, *,
+                    attention: str = 'xla'):
   """T tokens per row through the decoder, layers unrolled over decode_weights and per-layer caches.
 
   tokens, positions: (B, T) int32. mask: (B, T) real-token mask of a prefill (the caches must be
   empty, kv.index 0); None for a decode step (T = 1, every row's token is real). Returns
   (phi (B, T, d), kv with the new keys/values at slots [kv.index, kv.index + T)). A decode step
-  of at most WEIGHT_MAJOR_MAX_ROWS rows runs its products weight-major (see _matvec).
+  of at most WEIGHT_MAJOR_MAX_ROWS rows runs its products weight-major (see _matvec). attention
+  (static): see attention_form; kv must be laid out for it (init_layer_kv).
   """
   B, T = tokens.shape
   prefill = mask is not None
   weight_major = not prefill and B <= WEIGHT_MAJOR_MAX_ROWS
+  form = attention_form(cfg, B, attention)
   slot = kv.index
   new = mask.astype(jnp.int32) if prefill else jnp.ones((B, T), jnp.int32)
   key_mask = jax.lax.dynamic_update_slice(kv.mask, new, (0, slot))
@@ -444,19 +511,20 @@ def _cached_forward(cfg: QwenConfig, model: DecodeParams, tokens, positions, kv:
   ks, vs = list(kv.k), list(kv.v)
   for l, w in enumerate(model.layers):
     h, ks[l], vs[l] = _cached_layer(cfg, w, h, cos, sin, ks[l], vs[l], slot, key_mask, prefill=prefill,
-                                    weight_major=weight_major)
+                                    form=form, weight_major=weight_major)
   phi = qwen.rms_norm(h, model.final_norm, cfg.rms_norm_eps)
   return phi, LayerKV(tuple(ks), tuple(vs), key_mask, slot + T)
 
 
-def init_layer_kv(cfg: QwenConfig, batch: int, slots: int) -> LayerKV:
-  """An empty LayerKV: per layer (batch, Hkv, slots, hd) zeros in the compute dtype, or with
-  _fused_attention keys (batch, Hkv, hd, slots) and 16-bit caches as uint16 bits."""
+def init_layer_kv(cfg: QwenConfig, batch: int, slots: int, attention: str = 'xla') -> LayerKV:
+  """An empty LayerKV laid out for attention_form(cfg, batch, attention): per layer (batch, Hkv,
+  slots, hd) zeros in the compute dtype; for the 'kernel' and 'fused' forms keys (batch, Hkv, hd,
+  slots) and 16-bit caches as uint16 bits."""
   Hkv, hd, dtype = cfg.num_kv_heads, cfg.head_dim, jnp.dtype(cfg.compute_dtype)
-  fused = _fused_attention(cfg, batch)
-  if fused and dtype.itemsize == 2:
+  form = attention_form(cfg, batch, attention)
+  if form != 'batched' and dtype.itemsize == 2:
     dtype = jnp.uint16
-  k_shape = (batch, Hkv, hd, slots) if fused else (batch, Hkv, slots, hd)
+  k_shape = (batch, Hkv, slots, hd) if form == 'batched' else (batch, Hkv, hd, slots)
   zeros = lambda shape: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
   return LayerKV(zeros(k_shape), zeros((batch, Hkv, slots, hd)), jnp.zeros((batch, slots), jnp.int32),
                  jnp.zeros((), jnp.int32))
@@ -482,10 +550,11 @@ MAX_DECODE_SEGMENTS = 4
 MIN_SEGMENT_STEPS = 32
 
 
-def decode_segments_default(max_new_tokens: int) -> int:
-  """How many segments the decode loop runs in by default: on CPU up to MAX_DECODE_SEGMENTS of at
-  least MIN_SEGMENT_STEPS steps; 1 on accelerators (whose memory is scarcer; see above)."""
-  if jax.default_backend() != 'cpu':
+def decode_segments_default(max_new_tokens: int, attention: str = 'xla') -> int:
+  """How many segments the decode loop runs in by default: on CPU with the XLA attention up to
+  MAX_DECODE_SEGMENTS of at least MIN_SEGMENT_STEPS steps; 1 on accelerators (whose memory is
+  scarcer; see above) and with attention='kernel', which reads only the slots written so far."""
+  if jax.default_backend() != 'cpu' or attention == 'kernel':
     return 1
   return int(min(MAX_DECODE_SEGMENTS, max(1, (max_new_tokens - 1) // MIN_SEGMENT_STEPS)))
 
@@ -502,8 +571,9 @@ def decode_windows(prompt_len: int, max_new_tokens: int, segments: int) -> tuple
   return tuple(prompt_len + -(-steps * j // k) for j in range(1, k + 1)) if steps else (prompt_len,)
 
 
-def _grow_cache(cfg: QwenConfig, cache, slots: int):
-  """cache (LayerKV, or qwen.KVCache of the scanned sampler) with its slot axis zero-padded to slots."""
+def _grow_cache(cfg: QwenConfig, cache, slots: int, attention: str = 'xla'):
+  """cache (LayerKV laid out for `attention`, or qwen.KVCache of the scanned sampler) with its slot
+  axis zero-padded to slots."""
   extra = slots - cache.mask.shape[1]
 
   def pad(x, axis):
@@ -513,22 +583,23 @@ def _grow_cache(cfg: QwenConfig, cache, slots: int):
 
   mask = pad(cache.mask, 1)
   if isinstance(cache, LayerKV):
-    k_axis = 3 if _fused_attention(cfg, mask.shape[0]) else 2
+    k_axis = 2 if attention_form(cfg, mask.shape[0], attention) == 'batched' else 3
     return LayerKV(tuple(pad(k, k_axis) for k in cache.k), tuple(pad(v, 2) for v in cache.v), mask, cache.index)
   return qwen.KVCache(pad(cache.k, 2), pad(cache.v, 2), mask, cache.index)
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'max_new_tokens', 'greedy', 'top_k', 'use_top_p',
-                                             'unroll_layers', 'segments'))
+                                             'unroll_layers', 'segments', 'attention'))
 def _sample_padded(model: Params | DecodeParams, prompt_tokens, prompt_mask, live_rows, key, temperature, top_p,
                    stop_token_ids, pad_id, *, cfg: QwenConfig, max_new_tokens: int, greedy: bool,
                    top_k: int, use_top_p: bool, unroll_layers: bool | None = None,
-                   segments: int | None = None) -> SampleOutput:
+                   segments: int | None = None, attention: str = 'xla') -> SampleOutput:
   """The compiled sampler on bucketed shapes. live_rows (B,) bool: False for dummy rows.
 
   model: prepare_decode's DecodeParams with unroll_layers (default on CPU), else the params tree.
   segments: how many segments the decode loop runs in (decode_windows; default
-  decode_segments_default).
+  decode_segments_default). attention: how the unrolled sampler's decode step attends
+  (attention_form; the scanned sampler always uses XLA ops).
   """
   B, P = prompt_tokens.shape
   N = max_new_tokens
@@ -540,14 +611,16 @@ def _sample_padded(model: Params | DecodeParams, prompt_tokens, prompt_mask, liv
                              top_k=top_k, use_top_p=use_top_p)
   is_stop = lambda t: jnp.any(t[:, None] == stop_token_ids[None, :], axis=-1)
   keys = jax.random.split(key, N)
-  windows = decode_windows(P, N, decode_segments_default(N) if segments is None else segments)
+  if not unroll_layers:
+    attention = 'xla'
+  windows = decode_windows(P, N, decode_segments_default(N, attention) if segments is None else segments)
 
   # Prefill: logits only at the last column (every prompt ends there), not over all P positions.
   if unroll_layers:
     head = model.head
-    forward = functools.partial(_cached_forward, cfg, model)
+    forward = functools.partial(_cached_forward, cfg, model, attention=attention)
     phi, cache = forward(prompt_tokens, qwen.positions_from_mask(prompt_mask),
-                         init_layer_kv(cfg, B, windows[0]), mask=prompt_mask)
+                         init_layer_kv(cfg, B, windows[0], attention), mask=prompt_mask)
 
     def step(tok, pos, cache):
       phi, cache = forward(tok[:, None], pos[:, None], cache)
@@ -577,8 +650,12 @@ def _sample_padded(model: Params | DecodeParams, prompt_tokens, prompt_mask, liv
     t, tok, done, cache, out = carry
     # Token t-1 sits at position len + t - 1; finished rows keep feeding pads that nobody reads.
     phi, cache = step(tok, lengths + t - 1, cache)
-    z = _head_logits(cfg, head, phi, weight_major=unroll_layers and B <= HEAD_WEIGHT_MAJOR_MAX_ROWS)
-    new, lp, slp = choose(z, keys[t])
+    if greedy and attention == 'kernel' and B > HEAD_WEIGHT_MAJOR_MAX_ROWS:
+      new, lp = _greedy_head(cfg, head, phi)
+      slp = jnp.zeros_like(lp)
+    else:
+      z = _head_logits(cfg, head, phi, weight_major=unroll_layers and B <= HEAD_WEIGHT_MAJOR_MAX_ROWS)
+      new, lp, slp = choose(z, keys[t])
     live = ~done
     new = jnp.where(live, new, pad_id)
     livef = live.astype(jnp.float32)
@@ -593,7 +670,7 @@ def _sample_padded(model: Params | DecodeParams, prompt_tokens, prompt_mask, liv
   for j, slots in enumerate(windows):
     if j:
       t, tok, done, cache, out = carry
-      carry = (t, tok, done, _grow_cache(cfg, cache, slots), out)
+      carry = (t, tok, done, _grow_cache(cfg, cache, slots, attention), out)
     # This segment's cache holds the steps t <= slots - P (the last segment's: t <= N - 1).
     cond = lambda carry, last=slots - P: (carry[0] <= last) & ~jnp.all(carry[2])
     carry = jax.lax.while_loop(cond, body, carry)
@@ -707,6 +784,17 @@ def stop_id_array(stop_token_ids: Iterable[int]) -> np.ndarray:
   return np.asarray(stops + [-1] * (-len(stops) % 4 if stops else 4), np.int32)
 
 
+def resolve_attention(cfg: QwenConfig, attention: str | None, unroll_layers: bool) -> str:
+  """sample's `attention` argument checked, or its default (attention_default) when None."""
+  if attention is None:
+    return attention_default(cfg) if unroll_layers else 'xla'
+  check_attention(cfg, attention)
+  if attention == 'kernel' and not unroll_layers:
+    raise ValueError("attention='kernel' needs the unrolled sampler (unroll_layers=True); the scanned one "
+                     "attends with XLA ops.")
+  return attention
+
+
 def decoding_statics(cfg: QwenConfig, greedy: bool, top_k: int, top_p: float) -> tuple[bool, int, bool]:
   """The compiled sampler's static choices (greedy, top_k, use_top_p): filters that keep every token
   (top_k >= vocab, top_p = 1) and all filters under greedy compile away."""
@@ -718,7 +806,8 @@ def decoding_statics(cfg: QwenConfig, greedy: bool, top_k: int, top_p: float) ->
 def sample(cfg: QwenConfig, params: Params | DecodeParams, prompt_tokens, prompt_mask, key, *, max_new_tokens: int,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
            stop_token_ids: Iterable[int] = (), pad_id: int = 0, bucket: bool = True,
-           unroll_layers: bool | None = None, decode_segments: int | None = None) -> SampleOutput:
+           unroll_layers: bool | None = None, decode_segments: int | None = None,
+           attention: str | None = None) -> SampleOutput:
   """Samples up to max_new_tokens tokens after each LEFT-padded prompt.
 
   params: the policy's {'backbone', 'head'} tree, or prepare_decode(cfg, params) to lay the
@@ -735,7 +824,11 @@ def sample(cfg: QwenConfig, params: Params | DecodeParams, prompt_tokens, prompt
   (equal results in float32, equal up to rounding in bfloat16).
   decode_segments: run the decode loop in this many segments, each attending over a KV cache just
   long enough for its last step (see decode_windows); default decode_segments_default (up to 4
-  on CPU, 1 on accelerators). The same maths at any count.
+  on CPU with the XLA attention, else 1). The same maths at any count.
+  attention: how the unrolled sampler's decode step attends over the KV cache: 'kernel' (the
+  compiled CPU kernel kernels.decode_attention) or 'xla' (XLA ops); default attention_default
+  ('kernel' on CPU for float32 and bfloat16 where it builds). The same maths (equal up to the
+  order of float32 sums). The scanned sampler always uses XLA ops.
   Returns SampleOutput with (B, max_new_tokens) arrays.
   """
   tokens, mask = check_prompts(cfg, prompt_tokens, prompt_mask)
@@ -745,6 +838,7 @@ def sample(cfg: QwenConfig, params: Params | DecodeParams, prompt_tokens, prompt
   if unroll_layers is None:
     unroll_layers = isinstance(params, DecodeParams) or unroll_layers_default()
   unroll_layers = bool(unroll_layers)
+  attention = resolve_attention(cfg, attention, unroll_layers)
   Bp = batch_bucket(cfg, B, unroll_layers) if bucket else B
   Pp = bucket_size(P, LENGTH_BUCKET_STEP, MIN_LENGTH_BUCKET) if bucket else P
   tokens, mask, live_rows = pad_prompts(tokens, mask, Bp, Pp, pad_id)
@@ -755,7 +849,7 @@ def sample(cfg: QwenConfig, params: Params | DecodeParams, prompt_tokens, prompt
       jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p), jnp.asarray(stop_id_array(stop_token_ids)),
       jnp.int32(pad_id), cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=top_k,
       use_top_p=use_top_p, unroll_layers=unroll_layers,
-      segments=None if decode_segments is None else int(decode_segments))
+      segments=None if decode_segments is None else int(decode_segments), attention=attention)
   if Bp > B:
     out = SampleOutput(*(x[:B] for x in out))
   return out

@@ -133,3 +133,14 @@ def load_hf_model():
     return cache[path]
 
   return load
+
+
+@pytest.fixture
+def cpu_kernels():
+  """The compiled CPU decode kernels (cfrl_jax.kernels.cpu_decode), built on first use. Skips only
+  where no C++ compiler exists at all; a failed build on a machine with one fails the test."""
+  from cfrl_jax.kernels import cpu_decode
+  if cpu_decode.compiler() is None:
+    pytest.skip('no C++ compiler on this machine: the CPU decode kernels cannot be built')
+  assert cpu_decode.available(), cpu_decode.unavailable_reason()
+  return cpu_decode

@@ -154,22 +154,26 @@ def test_logprobs_equal_a_full_forward_recomputation(tiny_qwen3_dir, kw, lengths
 
 
 # --- bfloat16: the decode path's own layout (uint16 moves, float32 accumulation) ------------
+@pytest.mark.parametrize('attention', ['xla', 'kernel'])
 @pytest.mark.parametrize('fixture,param_dtype,lengths', [
     ('tiny_qwen3_dir', 'bfloat16', [3, 6, 1]),
     ('tiny_qwen2_tied_dir', 'float32', [3, 6, 1]),
     # Over WEIGHT_MAJOR_MAX_ROWS rows: row-major products and the fused attention over uint16 caches.
     ('tiny_qwen3_dir', 'bfloat16', [3, 6, 1, 4, 2] * 8)])
-def test_bfloat16_sampling_matches_a_float32_recomputation(fixture, param_dtype, lengths, request):
-  """bf16 compute (bf16 or f32 storage, Qwen3 and a tied Qwen2): the returned log-probs equal a
-  float32 forward over the same (bf16-rounded) weights to bf16 accuracy."""
+def test_bfloat16_sampling_matches_a_float32_recomputation(fixture, param_dtype, lengths, attention, request):
+  """bf16 compute (bf16 or f32 storage, Qwen3 and a tied Qwen2), with either decode attention: the
+  returned log-probs equal a float32 forward over the same (bf16-rounded) weights to bf16 accuracy."""
+  if attention == 'kernel':
+    request.getfixturevalue('cpu_kernels')
   cfg, params = hf.load_pretrained(request.getfixturevalue(fixture), dtype='bfloat16',
                                    param_dtype=param_dtype)
   prepared = sampling.prepare_decode(cfg, params)
   assert prepared.embed.dtype == jnp.uint16                  # gathered as raw bits (see _bits)
   assert all(w['qkv'].dtype == jnp.bfloat16 for w in prepared.layers)
-  assert sampling._fused_attention(cfg, len(lengths)) == (len(lengths) == 40)  # pylint: disable=protected-access
+  form = 'kernel' if attention == 'kernel' else 'fused' if len(lengths) == 40 else 'batched'
+  assert sampling.attention_form(cfg, len(lengths), attention) == form
   tokens, mask = _prompts(cfg.vocab_size, lengths, seed=2)
-  kw = dict(max_new_tokens=8, temperature=1.0, stop_token_ids=(5,), pad_id=0)
+  kw = dict(max_new_tokens=8, temperature=1.0, stop_token_ids=(5,), pad_id=0, attention=attention)
   out = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(3), **kw)
   c_tokens, c_mask = np.asarray(out.tokens), np.asarray(out.mask)
   real = c_mask == 1
@@ -195,11 +199,18 @@ def test_bfloat16_sampling_matches_a_float32_recomputation(fixture, param_dtype,
   assert e_ours.max() <= 3 * e_peer.max() + 0.02, (e_ours.max(), e_peer.max())
 
 
-def test_bfloat16_greedy_decoding_continues_a_bf16_forward(tiny_qwen2_dir):
+@pytest.mark.parametrize('attention,lengths', [
+    ('xla', [4, 2, 5]), ('kernel', [4, 2, 5]),
+    # Over HEAD_WEIGHT_MAJOR_MAX_ROWS rows the kernel path also picks the tokens (greedy_pick).
+    ('kernel', [4, 2, 5] * 7)])
+def test_bfloat16_greedy_decoding_continues_a_bf16_forward(tiny_qwen2_dir, attention, lengths, request):
   """Each greedy token is the argmax of a bf16 full forward over the prefix, up to near-ties."""
+  if attention == 'kernel':
+    request.getfixturevalue('cpu_kernels')
   cfg, params = hf.load_pretrained(tiny_qwen2_dir, dtype='bfloat16', param_dtype='bfloat16')
-  tokens, mask = _prompts(cfg.vocab_size, [4, 2, 5], seed=7)
-  out = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(0), max_new_tokens=6, greedy=True)
+  tokens, mask = _prompts(cfg.vocab_size, lengths, seed=7)
+  out = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(0), max_new_tokens=6, greedy=True,
+                        attention=attention)
   full = np.concatenate([tokens, np.asarray(out.tokens)], 1)
   full_mask = np.concatenate([mask, np.asarray(out.mask)], 1)
   z, _ = qwen.forward(cfg, params, full, full_mask)
@@ -208,6 +219,9 @@ def test_bfloat16_greedy_decoding_continues_a_bf16_forward(tiny_qwen2_dir):
   gap = z.max(-1) - chosen                                           # 0 where the argmax agrees
   assert np.all(gap <= 0.05 * np.abs(z).max()), gap.max()
   assert (gap == 0).mean() >= 0.8
+  # The log-probs are those of the chosen tokens under the same forward, to bf16 accuracy.
+  ref = chosen - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) - z.max(-1)
+  np.testing.assert_allclose(np.asarray(out.logprobs), ref, atol=0.1)
 
 
 # --- the filtered distribution ------------------------------------------------------------------

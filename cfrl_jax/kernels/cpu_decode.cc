@@ -1,0 +1,440 @@
+// One-token decode attention over a KV cache, as an XLA:CPU FFI custom call.
+//
+// Why a kernel: a decode step gives each (row, KV head) G queries against S cached keys. XLA:CPU
+// runs that either as many tiny batched products or as generic reduce loops, both far below the
+// machine's memory speed (about 20 GFLOP/s on bench_decode's batch-64 step, where the attention
+// was ~40% of the step). Here each (row, KV head) is one pass over its keys and one over its
+// values, in float32 vector lanes, reading only the slots [0, length) written so far: the scores
+// as broadcast-query FMAs along 16 contiguous keys (hence keys stored (hd, S)), the softmax with a
+// vectorised exp, the values with the group's outputs held in registers.
+//
+// Built and registered by cfrl_jax/kernels/decode_attention.py (g++ -O3 -march=native).
+//
+// Operands (B rows, Hkv KV heads, G query heads per KV head, S cache slots, hd head dim):
+//   q       (B, Hkv, G, hd) float32, already scaled by 1/sqrt(hd)
+//   k       (B, Hkv, hd, S) keys, slots contiguous, float32 or bfloat16 (as bfloat16 or its uint16 bits)
+//   v       (B, Hkv, S, hd) values, in k's dtype
+//   mask    (B, S) int32, nonzero on slots holding real tokens
+//   length  (B,) int32, slots to read per row (later slots are ignored); 0 < length <= S
+// Result:
+//   out     (B, Hkv, G, hd) float32 = softmax over the masked scores of q.k, times v
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// GCC/Clang vector extensions: 16 float lanes, lowered to the target's own registers (one AVX-512
+// register, two AVX2 ones, four NEON ones) without intrinsics.
+typedef float F16 __attribute__((vector_size(64)));
+typedef int32_t I16 __attribute__((vector_size(64)));
+typedef uint32_t U16x __attribute__((vector_size(64)));
+typedef uint16_t H16 __attribute__((vector_size(32)));
+constexpr int64_t kLanes = 16;
+
+inline float Widen(float x) { return x; }
+inline float Widen(uint16_t bits) {
+  uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline F16 Load(const float* p) {
+  F16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline F16 Load(const uint16_t* p) {  // bfloat16 bits widen to float32 exactly by a shift
+  H16 h;
+  std::memcpy(&h, p, sizeof h);
+  U16x w = __builtin_convertvector(h, U16x) << 16;
+  F16 v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+template <typename T>
+inline F16 LoadPartial(const T* p, int64_t count) {  // the first count < 16 lanes; zeros after
+  T buf[kLanes] = {};
+  std::memcpy(buf, p, count * sizeof(T));
+  return Load(buf);
+}
+// Lanes [0, count) of the 16 ints at p nonzero (true = all bits set). Reads all 16 when `whole`
+// (they lie inside the buffer), else copies the count < 16 that do.
+inline I16 RealSlots(const int32_t* p, int64_t count, bool whole) {
+  I16 v = {};
+  std::memcpy(&v, p, (whole ? kLanes : count) * sizeof(int32_t));
+  const I16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return (v != 0) & (lane < static_cast<int32_t>(count));
+}
+// Hot loops multiply vectors by scalars directly (the extensions broadcast them); elsewhere:
+inline F16 Splat(float x) { return F16{} + x; }
+inline float MaxLanes(F16 v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  return m;
+}
+inline float SumLanes(F16 v) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+// exp(x) for x <= 0, to ~1 ulp: 2^n * e^r with n = round(x / ln 2), |r| <= ln(2) / 2, e^r by a
+// degree-7 series (Cephes' expf coefficients). Vectorised, where std::exp would be a call per lane.
+inline F16 ExpNonPositive(F16 x) {
+  x = x < Splat(-87.f) ? Splat(-87.f) : x;
+  const F16 magic = Splat(12582912.f);  // 1.5 * 2^23: adding and subtracting it rounds to integer
+  F16 n = (x * Splat(1.44269504088896341f) + magic) - magic;
+  F16 r = x - n * Splat(0.693359375f) - n * Splat(-2.12194440e-4f);
+  F16 p = Splat(1.9875691500e-4f);
+  p = p * r + Splat(1.3981999507e-3f);
+  p = p * r + Splat(8.3334519073e-3f);
+  p = p * r + Splat(4.1665795894e-2f);
+  p = p * r + Splat(1.6666665459e-1f);
+  p = p * r + Splat(5.0000001201e-1f);
+  p = p * r * r + r + Splat(1.f);
+  I16 e = (__builtin_convertvector(n, I16) + 127) << 23;
+  F16 scale;
+  std::memcpy(&scale, &e, sizeof scale);
+  return p * scale;
+}
+
+// Scores of GN queries (q: GN rows of hd) against slots [s0, s0 + count) of keys kt (hd, S):
+// one broadcast query element times one row of 16 keys per FMA, the GN queries sharing each row.
+// GN and hd static, so the accumulators stay in registers.
+// whole: the 16 slots from s0 lie inside the S allocated (lanes past count are computed and
+// ignored); else only count < 16 do and the rest are zero-filled copies.
+template <int GN, int64_t hd, typename T>
+inline void ScoreBlock(const float* q, const T* kt, int64_t S, int64_t s0, int64_t count, bool whole,
+                       float* scores, int64_t np) {
+  F16 even[GN] = {}, odd[GN] = {};  // two accumulators per query: twice the independent FMA chains
+  for (int64_t i = 0; i < hd; i += 2) {  // hd is a multiple of 16
+    const T* row = kt + i * S + s0;
+    const F16 k0 = whole ? Load(row) : LoadPartial(row, count);
+    const F16 k1 = whole ? Load(row + S) : LoadPartial(row + S, count);
+    for (int g = 0; g < GN; ++g) {
+      even[g] += k0 * q[g * hd + i];
+      odd[g] += k1 * q[g * hd + i + 1];
+    }
+  }
+  for (int g = 0; g < GN; ++g) {
+    const F16 a = even[g] + odd[g];
+    std::memcpy(scores + g * np + s0, &a, sizeof a);
+  }
+}
+
+// out (GN, hd) = inv_total[g] * sum over the n slots of p[g][s] * v[s] (p: GN rows of np).
+template <int GN, int NV, typename T>
+inline void ValueBlock(const float* p, int64_t np, const T* v, const int32_t* mask, int64_t n,
+                       const float* inv_total, float* out) {
+  constexpr int64_t hd = NV * kLanes;
+  F16 acc[GN][NV] = {};
+  for (int64_t s = 0; s < n; ++s) {
+    if (!mask[s]) continue;
+    const T* vs = v + s * hd;
+    F16 vv[NV];
+    for (int j = 0; j < NV; ++j) vv[j] = Load(vs + j * kLanes);
+    for (int g = 0; g < GN; ++g) {
+      const float pg = p[g * np + s];
+      for (int j = 0; j < NV; ++j) acc[g][j] += vv[j] * pg;
+    }
+  }
+  for (int g = 0; g < GN; ++g) {
+    for (int j = 0; j < NV; ++j) {
+      const F16 o = acc[g][j] * inv_total[g];
+      std::memcpy(out + g * hd + j * kLanes, &o, sizeof o);
+    }
+  }
+}
+
+constexpr int kGroup = 4;  // queries sharing each loaded key row / value row
+
+// One (row, KV head) in float32 lanes: G queries against the first n of S slots.
+//   q (G, hd); kt: keys (hd, S), slots contiguous; v: values (S, hd); mask (S,); out (G, hd).
+//   scores: scratch of G * round_up(n, 16) floats; inv_total: scratch of G floats. NV = hd / 16.
+template <int NV, typename T>
+void AttendLanes(const float* q, const T* kt, const T* v, const int32_t* mask, int64_t n, int64_t S,
+                 int64_t G, float* scores, float* inv_total, float* out) {
+  constexpr int64_t hd = NV * kLanes;
+  const int64_t np = (n + kLanes - 1) / kLanes * kLanes;
+  for (int64_t s0 = 0; s0 < n; s0 += kLanes) {
+    const int64_t count = std::min(kLanes, n - s0);
+    const bool whole = s0 + kLanes <= S;
+    int64_t g0 = 0;
+    for (; g0 + kGroup <= G; g0 += kGroup) {
+      ScoreBlock<kGroup, hd>(q + g0 * hd, kt, S, s0, count, whole, scores + g0 * np, np);
+    }
+    switch (G - g0) {
+      case 3: ScoreBlock<3, hd>(q + g0 * hd, kt, S, s0, count, whole, scores + g0 * np, np); break;
+      case 2: ScoreBlock<2, hd>(q + g0 * hd, kt, S, s0, count, whole, scores + g0 * np, np); break;
+      case 1: ScoreBlock<1, hd>(q + g0 * hd, kt, S, s0, count, whole, scores + g0 * np, np); break;
+      default: break;
+    }
+  }
+  // Softmax numerators over the real slots (exactly 0 elsewhere); normalised in ValueBlock.
+  const F16 zero = {};
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = scores + g * np;
+    F16 mx = Splat(-std::numeric_limits<float>::max());
+    for (int64_t s0 = 0; s0 < n; s0 += kLanes) {
+      const I16 real = RealSlots(mask + s0, std::min(kLanes, n - s0), s0 + kLanes <= S);
+      const F16 x = Load(sg + s0);
+      mx = real ? (x > mx ? x : mx) : mx;
+    }
+    const float m = MaxLanes(mx);
+    F16 total = {};
+    for (int64_t s0 = 0; s0 < n; s0 += kLanes) {
+      const I16 real = RealSlots(mask + s0, std::min(kLanes, n - s0), s0 + kLanes <= S);
+      const F16 p = real ? ExpNonPositive(Load(sg + s0) - Splat(m)) : zero;
+      total += p;
+      std::memcpy(sg + s0, &p, sizeof p);
+    }
+    const float t = SumLanes(total);
+    inv_total[g] = t > 0.f ? 1.f / t : 0.f;  // no real slot: a zero output
+  }
+  int64_t g0 = 0;
+  for (; g0 + kGroup <= G; g0 += kGroup) {
+    ValueBlock<kGroup, NV>(scores + g0 * np, np, v, mask, n, inv_total + g0, out + g0 * hd);
+  }
+  switch (G - g0) {
+    case 3: ValueBlock<3, NV>(scores + g0 * np, np, v, mask, n, inv_total + g0, out + g0 * hd); break;
+    case 2: ValueBlock<2, NV>(scores + g0 * np, np, v, mask, n, inv_total + g0, out + g0 * hd); break;
+    case 1: ValueBlock<1, NV>(scores + g0 * np, np, v, mask, n, inv_total + g0, out + g0 * hd); break;
+    default: break;
+  }
+}
+
+// The same for any head dim, one float at a time (tiny test models; hd not a multiple of 16).
+template <typename T>
+void AttendScalar(const float* q, const T* kt, const T* v, const int32_t* mask, int64_t n,
+                  int64_t S, int64_t G, int64_t hd, float* scores, float* out) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = scores + g * n;
+    float m = -std::numeric_limits<float>::max();
+    for (int64_t s = 0; s < n; ++s) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < hd; ++i) acc += q[g * hd + i] * Widen(kt[i * S + s]);
+      sg[s] = acc;
+      if (mask[s]) m = std::max(m, acc);
+    }
+    float total = 0.f;
+    for (int64_t s = 0; s < n; ++s) {
+      sg[s] = mask[s] ? std::exp(sg[s] - m) : 0.f;
+      total += sg[s];
+    }
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+    float* og = out + g * hd;
+    std::fill(og, og + hd, 0.f);
+    for (int64_t s = 0; s < n; ++s) {
+      for (int64_t i = 0; i < hd; ++i) og[i] += sg[s] * Widen(v[s * hd + i]);
+    }
+    for (int64_t i = 0; i < hd; ++i) og[i] *= inv;
+  }
+}
+
+template <typename T>
+void AttendOne(const float* q, const T* kt, const T* v, const int32_t* mask, int64_t n, int64_t S,
+               int64_t G, int64_t hd, float* scores, float* inv_total, float* out) {
+  switch (hd) {
+    case 16: return AttendLanes<1>(q, kt, v, mask, n, S, G, scores, inv_total, out);
+    case 32: return AttendLanes<2>(q, kt, v, mask, n, S, G, scores, inv_total, out);
+    case 64: return AttendLanes<4>(q, kt, v, mask, n, S, G, scores, inv_total, out);
+    case 128: return AttendLanes<8>(q, kt, v, mask, n, S, G, scores, inv_total, out);
+    case 256: return AttendLanes<16>(q, kt, v, mask, n, S, G, scores, inv_total, out);
+    default: return AttendScalar(q, kt, v, mask, n, S, G, hd, scores, out);
+  }
+}
+
+// Runs fn(0 .. total-1) on the calling thread and up to workers - 1 tasks of XLA's intra-op pool,
+// in chunks of consecutive items claimed one at a time: the caller finishes alone if the pool
+// never gets to a task (no deadlock when every pool thread is busy), and late tasks find nothing
+// left and return.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t total, F fn) {
+  struct Work {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  const int64_t workers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), total);
+  if (workers <= 1) {
+    for (int64_t i = 0; i < total; ++i) fn(i);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(1, total / (4 * workers));
+  auto work = std::make_shared<Work>();
+  auto run = [work, total, chunk, &fn]() {
+    for (int64_t i0; (i0 = work->next.fetch_add(chunk)) < total;) {
+      const int64_t i1 = std::min(total, i0 + chunk);
+      for (int64_t i = i0; i < i1; ++i) fn(i);
+      work->done.fetch_add(i1 - i0, std::memory_order_release);
+    }
+  };
+  // Tasks outliving this call touch only `work` (kept alive by the shared_ptr): they claim an
+  // index >= total and return without calling fn.
+  for (int64_t t = 1; t < workers; ++t) pool.Schedule([run]() { run(); });
+  run();
+  while (work->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
+}
+
+template <typename T>
+ffi::Error Attend(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> q, const T* k, const T* v,
+                  ffi::Buffer<ffi::S32> mask, ffi::Buffer<ffi::S32> length,
+                  ffi::ResultBuffer<ffi::F32> out, int64_t B, int64_t Hkv, int64_t G, int64_t S,
+                  int64_t hd) {
+  const int32_t* len = length.typed_data();
+  for (int64_t b = 0; b < B; ++b) {
+    if (len[b] < 1 || len[b] > S) {
+      return ffi::Error::InvalidArgument("decode_attention: length[" + std::to_string(b) + "] = " +
+                                         std::to_string(len[b]) + " is outside [1, " +
+                                         std::to_string(S) + "]");
+    }
+  }
+  const float* qd = q.typed_data();
+  const int32_t* md = mask.typed_data();
+  float* od = out->typed_data();
+  ParallelFor(pool, B * Hkv, [&](int64_t i) {
+    thread_local std::vector<float> scores, inv_total;
+    const int64_t b = i / Hkv;
+    const int64_t n = len[b];
+    const int64_t need = G * ((n + kLanes - 1) / kLanes * kLanes);
+    if (static_cast<int64_t>(scores.size()) < need) scores.resize(need);
+    if (static_cast<int64_t>(inv_total.size()) < G) inv_total.resize(G);
+    AttendOne(qd + i * G * hd, k + i * hd * S, v + i * S * hd, md + b * S, n, S, G, hd,
+              scores.data(), inv_total.data(), od + i * G * hd);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
+                               ffi::AnyBuffer v, ffi::Buffer<ffi::S32> mask,
+                               ffi::Buffer<ffi::S32> length, ffi::ResultBuffer<ffi::F32> out) {
+  // Any leading axes (a vmapped call adds them) are batch axes, the same on every operand.
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  auto md = mask.dimensions(), ld = length.dimensions();
+  const size_t r = qd.size();
+  bool ok = r >= 4 && kd.size() == r && vd.size() == r && md.size() == r - 2 && ld.size() == r - 3;
+  int64_t B = 1;
+  for (size_t a = 0; ok && a + 3 < r; ++a) {
+    ok = kd[a] == qd[a] && vd[a] == qd[a] && md[a] == qd[a] && ld[a] == qd[a];
+    B *= qd[a];
+  }
+  const int64_t Hkv = ok ? qd[r - 3] : 0, G = ok ? qd[r - 2] : 0, hd = ok ? qd[r - 1] : 0;
+  const int64_t S = ok ? kd[r - 1] : 0;
+  ok = ok && kd[r - 3] == Hkv && kd[r - 2] == hd && vd[r - 3] == Hkv && vd[r - 2] == S &&
+       vd[r - 1] == hd && md[r - 3] == S;
+  if (!ok) {
+    return ffi::Error::InvalidArgument(
+        "decode_attention: expected q (..., Hkv, G, hd), k (..., Hkv, hd, S), v (..., Hkv, S, hd), "
+        "mask (..., S) and "
+        "length (...) with the same leading axes");
+  }
+  if (k.element_type() != v.element_type()) {
+    return ffi::Error::InvalidArgument("decode_attention: k and v differ in dtype");
+  }
+  switch (k.element_type()) {
+    case ffi::F32:
+      return Attend(pool, q, k.typed_data<float>(), v.typed_data<float>(), mask, length, out, B, Hkv,
+                    G, S, hd);
+    case ffi::U16:
+    case ffi::BF16:
+      return Attend(pool, q, static_cast<const uint16_t*>(k.untyped_data()),
+                    static_cast<const uint16_t*>(v.untyped_data()), mask, length, out, B, Hkv, G, S,
+                    hd);
+    default:
+      return ffi::Error::InvalidArgument(
+          "decode_attention: k and v must be float32, bfloat16 or uint16 (bfloat16 bits)");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Greedy pick over logits laid out (V, B): per column b, the first index of the maximum and its
+// log-probability, max - logsumexp = -log(sum(exp(z - max))). The head's product runs fastest with the (V, d) weight as its left operand, which
+// gives (V, B) logits; XLA:CPU's reductions along V (either layout), and its transpose back to
+// (B, V), each cost a decode step more than the product itself. Here: one pass for max / argmax
+// and one for the sum of exponentials, 16 columns per vector.
+
+// Columns [c0, c0 + 16) (or the count < 16 left) of z (V, B).
+void GreedyColumns(const float* z, int64_t V, int64_t B, int64_t c0, int32_t* token, float* logprob) {
+  const int64_t count = std::min(kLanes, B - c0);
+  if (count < kLanes) {  // the last few columns, one at a time
+    for (int64_t c = c0; c < c0 + count; ++c) {
+      float m = z[c];
+      int32_t arg = 0;
+      for (int64_t v = 1; v < V; ++v) {
+        if (z[v * B + c] > m) m = z[v * B + c], arg = static_cast<int32_t>(v);
+      }
+      double total = 0.;
+      for (int64_t v = 0; v < V; ++v) total += std::exp(z[v * B + c] - m);
+      token[c] = arg;
+      logprob[c] = static_cast<float>(-std::log(total));
+    }
+    return;
+  }
+  F16 m = Load(z + c0);
+  I16 arg = {};
+  for (int64_t v = 1; v < V; ++v) {
+    const F16 x = Load(z + v * B + c0);
+    const I16 more = x > m;  // strictly: the first maximum is kept
+    m = more ? x : m;
+    arg = more ? I16{} + static_cast<int32_t>(v) : arg;
+  }
+  F16 total0 = {}, total1 = {};  // two chains of adds
+  int64_t v = 0;
+  for (; v + 1 < V; v += 2) {
+    total0 += ExpNonPositive(Load(z + v * B + c0) - m);
+    total1 += ExpNonPositive(Load(z + (v + 1) * B + c0) - m);
+  }
+  if (v < V) total0 += ExpNonPositive(Load(z + v * B + c0) - m);
+  const F16 total = total0 + total1;
+  for (int i = 0; i < kLanes; ++i) {
+    token[c0 + i] = arg[i];
+    logprob[c0 + i] = -std::log(total[i]);
+  }
+}
+
+ffi::Error GreedyPickImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z,
+                          ffi::ResultBuffer<ffi::S32> token, ffi::ResultBuffer<ffi::F32> logprob) {
+  auto zd = z.dimensions();
+  if (zd.size() != 2 || zd[0] < 1 || token->dimensions().size() != 1 || token->dimensions()[0] != zd[1] ||
+      logprob->dimensions().size() != 1 || logprob->dimensions()[0] != zd[1]) {
+    return ffi::Error::InvalidArgument("greedy_pick: expected logits (V, B), V >= 1, and results (B,)");
+  }
+  const int64_t V = zd[0], B = zd[1];
+  const float* zp = z.typed_data();
+  int32_t* tp = token->typed_data();
+  float* lp = logprob->typed_data();
+  ParallelFor(pool, (B + kLanes - 1) / kLanes,
+              [&](int64_t i) { GreedyColumns(zp, V, B, i * kLanes, tp, lp); });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CfrlDecodeAttention, DecodeAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CfrlGreedyPick, GreedyPickImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,177 @@
+"""Compiled XLA:CPU custom calls for the sampler's decode step (cpu_decode.cc).
+
+`decode_attention`: one query step's attention over the KV cache, which XLA:CPU runs far below
+memory speed when written in XLA ops. `greedy_pick`: the argmax and its log-probability over
+(V, B) logits, where XLA:CPU's reductions over V cost more than the head's product. The C++
+source ships with the package and is compiled on first use with the machine's C++ compiler
+(`$CXX`, else g++ or c++; -O3 -march=native against jax's FFI headers) into a cache directory
+keyed by the source, compiler, flags, jaxlib version and CPU, then registered with jax.ffi.
+
+Where it cannot be built (no compiler, a failed build) or is switched off with
+CFRL_JAX_CPU_KERNELS=0, `available()` is False, `unavailable_reason()` says why, and the sampler
+keeps its XLA attention: the same maths, slower.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+SOURCE = Path(__file__).with_name('cpu_decode.cc')
+TARGETS = {'cfrl_decode_attention': 'CfrlDecodeAttention', 'cfrl_greedy_pick': 'CfrlGreedyPick'}
+DISABLE_ENV = 'CFRL_JAX_CPU_KERNELS'      # '0' switches the kernel off
+CACHE_ENV = 'CFRL_JAX_KERNEL_CACHE'       # where built libraries go (default ~/.cache/cfrl_jax/kernels)
+CXX_FLAGS = ('-O3', '-march=native', '-fopenmp-simd', '-std=c++17', '-shared', '-fPIC', '-w')
+
+
+def compiler() -> str | None:
+  """The C++ compiler to build with: $CXX, else g++ or c++ on PATH; None if there is none."""
+  if os.environ.get('CXX'):
+    return shutil.which(os.environ['CXX'])
+  return shutil.which('g++') or shutil.which('c++')
+
+
+def cache_dir() -> Path:
+  return Path(os.environ.get(CACHE_ENV) or Path.home() / '.cache' / 'cfrl_jax' / 'kernels')
+
+
+def _cpu_signature() -> str:
+  """What -march=native depends on: the machine and its CPU flags (a shared cache dir may serve
+  several kinds of host)."""
+  flags = ''
+  try:
+    for line in Path('/proc/cpuinfo').read_text().splitlines():
+      if line.startswith(('flags', 'Features')):
+        flags = line
+        break
+  except OSError:
+    pass
+  return f'{platform.machine()} {flags}'
+
+
+def build(out_dir: Path | None = None, cxx: str | None = None) -> Path:
+  """Compiles cpu_decode.cc into out_dir (default cache_dir()); returns the library's path.
+
+  Reuses a library already built from the same source, compiler, flags, jaxlib and CPU. The
+  library is written under a temporary name and renamed, so processes building at once (several
+  hosts of a pod on one shared file system, test workers) never load a half-written file.
+  Raises RuntimeError naming the compiler's output when the build fails.
+  """
+  cxx = cxx or compiler()
+  if cxx is None:
+    raise RuntimeError('no C++ compiler found (set $CXX, or install g++)')
+  version = subprocess.run([cxx, '--version'], capture_output=True, text=True, check=False).stdout
+  include = jax.ffi.include_dir()
+  key = hashlib.sha256('\0'.join([SOURCE.read_text(), version, ' '.join(CXX_FLAGS), jax.__version__,
+                                  jaxlib.__version__, _cpu_signature()]).encode()).hexdigest()[:16]
+  out_dir = Path(out_dir or cache_dir())
+  lib = out_dir / f'libcfrl_cpu_decode-{key}.so'
+  if lib.exists():
+    return lib
+  out_dir.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=out_dir)
+  os.close(fd)
+  try:
+    done = subprocess.run([cxx, *CXX_FLAGS, f'-I{include}', str(SOURCE), '-o', tmp],
+                          capture_output=True, text=True, check=False)
+    if done.returncode:
+      raise RuntimeError(f'{cxx} failed to build {SOURCE.name} (exit {done.returncode}):\n'
+                         f'{done.stderr.strip()[-800:]}')
+    os.replace(tmp, lib)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+  return lib
+
+
+@functools.cache
+def _register() -> str | None:
+  """Builds and registers the kernel once per process; None on success, else why it is unavailable."""
+  if os.environ.get(DISABLE_ENV, '1').strip().lower() in ('0', 'false', 'no', 'off'):
+    return f'switched off by {DISABLE_ENV}={os.environ[DISABLE_ENV]}'
+  try:
+    lib = ctypes.cdll.LoadLibrary(str(build()))
+    for target, symbol in TARGETS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
+    # Every operand and the result lead with the batch axis, and rows are independent: a batch
+    # split over devices runs the kernel on each shard. (greedy_pick's batch axis is its last.)
+    jax.ffi.register_ffi_target_as_batch_partitionable('cfrl_decode_attention')
+  except (RuntimeError, OSError, AttributeError) as e:
+    warnings.warn(f'cfrl_jax: the CPU decode kernels are unavailable, so the sampler uses its (slower) '
+                  f'XLA ops: {e}. Set {DISABLE_ENV}=0 to silence this.', RuntimeWarning,
+                  stacklevel=3)
+    return str(e)
+  return None
+
+
+def available() -> bool:
+  """Whether the kernels can run here (builds and registers the kernel on first call)."""
+  return _register() is None
+
+
+def unavailable_reason() -> str | None:
+  """Why the kernel is unavailable (None when it is available)."""
+  return _register()
+
+
+def decode_attention(q, k, v, mask, length):
+  """Softmax attention of one query step over a KV cache, on the CPU backend.
+
+  q: (B, Hkv, G, hd) float32, already scaled by 1/sqrt(hd); k: (B, Hkv, hd, S) keys (slots
+  contiguous) and v: (B, Hkv, S, hd) values, float32 or bfloat16 (as bfloat16 or as its uint16
+  bits), one dtype; mask: (B, S), nonzero on slots holding real tokens; length: (B,) int32, how
+  many leading slots to read (1 <= length <= S, else a runtime error; later slots are ignored
+  whatever the mask says). Returns (B, Hkv, G, hd) float32. A row whose read slots are all masked
+  gets zeros. Under vmap the mapped axes lead every operand (vmap_method 'broadcast_all').
+  """
+  reason = _register()
+  if reason is not None:
+    raise RuntimeError(f'decode_attention: the CPU decode kernels are unavailable: {reason}')
+  B, Hkv, G, hd = q.shape
+  S = k.shape[-1] if k.ndim == 4 else None
+  if k.shape != (B, Hkv, hd, S) or v.shape != (B, Hkv, S, hd):
+    raise ValueError(f'decode_attention: for q {q.shape} = (B, Hkv, G, hd), k must be (B, Hkv, hd, S) and v '
+                     f'(B, Hkv, S, hd); got k {k.shape}, v {v.shape}.')
+  if mask.shape != (B, S) or length.shape != (B,):
+    raise ValueError(f'decode_attention: mask {mask.shape} must be (B, S) = ({B}, {S}) and length '
+                     f'{length.shape} must be ({B},).')
+  if k.dtype not in (jnp.float32, jnp.bfloat16, jnp.uint16) or v.dtype != k.dtype:
+    raise ValueError(f'decode_attention: k and v must share a dtype among float32, bfloat16, uint16 '
+                     f'(bfloat16 bits); got {k.dtype}, {v.dtype}.')
+  call = jax.ffi.ffi_call('cfrl_decode_attention', jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                          vmap_method='broadcast_all')
+  return call(q.astype(jnp.float32), k, v, mask.astype(jnp.int32), length.astype(jnp.int32))
+
+
+# Columns per vector of greedy_pick: a (V, B) input with B a multiple of this runs only full vectors.
+GREEDY_LANES = 16
+
+
+def greedy_pick(logits_vb):
+  """Greedy choice over logits laid out (V, B), on the CPU backend: (tokens (B,) int32, logprobs (B,)
+  float32), the first index of each column's maximum and its log-softmax value.
+
+  For B a multiple of GREEDY_LANES all columns run in vector lanes; others run the last B % 16
+  columns one at a time (slower). NaN logits are not detected (a NaN is never the maximum).
+  """
+  reason = _register()
+  if reason is not None:
+    raise RuntimeError(f'greedy_pick: the CPU decode kernels are unavailable: {reason}')
+  if logits_vb.ndim != 2 or logits_vb.shape[0] < 1:
+    raise ValueError(f'greedy_pick: logits must be (V, B) with V >= 1; got {logits_vb.shape}.')
+  B = logits_vb.shape[1]
+  call = jax.ffi.ffi_call('cfrl_greedy_pick', (jax.ShapeDtypeStruct((B,), jnp.int32),
+                                               jax.ShapeDtypeStruct((B,), jnp.float32)),
+                          vmap_method='sequential')
+  return call(logits_vb.astype(jnp.float32))

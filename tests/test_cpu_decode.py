@@ -1,0 +1,190 @@
+"""The compiled CPU decode kernels (cfrl_jax/kernels/cpu_decode.*) against float64 numpy, and the
+sampler with them against the sampler with XLA ops."""
+import os
+import stat
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cfrl_jax import sampling
+from cfrl_jax.kernels import cpu_decode
+from cfrl_jax.models import qwen
+
+
+def _attention_reference(q, k, v, mask, length):
+  """float64 softmax attention: q (B, H, G, hd), k, v (B, H, S, hd) -> (B, H, G, hd)."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  out = np.zeros(q.shape)
+  for b in range(q.shape[0]):
+    n = int(length[b])
+    real = np.asarray(mask[b, :n]) > 0
+    if not real.any():
+      continue
+    scores = np.einsum('kgh,ksh->kgs', q[b], k[b, :, :n])
+    scores[..., ~real] = -np.inf
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    out[b] = np.einsum('kgs,ksh->kgh', p / p.sum(-1, keepdims=True), v[b, :, :n])
+  return out
+
+
+def _attention_case(B, H, G, hd, S, seed):
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(B, H, G, hd)).astype(np.float32) / np.sqrt(hd)
+  k = (rng.normal(size=(B, H, S, hd)) * 2).astype(np.float32)
+  v = rng.normal(size=(B, H, S, hd)).astype(np.float32)
+  length = rng.integers(1, S + 1, size=B).astype(np.int32)
+  length[0] = S                                       # one row reads the whole cache
+  mask = (rng.random((B, S)) > 0.3).astype(np.int32)  # left pads and holes
+  mask[np.arange(B), length - 1] = 1                  # the current slot is always real
+  mask[-1, length[-1]:] = 1                           # slots past `length` must be ignored
+  return q, k, v, mask, length
+
+
+@pytest.mark.parametrize('hd,G,S', [
+    (64, 4, 40),    # vector path, S not a multiple of 16
+    (16, 5, 33),    # vector path, a group of 4 queries plus 1
+    (128, 2, 16),   # vector path, one whole block
+    (32, 3, 7),     # vector path, fewer slots than lanes
+    (12, 3, 21),    # scalar path (head_dim not a multiple of 16)
+    (8, 1, 5)])
+def test_decode_attention_equals_float64_softmax_attention(cpu_kernels, hd, G, S):
+  q, k, v, mask, length = _attention_case(4, 2, G, hd, S, seed=hd + G + S)
+  ref = _attention_reference(q, k, v, mask, length)
+  kt = np.swapaxes(k, 2, 3).copy()                    # keys (B, H, hd, S)
+  out = jax.jit(cpu_kernels.decode_attention)(q, kt, v, mask, length)
+  assert out.shape == q.shape and out.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(out), ref, atol=2e-6, rtol=2e-6)
+  # bfloat16 caches, as bfloat16 and as their uint16 bits: exact float32 maths on the rounded values.
+  kb, vb = jnp.asarray(kt, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16)
+  ref16 = _attention_reference(q, np.swapaxes(np.asarray(kb, np.float32), 2, 3), np.asarray(vb, np.float32),
+                               mask, length)
+  bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)
+  for kc, vc in ((kb, vb), (bits(kb), bits(vb))):
+    np.testing.assert_allclose(np.asarray(cpu_kernels.decode_attention(q, kc, vc, mask, length)), ref16,
+                               atol=2e-6, rtol=2e-6)
+
+
+def test_decode_attention_under_vmap_and_with_nothing_to_attend(cpu_kernels):
+  q, k, v, mask, length = _attention_case(3, 2, 4, 16, 20, seed=1)
+  kt = np.swapaxes(k, 2, 3).copy()
+  one = np.asarray(cpu_kernels.decode_attention(q, kt, v, mask, length))
+  two = jax.vmap(cpu_kernels.decode_attention, in_axes=(0, 0, 0, 0, 0))(
+      *(np.stack([x, x]) for x in (q, kt, v, mask, length)))
+  np.testing.assert_array_equal(np.asarray(two), np.stack([one, one]))
+  # Only k batched: the other operands are broadcast to the mapped axis.
+  kk = np.stack([kt, kt * 0.5])
+  mapped = jax.vmap(cpu_kernels.decode_attention, in_axes=(None, 0, None, None, None))(q, kk, v, mask, length)
+  np.testing.assert_allclose(np.asarray(mapped[1]), _attention_reference(q * 0.5, k, v, mask, length), atol=2e-6)
+  mask0 = mask.copy()
+  mask0[1, :length[1]] = 0                            # row 1 reads only masked slots: zeros
+  out = np.asarray(cpu_kernels.decode_attention(q, kt, v, mask0, length))
+  assert np.all(out[1] == 0) and np.all(np.isfinite(out))
+
+
+def test_decode_attention_rejects_bad_operands(cpu_kernels):
+  q, k, v, mask, length = _attention_case(2, 2, 4, 16, 20, seed=2)
+  kt = np.swapaxes(k, 2, 3).copy()
+  with pytest.raises(ValueError, match=r'k must be \(B, Hkv, hd, S\)'):
+    cpu_kernels.decode_attention(q, k, v, mask, length)          # keys not transposed
+  with pytest.raises(ValueError, match=r'mask .* must be \(B, S\)'):
+    cpu_kernels.decode_attention(q, kt, v, mask[:, :5], length)
+  with pytest.raises(ValueError, match='share a dtype'):
+    cpu_kernels.decode_attention(q, kt, v.astype(np.float16), mask, length)
+  with pytest.raises(Exception, match=r'length\[1\] = 21 is outside \[1, 20\]'):
+    jax.block_until_ready(cpu_kernels.decode_attention(q, kt, v, mask, np.array([3, 21], np.int32)))
+
+
+@pytest.mark.parametrize('B', [16, 48, 5, 21])  # vector lanes only; one at a time only; both
+def test_greedy_pick_equals_first_argmax_and_log_softmax(cpu_kernels, B):
+  rng = np.random.default_rng(B)
+  z = (rng.normal(size=(300, B)) * 4).astype(np.float32)
+  z[[7, 250], 0] = z[:, 0].max() + 1.0                 # a tie: the first index wins
+  z[:, 1] = -3.0                                       # all equal: index 0
+  tokens, logprobs = jax.jit(cpu_kernels.greedy_pick)(z)
+  z64 = z.astype(np.float64)
+  log_softmax = z64 - z64.max(0) - np.log(np.exp(z64 - z64.max(0)).sum(0))
+  np.testing.assert_array_equal(np.asarray(tokens), np.argmax(z, axis=0))
+  assert tokens[0] == 7 and tokens[1] == 0
+  np.testing.assert_allclose(np.asarray(logprobs), log_softmax[np.argmax(z, 0), np.arange(B)], atol=2e-6)
+  with pytest.raises(ValueError, match=r'\(V, B\)'):
+    cpu_kernels.greedy_pick(z[None])
+
+
+def test_build_reuses_the_library_and_reports_a_failing_compiler(cpu_kernels, tmp_path):
+  lib = cpu_kernels.build(tmp_path)
+  assert lib.parent == tmp_path and lib.exists()
+  built = lib.stat().st_mtime_ns
+  assert cpu_kernels.build(tmp_path) == lib and lib.stat().st_mtime_ns == built     # not rebuilt
+  broken = tmp_path / 'broken-cxx'
+  broken.write_text('#!/bin/sh\necho "broken-cxx: no such luck" >&2\nexit 3\n')
+  broken.chmod(broken.stat().st_mode | stat.S_IEXEC)
+  with pytest.raises(RuntimeError, match=r'failed to build cpu_decode.cc \(exit 3\):\nbroken-cxx: no such luck'):
+    cpu_kernels.build(tmp_path / 'other', cxx=str(broken))
+  assert not any((tmp_path / 'other').iterdir())                   # no half-written library left
+
+
+def test_switched_off_kernels_fall_back_to_xla_attention(monkeypatch):
+  cfg = qwen.QwenConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                        num_kv_heads=2, head_dim=16)
+  cpu_decode._register.cache_clear()  # pylint: disable=protected-access
+  monkeypatch.setenv(cpu_decode.DISABLE_ENV, '0')
+  try:
+    assert not cpu_decode.available()
+    assert cpu_decode.unavailable_reason() == f'switched off by {cpu_decode.DISABLE_ENV}=0'
+    assert sampling.attention_default(cfg) == 'xla'
+    with pytest.raises(ValueError, match=r"attention='kernel' is unavailable here \(switched off"):
+      sampling.resolve_attention(cfg, 'kernel', True)
+  finally:
+    cpu_decode._register.cache_clear()  # pylint: disable=protected-access
+    monkeypatch.delenv(cpu_decode.DISABLE_ENV)
+  with pytest.raises(ValueError, match="expected one of"):
+    sampling.resolve_attention(cfg, 'flash', True)
+  with pytest.raises(ValueError, match='float32 and bfloat16 caches, not float16'):
+    sampling.resolve_attention(cfg.replace(dtype='float16', param_dtype='float16'), 'kernel', True)
+  with pytest.raises(ValueError, match='needs the unrolled sampler'):
+    sampling.resolve_attention(cfg, 'kernel', False)
+  assert sampling.resolve_attention(cfg, None, False) == 'xla'
+
+
+@pytest.mark.parametrize('rows', [3, 21])    # 21 > HEAD_WEIGHT_MAJOR_MAX_ROWS: greedy_pick picks
+@pytest.mark.parametrize('head_dim', [16, 12])  # the kernel's vector and scalar attention
+def test_sampler_with_kernels_equals_sampler_with_xla_ops(cpu_kernels, rows, head_dim):
+  """float32: the same tokens and masks, log-probs within float32 summation-order noise, greedy and
+  sampled (temperature, top-p), stop ids and left padding included."""
+  cfg = qwen.QwenConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=head_dim, eos_token_id=(3,))
+  params = qwen.init_params(cfg, jax.random.PRNGKey(0), std=0.3)
+  rng = np.random.RandomState(rows)
+  lengths = rng.randint(1, 9, size=rows)
+  tokens = np.zeros((rows, 8), np.int32)
+  mask = np.zeros((rows, 8), np.int32)
+  for i, n in enumerate(lengths):
+    tokens[i, 8 - n:] = rng.randint(4, cfg.vocab_size, size=n)
+    mask[i, 8 - n:] = 1
+  for kw in (dict(greedy=True), dict(temperature=0.8, top_p=0.9)):
+    outs = {a: sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(1), max_new_tokens=20,
+                               stop_token_ids=(3,), attention=a, **kw) for a in ('xla', 'kernel')}
+    np.testing.assert_array_equal(np.asarray(outs['kernel'].tokens), np.asarray(outs['xla'].tokens))
+    np.testing.assert_array_equal(np.asarray(outs['kernel'].mask), np.asarray(outs['xla'].mask))
+    assert np.asarray(outs['xla'].mask).sum() > rows * 4
+    for field in ('logprobs', 'sample_logprobs'):
+      np.testing.assert_allclose(np.asarray(getattr(outs['kernel'], field)),
+                                 np.asarray(getattr(outs['xla'], field)), atol=1e-5, rtol=1e-5)
+
+
+def test_sampler_default_attention_is_the_kernel_on_cpu(cpu_kernels):
+  cfg = qwen.QwenConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                        num_kv_heads=2, head_dim=16)
+  assert sampling.attention_default(cfg) == 'kernel'
+  assert sampling.attention_default(cfg.replace(dtype='bfloat16', param_dtype='bfloat16')) == 'kernel'
+  assert sampling.attention_default(cfg.replace(dtype='float64', param_dtype='float64')) == 'xla'
+  assert sampling.decode_segments_default(128, 'kernel') == 1      # it reads only the written slots
+  params = qwen.init_params(cfg, jax.random.PRNGKey(0))
+  jaxpr = str(jax.make_jaxpr(lambda p: sampling._sample_padded(  # pylint: disable=protected-access
+      sampling.prepare_decode(cfg, p), jnp.ones((2, 4), jnp.int32), jnp.ones((2, 4), jnp.int32),
+      jnp.ones((2,), bool), jax.random.PRNGKey(0), 1.0, 1.0, jnp.zeros((0,), jnp.int32), 0, cfg=cfg,
+      max_new_tokens=4, greedy=True, top_k=0, use_top_p=False, unroll_layers=True, attention='kernel'))(params))
+  assert jaxpr.count('cfrl_decode_attention') == cfg.num_layers    # one call per layer in the loop
+  assert os.environ.get(cpu_decode.DISABLE_ENV) is None
