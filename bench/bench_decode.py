@@ -122,8 +122,7 @@ def measure(args, threads: int) -> dict:
   if attention == 'kernel' and rows > sampling.HEAD_WEIGHT_MAJOR_MAX_ROWS:
     # The greedy step's own head product (sampling._greedy_head without its kernel): (V, B) logits.
     lanes = sampling.cpu_decode.GREEDY_LANES
-    head_mm = lambda x, hw: jnp.einsum('vd,bd->vb', hw, jnp.pad(x, ((0, -rows % lanes), (0, 0))),
-                                       preferred_element_type=jnp.float32)
+    head_mm = lambda x, hw: sampling.weight_major_logits(cfg, {'w': hw}, jnp.pad(x, ((0, -rows % lanes), (0, 0))))
   else:
     head_mm = lambda x, hw: sampling._head_logits(cfg, {'w': hw}, x,
                                                   weight_major=rows <= sampling.HEAD_WEIGHT_MAJOR_MAX_ROWS)

@@ -322,13 +322,17 @@ def _matvec(x, w, dtype, bias=None, *, weight_major: bool = False):
   return y if bias is None else y + bias.astype(dtype)
 
 
+def weight_major_logits(cfg: QwenConfig, head: Params, phi):
+  """The head's logits laid out (V, B): (V, d) x (d, B) in the compute dtype, float32 result."""
+  dt = cfg.compute_dtype
+  return jnp.einsum('vd,bd->vb', head['w'].astype(dt), phi.astype(dt), preferred_element_type=jnp.float32)
+
+
 def _head_logits(cfg: QwenConfig, head: Params, phi, *, weight_major: bool):
   """qwen.logits for one position per row, phi (B, d) -> (B, V) float32, optionally weight-major."""
   if not weight_major:
     return qwen.logits(cfg, head, phi)
-  dt = cfg.compute_dtype
-  zt = jnp.einsum('vd,bd->vb', head['w'].astype(dt), phi.astype(dt), preferred_element_type=jnp.float32)
-  return jax.lax.optimization_barrier(zt).T
+  return jax.lax.optimization_barrier(weight_major_logits(cfg, head, phi)).T
 
 
 # How the unrolled sampler's decode step attends over its KV cache (the static `attention` choice
@@ -395,11 +399,8 @@ def _greedy_head(cfg: QwenConfig, head: Params, phi):
   product's cost is the head's bytes, whatever the rows) so that the kernel runs only full vectors.
   """
   B = phi.shape[0]
-  rows = -(-B // cpu_decode.GREEDY_LANES) * cpu_decode.GREEDY_LANES
-  dt = cfg.compute_dtype
-  x = jnp.pad(phi.astype(dt), ((0, rows - B), (0, 0)))
-  zt = jnp.einsum('vd,bd->vb', head['w'].astype(dt), x, preferred_element_type=jnp.float32)
-  tokens, logprobs = cpu_decode.greedy_pick(zt)
+  x = jnp.pad(phi, ((0, -B % cpu_decode.GREEDY_LANES), (0, 0)))
+  tokens, logprobs = cpu_decode.greedy_pick(weight_major_logits(cfg, head, x))
   return tokens[:B], logprobs[:B]
 
 
