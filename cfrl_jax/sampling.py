@@ -299,7 +299,7 @@ WEIGHT_MAJOR_MAX_ROWS = 32
 HEAD_WEIGHT_MAJOR_MAX_ROWS = 16
 
 
-def _matvec(x, w, dtype, bias=None, *, weight_major: bool = False):
+def _matvec(x, w, dtype, bias=None, *, weight_major: bool = False, kernel: bool = False):
   """x (B, in) times an (out, in) matrix -> (B, out) in dtype, accumulated in float32.
 
   The float32 result type is also what makes XLA:CPU take its fast bfloat16 kernel: a bf16 x bf16
@@ -313,6 +313,9 @@ def _matvec(x, w, dtype, bias=None, *, weight_major: bool = False):
   on 2 threads (18.0 vs 20.5 and 4.3 vs 8.7 on one). The optimization barrier keeps XLA from
   folding the transpose back into the product's output layout, which restores the slow form.
   """
+  if kernel:
+    y = cpu_decode.matvec(x, w).astype(dtype)
+    return y if bias is None else y + bias.astype(dtype)
   w = w.astype(dtype)
   if weight_major:
     yt = jnp.einsum('oi,bi->ob', w, x, preferred_element_type=jnp.float32)
@@ -388,6 +391,23 @@ def attention_form(cfg: QwenConfig, rows: int, attention: str) -> str:
   return 'fused' if jnp.dtype(cfg.compute_dtype).itemsize > 2 or rows > WEIGHT_MAJOR_MAX_ROWS else 'batched'
 
 
+# Most rows for which a decode step's matrix products run the compiled kernels (kernel_products).
+# Measured on bench_decode's float32 model, 2 threads, ms per step, XLA products -> kernels:
+# B1 6.7 -> 4.4, B8 13.6 -> 9.1, B16 16.7 -> 13.8, B32 23.7 -> 22.6 (noise-level; above, the products
+# are compute-bound and XLA's library GEMM is as fast).
+KERNEL_PRODUCTS_MAX_ROWS = 16
+
+
+def kernel_products(cfg: QwenConfig, attention: str, rows: int) -> bool:
+  """Whether a decode step of `rows` rows runs its matrix products (layers and head) with the
+  compiled cpu_decode.matvec over the weight-major decode weights: with attention='kernel', float32
+  compute, at most KERNEL_PRODUCTS_MAX_ROWS rows. In bfloat16 XLA:CPU's library products (bfloat16
+  dot instructions) are faster than the kernel's float32 FMAs (2x at 8 rows, hand-timed).
+  parallel.sample_sharded keeps XLA's products (the kernel has no rule for sharded operands)."""
+  return (attention == 'kernel' and jnp.dtype(cfg.compute_dtype) == jnp.float32
+          and rows <= KERNEL_PRODUCTS_MAX_ROWS)
+
+
 def _greedy_head(cfg: QwenConfig, head: Params, phi):
   """Greedy tokens (B,) int32 and their log-probs (B,) from phi (B, d) with the compiled CPU kernel
   cpu_decode.greedy_pick: the same as first_argmax and _logprob_of over qwen.logits.
@@ -412,7 +432,7 @@ def _as_f32(cache):
 
 
 def _cached_layer(cfg: QwenConfig, w: dict, h, cos, sin, k_cache, v_cache, slot, key_mask, *,
-                  prefill: bool, form: str, weight_major: bool = False):
+                  prefill: bool, form: str, weight_major: bool = False, kernel_products: bool = False):
   """One decoder block for T new tokens per row over per-layer caches (qwen._layer's maths).
 
   h: (B, T, d); cos, sin: (B, T, hd); k_cache, v_cache: laid out for `form` (attention_form; see
@@ -420,14 +440,16 @@ def _cached_layer(cfg: QwenConfig, w: dict, h, cos, sin, k_cache, v_cache, slot,
   T new slots [slot, slot + T) already set. prefill (static): the caches are empty and slot is 0,
   so the T tokens attend among themselves (causally) instead of over all S slots. Otherwise T is
   1 and the token attends over the cache. Returns (h, k_cache, v_cache) with the new keys/values
-  written at [slot, slot + T). weight_major (static): see _matvec.
+  written at [slot, slot + T). w: decode_weights' dict for the layer. weight_major, kernel_products
+  (static): how the products run (see _matvec).
   """
   dt = cfg.compute_dtype
-  mv = functools.partial(_matvec, dtype=dt, weight_major=weight_major)
+  product = lambda name, x: _matvec(x, w[name], dt, w.get(f'{name}_bias'), weight_major=weight_major,
+                                    kernel=kernel_products)
   B, T, d = h.shape
   Hq, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   x = qwen.rms_norm(h, w['input_norm'], cfg.rms_norm_eps).reshape(B * T, d)
-  qkv = mv(x, w['qkv'], bias=w.get('qkv_bias')).reshape(B, T, -1)
+  qkv = product('qkv', x).reshape(B, T, -1)
   q = qkv[..., :Hq * hd].reshape(B, T, Hq, hd)
   k = qkv[..., Hq * hd:(Hq + Hkv) * hd].reshape(B, T, Hkv, hd)
   v = qkv[..., (Hq + Hkv) * hd:].reshape(B, T, Hkv, hd)
@@ -482,23 +504,24 @@ def _cached_layer(cfg: QwenConfig, w: dict, h, cos, sin, k_cache, v_cache, slot,
     attn = jnp.einsum('bkgs,bksh->bkgh', probs.astype(dt), v_cache.astype(dt),
                       preferred_element_type=jnp.float32)
   attn = attn.astype(dt).reshape(B * T, Hq * hd)
-  h = h + mv(attn, w['o'], bias=w.get('o_bias')).reshape(B, T, d)
+  h = h + product('o', attn).reshape(B, T, d)
   x = qwen.rms_norm(h, w['post_attn_norm'], cfg.rms_norm_eps).reshape(B * T, d)
-  gate_up = mv(x, w['gate_up'])
+  gate_up = product('gate_up', x)
   F = cfg.intermediate_size
-  mlp = mv(jax.nn.silu(gate_up[:, :F]) * gate_up[:, F:], w['down'])
+  mlp = product('down', jax.nn.silu(gate_up[:, :F]) * gate_up[:, F:])
   return h + mlp.reshape(B, T, d), k_cache, v_cache
 
 
 def _cached_forward(cfg: QwenConfig, model: DecodeParams, tokens, positions, kv: LayerKV, mask=None, *,
-                    attention: str = 'xla'):
+                    attention: str = 'xla', kernel_products: bool = False):
   """T tokens per row through the decoder, layers unrolled over decode_weights and per-layer caches.
 
   tokens, positions: (B, T) int32. mask: (B, T) real-token mask of a prefill (the caches must be
   empty, kv.index 0); None for a decode step (T = 1, every row's token is real). Returns
   (phi (B, T, d), kv with the new keys/values at slots [kv.index, kv.index + T)). A decode step
   of at most WEIGHT_MAJOR_MAX_ROWS rows runs its products weight-major (see _matvec). attention
-  (static): see attention_form; kv must be laid out for it (init_layer_kv).
+  (static): see attention_form; kv must be laid out for it (init_layer_kv). kernel_products
+  (static): a decode step runs its products with the compiled kernels (see kernel_products).
   """
   B, T = tokens.shape
   prefill = mask is not None
@@ -512,7 +535,8 @@ def _cached_forward(cfg: QwenConfig, model: DecodeParams, tokens, positions, kv:
   ks, vs = list(kv.k), list(kv.v)
   for l, w in enumerate(model.layers):
     h, ks[l], vs[l] = _cached_layer(cfg, w, h, cos, sin, ks[l], vs[l], slot, key_mask, prefill=prefill,
-                                    form=form, weight_major=weight_major)
+                                    form=form, weight_major=weight_major,
+                                    kernel_products=kernel_products and not prefill)
   phi = qwen.rms_norm(h, model.final_norm, cfg.rms_norm_eps)
   return phi, LayerKV(tuple(ks), tuple(vs), key_mask, slot + T)
 
@@ -590,17 +614,19 @@ def _grow_cache(cfg: QwenConfig, cache, slots: int, attention: str = 'xla'):
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'max_new_tokens', 'greedy', 'top_k', 'use_top_p',
-                                             'unroll_layers', 'segments', 'attention'))
+                                             'unroll_layers', 'segments', 'attention', 'kernel_products'))
 def _sample_padded(model: Params | DecodeParams, prompt_tokens, prompt_mask, live_rows, key, temperature, top_p,
                    stop_token_ids, pad_id, *, cfg: QwenConfig, max_new_tokens: int, greedy: bool,
                    top_k: int, use_top_p: bool, unroll_layers: bool | None = None,
-                   segments: int | None = None, attention: str = 'xla') -> SampleOutput:
+                   segments: int | None = None, attention: str = 'xla',
+                   kernel_products: bool = False) -> SampleOutput:
   """The compiled sampler on bucketed shapes. live_rows (B,) bool: False for dummy rows.
 
   model: prepare_decode's DecodeParams with unroll_layers (default on CPU), else the params tree.
   segments: how many segments the decode loop runs in (decode_windows; default
   decode_segments_default). attention: how the unrolled sampler's decode step attends
-  (attention_form; the scanned sampler always uses XLA ops).
+  (attention_form; the scanned sampler always uses XLA ops). kernel_products: the decode step's
+  matrix products (layers and head) run the compiled kernels (see kernel_products; unrolled only).
   """
   B, P = prompt_tokens.shape
   N = max_new_tokens
@@ -613,13 +639,13 @@ def _sample_padded(model: Params | DecodeParams, prompt_tokens, prompt_mask, liv
   is_stop = lambda t: jnp.any(t[:, None] == stop_token_ids[None, :], axis=-1)
   keys = jax.random.split(key, N)
   if not unroll_layers:
-    attention = 'xla'
+    attention, kernel_products = 'xla', False
   windows = decode_windows(P, N, decode_segments_default(N, attention) if segments is None else segments)
 
   # Prefill: logits only at the last column (every prompt ends there), not over all P positions.
   if unroll_layers:
     head = model.head
-    forward = functools.partial(_cached_forward, cfg, model, attention=attention)
+    forward = functools.partial(_cached_forward, cfg, model, attention=attention, kernel_products=kernel_products)
     phi, cache = forward(prompt_tokens, qwen.positions_from_mask(prompt_mask),
                          init_layer_kv(cfg, B, windows[0], attention), mask=prompt_mask)
 
@@ -651,7 +677,14 @@ def _sample_padded(model: Params | DecodeParams, prompt_tokens, prompt_mask, liv
     t, tok, done, cache, out = carry
     # Token t-1 sits at position len + t - 1; finished rows keep feeding pads that nobody reads.
     phi, cache = step(tok, lengths + t - 1, cache)
-    if greedy and attention == 'kernel' and B > HEAD_WEIGHT_MAJOR_MAX_ROWS:
+    if kernel_products:   # the head streamed by the kernel; (B, V) logits
+      z = cpu_decode.matvec(phi, head['w'])
+      if greedy:
+        new, lp = cpu_decode.greedy_pick_rows(z)
+        slp = jnp.zeros_like(lp)
+      else:
+        new, lp, slp = choose(z, keys[t])
+    elif greedy and attention == 'kernel' and B > HEAD_WEIGHT_MAJOR_MAX_ROWS:
       new, lp = _greedy_head(cfg, head, phi)
       slp = jnp.zeros_like(lp)
     else:
@@ -844,13 +877,15 @@ def sample(cfg: QwenConfig, params: Params | DecodeParams, prompt_tokens, prompt
   Pp = bucket_size(P, LENGTH_BUCKET_STEP, MIN_LENGTH_BUCKET) if bucket else P
   tokens, mask, live_rows = pad_prompts(tokens, mask, Bp, Pp, pad_id)
   greedy, top_k, use_top_p = decoding_statics(cfg, greedy, top_k, top_p)
+  in_kernel = unroll_layers and kernel_products(cfg, attention, Bp)
   out = _sample_padded(
       sampler_model(cfg, params, unroll_layers), jnp.asarray(tokens), jnp.asarray(mask),
       jnp.asarray(live_rows), key,
       jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p), jnp.asarray(stop_id_array(stop_token_ids)),
       jnp.int32(pad_id), cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=top_k,
       use_top_p=use_top_p, unroll_layers=unroll_layers,
-      segments=None if decode_segments is None else int(decode_segments), attention=attention)
+      segments=None if decode_segments is None else int(decode_segments), attention=attention,
+      kernel_products=in_kernel)
   if Bp > B:
     out = SampleOutput(*(x[:B] for x in out))
   return out

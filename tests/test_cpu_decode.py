@@ -112,6 +112,46 @@ def test_greedy_pick_equals_first_argmax_and_log_softmax(cpu_kernels, B):
     cpu_kernels.greedy_pick(z[None])
 
 
+@pytest.mark.parametrize('V', [300, 37])   # vector lanes plus a tail; a tail after one vector
+def test_greedy_pick_rows_equals_first_argmax_and_log_softmax(cpu_kernels, V):
+  rng = np.random.default_rng(V)
+  z = (rng.normal(size=(4, V)) * 4).astype(np.float32)
+  z[0, [7, 33]] = z[0].max() + 1.0                     # a tie across vector lanes: the first wins
+  z[1] = -3.0                                          # all equal: index 0
+  z[2, V - 1] = z[2].max() + 1.0                       # the maximum in the tail
+  z[3, [17, 1]] = z[3].max() + 1.0                     # a tie whose first index is in a later lane
+  tokens, logprobs = jax.jit(cpu_kernels.greedy_pick_rows)(z)
+  z64 = z.astype(np.float64)
+  log_softmax = z64 - z64.max(1, keepdims=True) - np.log(np.exp(z64 - z64.max(1, keepdims=True)).sum(1, keepdims=True))
+  np.testing.assert_array_equal(np.asarray(tokens), np.argmax(z, axis=1))
+  assert list(np.asarray(tokens)) == [7, 0, V - 1, 1]
+  np.testing.assert_allclose(np.asarray(logprobs), log_softmax[np.arange(4), np.argmax(z, 1)], atol=2e-6)
+  with pytest.raises(ValueError, match=r'\(B, V\)'):
+    cpu_kernels.greedy_pick_rows(z[None])
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('B,N,K', [(1, 37, 20), (3, 37, 20), (4, 64, 48), (9, 70, 33), (1, 130, 64)])
+def test_matvec_equals_float64_product(cpu_kernels, dtype, B, N, K):
+  """Row counts on every tile path (8 weight rows for one x row; 4 x 4 tiles; remainder rows of
+  both), N not a multiple of the tiles, K with a partial vector."""
+  rng = np.random.default_rng(B * N + K)
+  x = rng.normal(size=(B, K)).astype(np.float32)
+  w = jnp.asarray(rng.normal(size=(N, K)).astype(np.float32)).astype(dtype)
+  y = np.asarray(jax.jit(cpu_kernels.matvec)(x, w))
+  w64 = np.asarray(w.astype(jnp.float32), np.float64)
+  ref = x.astype(np.float64) @ w64.T
+  scale = np.abs(x).astype(np.float64) @ np.abs(w64).T
+  assert y.shape == (B, N) and y.dtype == np.float32
+  assert np.all(np.abs(y - ref) <= 1e-6 * scale + 1e-7), np.max(np.abs(y - ref) / scale)
+  bits = jax.lax.bitcast_convert_type(w, jnp.uint16) if dtype == 'bfloat16' else w
+  np.testing.assert_array_equal(np.asarray(cpu_kernels.matvec(x, bits)), y)     # uint16 bits read alike
+  with pytest.raises(ValueError, match=r'the same K'):
+    cpu_kernels.matvec(x, w[:, :-1])
+  with pytest.raises(ValueError, match=r'float32, bfloat16 or uint16'):
+    cpu_kernels.matvec(x, jnp.zeros((N, K), jnp.int32))
+
+
 def test_build_reuses_the_library_and_reports_a_failing_compiler(cpu_kernels, tmp_path):
   lib = cpu_kernels.build(tmp_path)
   assert lib.parent == tmp_path and lib.exists()
@@ -148,7 +188,9 @@ def test_switched_off_kernels_fall_back_to_xla_attention(monkeypatch):
   assert sampling.resolve_attention(cfg, None, False) == 'xla'
 
 
-@pytest.mark.parametrize('rows', [3, 21])    # 21 > HEAD_WEIGHT_MAJOR_MAX_ROWS: greedy_pick picks
+# 3 rows: kernel products (matvec, greedy_pick_rows); 21 > KERNEL_PRODUCTS_MAX_ROWS and
+# HEAD_WEIGHT_MAJOR_MAX_ROWS: XLA products, greedy_pick picks
+@pytest.mark.parametrize('rows', [3, 21])
 @pytest.mark.parametrize('head_dim', [16, 12])  # the kernel's vector and scalar attention
 def test_sampler_with_kernels_equals_sampler_with_xla_ops(cpu_kernels, rows, head_dim):
   """float32: the same tokens and masks, log-probs within float32 summation-order noise, greedy and
@@ -187,4 +229,25 @@ def test_sampler_default_attention_is_the_kernel_on_cpu(cpu_kernels):
       jnp.ones((2,), bool), jax.random.PRNGKey(0), 1.0, 1.0, jnp.zeros((0,), jnp.int32), 0, cfg=cfg,
       max_new_tokens=4, greedy=True, top_k=0, use_top_p=False, unroll_layers=True, attention='kernel'))(params))
   assert jaxpr.count('cfrl_decode_attention') == cfg.num_layers    # one call per layer in the loop
+  assert jaxpr.count('cfrl_matvec') == 0 and jaxpr.count('cfrl_greedy_pick') == 0
   assert os.environ.get(cpu_decode.DISABLE_ENV) is None
+
+
+@pytest.mark.parametrize('dtype,rows,products', [('float32', 2, True), ('float32', 17, False),
+                                                 ('bfloat16', 2, False)])
+def test_kernel_products_run_the_decode_step_matvec(cpu_kernels, dtype, rows, products):
+  """float32 decode steps of at most KERNEL_PRODUCTS_MAX_ROWS rows run the layers' four products and
+  the head with cpu_decode.matvec and pick greedily with greedy_pick_rows; others keep XLA's products
+  (the prefill always does)."""
+  cfg = qwen.QwenConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=16, dtype=dtype, param_dtype=dtype)
+  assert sampling.kernel_products(cfg, 'kernel', rows) == products
+  assert not sampling.kernel_products(cfg, 'xla', rows)
+  params = qwen.init_params(cfg, jax.random.PRNGKey(0))
+  jaxpr = str(jax.make_jaxpr(lambda p: sampling._sample_padded(  # pylint: disable=protected-access
+      sampling.prepare_decode(cfg, p), jnp.ones((rows, 4), jnp.int32), jnp.ones((rows, 4), jnp.int32),
+      jnp.ones((rows,), bool), jax.random.PRNGKey(0), 1.0, 1.0, jnp.zeros((0,), jnp.int32), 0, cfg=cfg,
+      max_new_tokens=4, greedy=True, top_k=0, use_top_p=False, unroll_layers=True, attention='kernel',
+      kernel_products=products))(params))
+  assert jaxpr.count('cfrl_matvec') == (4 * cfg.num_layers + 1 if products else 0)
+  assert jaxpr.count('cfrl_greedy_pick_rows') == int(products)

@@ -420,6 +420,163 @@ ffi::Error GreedyPickImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z,
   return ffi::Error::Success();
 }
 
+
+// Greedy choice along rows laid out (B, V): the first argmax of each row and its log-softmax
+// value, in vector lanes along V (greedy_pick's (V, B) form needs 16 rows to fill its lanes).
+void GreedyRow(const float* z, int64_t V, int32_t* token, float* logprob) {
+  const I16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  F16 m = Splat(-std::numeric_limits<float>::infinity());
+  I16 arg = lane;
+  int64_t v = 0;
+  for (; v + kLanes <= V; v += kLanes) {
+    const F16 x = Load(z + v);
+    const I16 more = x > m;  // strictly: each lane keeps its first maximum
+    m = more ? x : m;
+    arg = more ? lane + static_cast<int32_t>(v) : arg;
+  }
+  float best = MaxLanes(m);
+  int32_t first = std::numeric_limits<int32_t>::max();
+  for (int i = 0; i < kLanes; ++i) {
+    if (m[i] == best) first = std::min(first, arg[i]);
+  }
+  for (; v < V; ++v) {  // the tail comes after every vector element: only a strictly larger one wins
+    if (z[v] > best) best = z[v], first = static_cast<int32_t>(v);
+  }
+  F16 total0 = {}, total1 = {};
+  v = 0;
+  for (; v + 2 * kLanes <= V; v += 2 * kLanes) {
+    total0 += ExpNonPositive(Load(z + v) - Splat(best));
+    total1 += ExpNonPositive(Load(z + v + kLanes) - Splat(best));
+  }
+  float total = SumLanes(total0 + total1);
+  for (; v < V; ++v) total += std::exp(z[v] - best);
+  *token = first;
+  *logprob = -std::log(total);
+}
+
+ffi::Error GreedyPickRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z,
+                              ffi::ResultBuffer<ffi::S32> token, ffi::ResultBuffer<ffi::F32> logprob) {
+  auto zd = z.dimensions();
+  if (zd.size() != 2 || zd[1] < 1 || token->dimensions().size() != 1 || token->dimensions()[0] != zd[0] ||
+      logprob->dimensions().size() != 1 || logprob->dimensions()[0] != zd[0]) {
+    return ffi::Error::InvalidArgument("greedy_pick_rows: expected logits (B, V), V >= 1, and results (B,)");
+  }
+  const int64_t B = zd[0], V = zd[1];
+  const float* zp = z.typed_data();
+  int32_t* tp = token->typed_data();
+  float* lp = logprob->typed_data();
+  ParallelFor(pool, B, [&](int64_t b) { GreedyRow(zp + b * V, V, tp + b, lp + b); });
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matrix-vector products of the decode step: y = x w^T for a few rows x (B, K) and a weight-major
+// matrix w (N, K) (each output is a contiguous dot product of length K).
+//
+// Why a kernel: a decode step with few rows is bound by streaming the weights from memory. Each
+// task here owns a contiguous band of w's rows, which it reads once, front to back, R rows at a
+// time; the B rows of x stay in L1/L2 and every loaded weight vector feeds up to 4 rows' FMAs.
+// XLA:CPU's library product reaches about half the machine's streaming bandwidth on these shapes
+// (bench_decode's "matrix products alone" floor).
+
+// Sum of the 16 lanes by halving (the loop form would be 15 dependent scalar adds).
+inline float ReduceAdd(F16 v) {
+  typedef float F8 __attribute__((vector_size(32)));
+  typedef float F4 __attribute__((vector_size(16)));
+  F8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  F4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+constexpr int64_t kPrefetch = 1024;  // elements ahead
+
+// R weight rows (w, stride K) against BB rows of x (stride K): out[b * ob + r * orr] = x_b . w_r.
+// R and BB static so the R * BB accumulators stay in registers.
+template <int R, int BB, typename T>
+inline void DotTile(const float* x, const T* w, int64_t K, float* out, int64_t ob, int64_t orr) {
+  F16 acc[R][BB] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    F16 wv[R];
+    for (int r = 0; r < R; ++r) __builtin_prefetch(w + r * K + k + kPrefetch);
+    for (int r = 0; r < R; ++r) wv[r] = Load(w + r * K + k);
+    for (int b = 0; b < BB; ++b) {
+      const F16 xv = Load(x + b * K + k);
+      for (int r = 0; r < R; ++r) acc[r][b] += wv[r] * xv;
+    }
+  }
+  if (k < K) {
+    const int64_t count = K - k;
+    F16 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = LoadPartial(w + r * K + k, count);
+    for (int b = 0; b < BB; ++b) {
+      const F16 xv = LoadPartial(x + b * K + k, count);
+      for (int r = 0; r < R; ++r) acc[r][b] += wv[r] * xv;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int b = 0; b < BB; ++b) out[b * ob + r * orr] = ReduceAdd(acc[r][b]);
+  }
+}
+
+// All B rows of x against R weight rows: x in blocks of 4 rows (the R rows' weights are read from
+// memory by the first block and from L1 by the rest).
+template <int R, typename T>
+inline void DotRows(const float* x, int64_t B, const T* w, int64_t K, float* out, int64_t ob,
+                    int64_t orr) {
+  int64_t b = 0;
+  for (; b + 4 <= B; b += 4) DotTile<R, 4>(x + b * K, w, K, out + b * ob, ob, orr);
+  switch (B - b) {
+    case 3: DotTile<R, 3>(x + b * K, w, K, out + b * ob, ob, orr); break;
+    case 2: DotTile<R, 2>(x + b * K, w, K, out + b * ob, ob, orr); break;
+    case 1: DotTile<R, 1>(x + b * K, w, K, out + b * ob, ob, orr); break;
+    default: break;
+  }
+}
+
+// Weight rows per task: a band large enough that scheduling costs little against its streaming.
+constexpr int64_t kMatvecBand = 32;
+
+template <typename T>
+void Matvec(ffi::ThreadPool& pool, const float* x, const T* w, int64_t B, int64_t N, int64_t K,
+            float* y) {
+  const int64_t ob = N, on = 1;  // y (B, N): out[b * N + n]
+  ParallelFor(pool, (N + kMatvecBand - 1) / kMatvecBand, [&](int64_t task) {
+    const int64_t n1 = std::min(N, (task + 1) * kMatvecBand);
+    int64_t n = task * kMatvecBand;
+    if (B == 1) {  // one row: 8 weight rows per pass keep 8 accumulators busy
+      for (; n + 8 <= n1; n += 8) DotTile<8, 1>(x, w + n * K, K, y + n * on, ob, on);
+    }
+    for (; n + 4 <= n1; n += 4) DotRows<4>(x, B, w + n * K, K, y + n * on, ob, on);
+    for (; n < n1; ++n) DotRows<1>(x, B, w + n * K, K, y + n * on, ob, on);
+  });
+}
+
+ffi::Error MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[1] || yd[0] != xd[0] ||
+      yd[1] != wd[0]) {
+    return ffi::Error::InvalidArgument("matvec: expected x (B, K), w (N, K) and a result (B, N)");
+  }
+  const int64_t B = xd[0], N = wd[0], K = wd[1];
+  switch (w.element_type()) {
+    case ffi::F32:
+      Matvec(pool, x.typed_data(), w.typed_data<float>(), B, N, K, y->typed_data());
+      return ffi::Error::Success();
+    case ffi::U16:
+    case ffi::BF16:
+      Matvec(pool, x.typed_data(), static_cast<const uint16_t*>(w.untyped_data()), B, N, K,
+             y->typed_data());
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument(
+          "matvec: w must be float32, bfloat16 or uint16 (bfloat16 bits)");
+  }
+}
+
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CfrlDecodeAttention, DecodeAttentionImpl,
@@ -438,3 +595,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CfrlGreedyPick, GreedyPickImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CfrlMatvec, MatvecImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CfrlGreedyPickRows, GreedyPickRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+

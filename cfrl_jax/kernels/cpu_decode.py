@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import jaxlib
 
 SOURCE = Path(__file__).with_name('cpu_decode.cc')
-TARGETS = {'cfrl_decode_attention': 'CfrlDecodeAttention', 'cfrl_greedy_pick': 'CfrlGreedyPick'}
+TARGETS = {'cfrl_decode_attention': 'CfrlDecodeAttention', 'cfrl_greedy_pick': 'CfrlGreedyPick',
+           'cfrl_greedy_pick_rows': 'CfrlGreedyPickRows', 'cfrl_matvec': 'CfrlMatvec'}
 DISABLE_ENV = 'CFRL_JAX_CPU_KERNELS'      # '0' switches the kernel off
 CACHE_ENV = 'CFRL_JAX_KERNEL_CACHE'       # where built libraries go (default ~/.cache/cfrl_jax/kernels)
 CXX_FLAGS = ('-O3', '-march=native', '-fopenmp-simd', '-std=c++17', '-shared', '-fPIC', '-w')
@@ -154,6 +155,24 @@ def decode_attention(q, k, v, mask, length):
   return call(q.astype(jnp.float32), k, v, mask.astype(jnp.int32), length.astype(jnp.int32))
 
 
+def greedy_pick_rows(logits_bv):
+  """greedy_pick for logits laid out (B, V): vector lanes along V, so any B runs at full speed.
+
+  Returns (tokens (B,) int32, logprobs (B,) float32): the first index of each row's maximum and
+  its log-softmax value. NaN logits are not detected (a NaN is never the maximum).
+  """
+  reason = _register()
+  if reason is not None:
+    raise RuntimeError(f'greedy_pick_rows: the CPU decode kernels are unavailable: {reason}')
+  if logits_bv.ndim != 2 or logits_bv.shape[1] < 1:
+    raise ValueError(f'greedy_pick_rows: logits must be (B, V) with V >= 1; got {logits_bv.shape}.')
+  B = logits_bv.shape[0]
+  call = jax.ffi.ffi_call('cfrl_greedy_pick_rows', (jax.ShapeDtypeStruct((B,), jnp.int32),
+                                                    jax.ShapeDtypeStruct((B,), jnp.float32)),
+                          vmap_method='sequential')
+  return call(logits_bv.astype(jnp.float32))
+
+
 # Columns per vector of greedy_pick: a (V, B) input with B a multiple of this runs only full vectors.
 GREEDY_LANES = 16
 
@@ -175,3 +194,26 @@ def greedy_pick(logits_vb):
                                                jax.ShapeDtypeStruct((B,), jnp.float32)),
                           vmap_method='sequential')
   return call(logits_vb.astype(jnp.float32))
+
+
+def matvec(x, w):
+  """x w^T for a few rows on the CPU backend: x (B, K) times a weight-major w (N, K) -> (B, N)
+  float32.
+
+  w: float32, bfloat16 or its uint16 bits; x is converted to float32 (exact from bfloat16), so a
+  bfloat16 w gives exact products accumulated in float32, as a bfloat16 dot with a float32 result.
+  Streams each weight once, R rows at a time, the rows of x sharing each loaded weight vector;
+  meant for a decode step's few rows (the sampler's kernel_products), not for large B.
+  Under vmap the call runs once per mapped index (vmap_method 'sequential').
+  """
+  reason = _register()
+  if reason is not None:
+    raise RuntimeError(f'matvec: the CPU decode kernels are unavailable: {reason}')
+  if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
+    raise ValueError(f'matvec: expected x (B, K) and w (N, K) with the same K; got x {x.shape}, w {w.shape}.')
+  if w.dtype not in (jnp.float32, jnp.bfloat16, jnp.uint16):
+    raise ValueError(f'matvec: w must be float32, bfloat16 or uint16 (bfloat16 bits); got {w.dtype}.')
+  (B, _), (N, _) = x.shape, w.shape
+  call = jax.ffi.ffi_call('cfrl_matvec', jax.ShapeDtypeStruct((B, N), jnp.float32), vmap_method='sequential')
+  return call(x.astype(jnp.float32), w)
+
