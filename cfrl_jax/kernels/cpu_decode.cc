@@ -1,4 +1,5 @@
-// One-token decode attention over a KV cache, as an XLA:CPU FFI custom call.
+// One-token decode attention over a KV cache, as an XLA:CPU FFI custom call (and, further down,
+// the greedy picks and the weight-streaming matvec of the decode step).
 //
 // Why a kernel: a decode step gives each (row, KV head) G queries against S cached keys. XLA:CPU
 // runs that either as many tiny batched products or as generic reduce loops, both far below the

@@ -1,8 +1,10 @@
 """Compiled XLA:CPU custom calls for the sampler's decode step (cpu_decode.cc).
 
 `decode_attention`: one query step's attention over the KV cache, which XLA:CPU runs far below
-memory speed when written in XLA ops. `greedy_pick`: the argmax and its log-probability over
-(V, B) logits, where XLA:CPU's reductions over V cost more than the head's product. The C++
+memory speed when written in XLA ops. `greedy_pick` / `greedy_pick_rows`: the argmax and its
+log-probability over (V, B) / (B, V) logits, where XLA:CPU's reductions over V cost more than the
+head's product. `matvec`: a few rows times a weight-major matrix, streaming the weights faster than
+XLA:CPU's library product does at float32 decode shapes. The C++
 source ships with the package and is compiled on first use with the machine's C++ compiler
 (`$CXX`, else g++ or c++; -O3 -march=native against jax's FFI headers) into a cache directory
 keyed by the source, compiler, flags, jaxlib version and CPU, then registered with jax.ffi.
