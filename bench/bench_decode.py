@@ -11,15 +11,16 @@ is excluded; the timed runs alternate ours / theirs so machine load hits both al
 medians are compared. Tokens/s = batch * new_tokens / time of the whole call (prefill included);
 ms/step = (time(new_tokens) - time(1)) / (new_tokens - 1), the decode step alone.
 
-A third timing bounds what any decode step built from XLA's CPU kernels can reach: the step's
-matrix products alone (the fused per-layer q/k/v, o, gate/up and down matrices of
-sampling.decode_weights and the head, chained over a (batch, hidden) activation in the step's own
-product form, weight-major for small batches (see sampling._matvec), nothing else),
-jitted and timed in the same rounds. The decode step cannot be faster than its matrix products, so
-when that figure exceeds half of transformers' ms/step, a 2x speed-up is out of reach of this
-formulation on this machine. A fourth timing, our sampler with the decode step's attention and greedy
-pick in XLA ops (attention='xla', with its default decode segments) instead of the compiled CPU
-kernels (cfrl_jax/kernels/cpu_decode.cc, the default where they build), measures what the kernels save.
+A third timing bounds what our decode step can reach: its matrix products alone (the fused
+per-layer q/k/v, o, gate/up and down matrices of sampling.decode_weights and the head, chained over
+a (batch, hidden) activation in the step's own product form: the compiled cpu_decode.matvec where
+the step uses it (sampling.kernel_products: float32, at most 16 rows), else XLA's products,
+weight-major for small batches (see sampling._matvec); nothing else), jitted and timed in the same
+rounds. The decode step cannot be faster than its matrix products, so when that figure exceeds half
+of transformers' ms/step, a 2x speed-up is out of reach of this formulation on this machine. A
+fourth timing, our sampler with the decode step in XLA ops only (attention='xla', with its default
+decode segments: attention, greedy pick and products) instead of the compiled CPU kernels
+(cfrl_jax/kernels/cpu_decode.cc, the default where they build), measures what the kernels save.
 
     python bench/bench_decode.py [--batch 1,8,64 --dtype float32,bfloat16 --prompt_len 64 --new_tokens 128
                                   --reps 5 --threads 2,1]
@@ -118,8 +119,12 @@ def measure(args, threads: int) -> dict:
   # The step's own product: float32 accumulation, results in the compute dtype.
   # pylint: disable=protected-access
   rows = sampling.batch_bucket(cfg, B, True)
-  mm = lambda x, w: sampling._matvec(x, w, w.dtype, weight_major=rows <= sampling.WEIGHT_MAJOR_MAX_ROWS)
-  if attention == 'kernel' and rows > sampling.HEAD_WEIGHT_MAJOR_MAX_ROWS:
+  kernel_products = sampling.kernel_products(cfg, attention, rows)
+  mm = lambda x, w: sampling._matvec(x, w, w.dtype, weight_major=rows <= sampling.WEIGHT_MAJOR_MAX_ROWS,
+                                     kernel=kernel_products)
+  if kernel_products:
+    head_mm = lambda x, hw: sampling.cpu_decode.matvec(x, hw)   # the step's own head product
+  elif attention == 'kernel' and rows > sampling.HEAD_WEIGHT_MAJOR_MAX_ROWS:
     # The greedy step's own head product (sampling._greedy_head without its kernel): (V, B) logits.
     lanes = sampling.cpu_decode.GREEDY_LANES
     head_mm = lambda x, hw: sampling.weight_major_logits(cfg, {'w': hw}, jnp.pad(x, ((0, -rows % lanes), (0, 0))))
@@ -174,6 +179,7 @@ def measure(args, threads: int) -> dict:
     xla_s.append(timed(lambda: ours(N, attention='xla'))[0])
   result = dict(threads=threads, batch=B, dtype=dtype, agree=agree, load=(load_before, os.getloadavg()[0]),
                 products_ms=statistics.median(products_ms), attention=attention,
+                products='kernel' if kernel_products else 'XLA',
                 segments=sampling.decode_segments_default(N, attention), xla_agree=bool((xla_ops == a).all()))
   for name in runs:
     wall = statistics.median(w for w, _ in runs[name])
@@ -228,15 +234,17 @@ def main():
       lines.append(f'| {r["dtype"]} | {r["batch"]} | {r["threads"]} | {label} | {s["tok_s"]:.0f} | {s["wall"]:.2f} | '
                    f'{s["step_ms"]:.1f} | {s["prefill_ms"]:.0f} | {s["cpu"]:.2f} | {speed} | {step} | '
                    f'{r["load"][0]:.1f}-{r["load"][1]:.1f} |')
-  lines += ['', 'Lower bound of the decode step in XLA: its matrix products alone (ms per step, median), '
-            'against the step time a 2x speed-up over transformers needs. Also our step with the attention '
-            'and greedy pick in XLA ops (`attention=\'xla\'`, with its default decode segments; timed in the '
-            'same rounds) instead of the compiled CPU kernels (README, Sampler):', '',
-            '| dtype | batch | threads | matrix products alone (ms) | our decode step (ms) | 2x target (ms) | 2x reachable by this formulation | attention | step with XLA ops (ms) | XLA ops / kernels |',
-            '|---|---|---|---|---|---|---|---|---|---|']
+  lines += ['', 'Lower bound of our decode step: its matrix products alone (ms per step, median), run as the '
+            'step runs them (`products`: the compiled `cpu_decode.matvec` for float32 steps of at most 16 rows, '
+            'else XLA\'s products), against the step time a 2x speed-up over transformers needs. Also our step '
+            'in XLA ops only (`attention=\'xla\'`: attention, greedy pick and products, with its default decode '
+            'segments; timed in the same rounds) instead of the compiled CPU kernels (README, Sampler):', '',
+            '| dtype | batch | threads | products | matrix products alone (ms) | our decode step (ms) | 2x target (ms) | 2x reachable by this formulation | attention | step with XLA ops (ms) | XLA ops / kernels |',
+            '|---|---|---|---|---|---|---|---|---|---|---|']
   for r in results:
     target = r['transformers']['step_ms'] / 2
-    lines.append(f'| {r["dtype"]} | {r["batch"]} | {r["threads"]} | {r["products_ms"]:.1f} | {r["ours"]["step_ms"]:.1f} | '
+    lines.append(f'| {r["dtype"]} | {r["batch"]} | {r["threads"]} | {r["products"]} | {r["products_ms"]:.1f} | '
+                 f'{r["ours"]["step_ms"]:.1f} | '
                  f'{target:.1f} | {"yes" if r["products_ms"] < target else "no"} | {r["attention"]} | '
                  f'{r["xla_step_ms"]:.1f} | {r["xla_step_ms"] / r["ours"]["step_ms"]:.2f}x |')
   same = list(dict.fromkeys(f'{r["dtype"]} batch {r["batch"]}' for r in results if r['xla_agree']))
