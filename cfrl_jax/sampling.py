@@ -638,6 +638,9 @@ def _sample_padded(model: Params | DecodeParams, prompt_tokens, prompt_mask, liv
                              top_k=top_k, use_top_p=use_top_p)
   is_stop = lambda t: jnp.any(t[:, None] == stop_token_ids[None, :], axis=-1)
   keys = jax.random.split(key, N)
+  if kernel_products and attention != 'kernel':
+    raise ValueError(f"kernel_products runs the decode step's products in the compiled CPU kernels, which needs "
+                     f"attention='kernel' (got {attention!r}); see sampling.kernel_products.")
   if not unroll_layers:
     attention, kernel_products = 'xla', False
   windows = decode_windows(P, N, decode_segments_default(N, attention) if segments is None else segments)

@@ -251,3 +251,9 @@ def test_kernel_products_run_the_decode_step_matvec(cpu_kernels, dtype, rows, pr
       kernel_products=products))(params))
   assert jaxpr.count('cfrl_matvec') == (4 * cfg.num_layers + 1 if products else 0)
   assert jaxpr.count('cfrl_greedy_pick_rows') == int(products)
+  with pytest.raises(ValueError, match="needs attention='kernel'"):
+    sampling._sample_padded(  # pylint: disable=protected-access
+        sampling.prepare_decode(cfg, params), jnp.ones((rows, 4), jnp.int32), jnp.ones((rows, 4), jnp.int32),
+        jnp.ones((rows,), bool), jax.random.PRNGKey(0), 1.0, 1.0, jnp.zeros((0,), jnp.int32), 0, cfg=cfg,
+        max_new_tokens=4, greedy=True, top_k=0, use_top_p=False, unroll_layers=True, attention='xla',
+        kernel_products=True)
