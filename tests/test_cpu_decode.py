@@ -173,6 +173,10 @@ def test_switched_off_kernels_fall_back_to_xla_attention(monkeypatch):
   try:
     assert not cpu_decode.available()
     assert cpu_decode.unavailable_reason() == f'switched off by {cpu_decode.DISABLE_ENV}=0'
+    with pytest.raises(RuntimeError, match='matvec: the CPU decode kernels are unavailable: switched off'):
+      cpu_decode.matvec(jnp.ones((1, 4)), jnp.ones((2, 4)))
+    with pytest.raises(RuntimeError, match='greedy_pick_rows: the CPU decode kernels are unavailable'):
+      cpu_decode.greedy_pick_rows(jnp.ones((1, 4)))
     assert sampling.attention_default(cfg) == 'xla'
     with pytest.raises(ValueError, match=r"attention='kernel' is unavailable here \(switched off"):
       sampling.resolve_attention(cfg, 'kernel', True)

@@ -123,6 +123,13 @@ def available() -> bool:
   return _register() is None
 
 
+def _require(kernel: str) -> None:
+  """Raises RuntimeError naming `kernel` and the reason when the kernels cannot run here."""
+  reason = _register()
+  if reason is not None:
+    raise RuntimeError(f'{kernel}: the CPU decode kernels are unavailable: {reason}')
+
+
 def unavailable_reason() -> str | None:
   """Why the kernel is unavailable (None when it is available)."""
   return _register()
@@ -138,9 +145,7 @@ def decode_attention(q, k, v, mask, length):
   whatever the mask says). Returns (B, Hkv, G, hd) float32. A row whose read slots are all masked
   gets zeros. Under vmap the mapped axes lead every operand (vmap_method 'broadcast_all').
   """
-  reason = _register()
-  if reason is not None:
-    raise RuntimeError(f'decode_attention: the CPU decode kernels are unavailable: {reason}')
+  _require('decode_attention')
   B, Hkv, G, hd = q.shape
   S = k.shape[-1] if k.ndim == 4 else None
   if k.shape != (B, Hkv, hd, S) or v.shape != (B, Hkv, S, hd):
@@ -157,22 +162,26 @@ def decode_attention(q, k, v, mask, length):
   return call(q.astype(jnp.float32), k, v, mask.astype(jnp.int32), length.astype(jnp.int32))
 
 
+def _greedy(kernel: str, logits, batch_axis: int):
+  """The FFI call behind greedy_pick (rows on axis 1) and greedy_pick_rows (rows on axis 0)."""
+  _require(kernel)
+  layout = '(B, V)' if batch_axis == 0 else '(V, B)'
+  if logits.ndim != 2 or logits.shape[1 - batch_axis] < 1:
+    raise ValueError(f'{kernel}: logits must be {layout} with V >= 1; got {logits.shape}.')
+  B = logits.shape[batch_axis]
+  call = jax.ffi.ffi_call(f'cfrl_{kernel}', (jax.ShapeDtypeStruct((B,), jnp.int32),
+                                            jax.ShapeDtypeStruct((B,), jnp.float32)),
+                          vmap_method='sequential')
+  return call(logits.astype(jnp.float32))
+
+
 def greedy_pick_rows(logits_bv):
   """greedy_pick for logits laid out (B, V): vector lanes along V, so any B runs at full speed.
 
   Returns (tokens (B,) int32, logprobs (B,) float32): the first index of each row's maximum and
   its log-softmax value. NaN logits are not detected (a NaN is never the maximum).
   """
-  reason = _register()
-  if reason is not None:
-    raise RuntimeError(f'greedy_pick_rows: the CPU decode kernels are unavailable: {reason}')
-  if logits_bv.ndim != 2 or logits_bv.shape[1] < 1:
-    raise ValueError(f'greedy_pick_rows: logits must be (B, V) with V >= 1; got {logits_bv.shape}.')
-  B = logits_bv.shape[0]
-  call = jax.ffi.ffi_call('cfrl_greedy_pick_rows', (jax.ShapeDtypeStruct((B,), jnp.int32),
-                                                    jax.ShapeDtypeStruct((B,), jnp.float32)),
-                          vmap_method='sequential')
-  return call(logits_bv.astype(jnp.float32))
+  return _greedy('greedy_pick_rows', logits_bv, batch_axis=0)
 
 
 # Columns per vector of greedy_pick: a (V, B) input with B a multiple of this runs only full vectors.
@@ -186,16 +195,7 @@ def greedy_pick(logits_vb):
   For B a multiple of GREEDY_LANES all columns run in vector lanes; others run the last B % 16
   columns one at a time (slower). NaN logits are not detected (a NaN is never the maximum).
   """
-  reason = _register()
-  if reason is not None:
-    raise RuntimeError(f'greedy_pick: the CPU decode kernels are unavailable: {reason}')
-  if logits_vb.ndim != 2 or logits_vb.shape[0] < 1:
-    raise ValueError(f'greedy_pick: logits must be (V, B) with V >= 1; got {logits_vb.shape}.')
-  B = logits_vb.shape[1]
-  call = jax.ffi.ffi_call('cfrl_greedy_pick', (jax.ShapeDtypeStruct((B,), jnp.int32),
-                                               jax.ShapeDtypeStruct((B,), jnp.float32)),
-                          vmap_method='sequential')
-  return call(logits_vb.astype(jnp.float32))
+  return _greedy('greedy_pick', logits_vb, batch_axis=1)
 
 
 def matvec(x, w):
@@ -208,9 +208,7 @@ def matvec(x, w):
   meant for a decode step's few rows (the sampler's kernel_products), not for large B.
   Under vmap the call runs once per mapped index (vmap_method 'sequential').
   """
-  reason = _register()
-  if reason is not None:
-    raise RuntimeError(f'matvec: the CPU decode kernels are unavailable: {reason}')
+  _require('matvec')
   if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
     raise ValueError(f'matvec: expected x (B, K) and w (N, K) with the same K; got x {x.shape}, w {w.shape}.')
   if w.dtype not in (jnp.float32, jnp.bfloat16, jnp.uint16):
