@@ -405,11 +405,19 @@ void GreedyColumns(const float* z, int64_t V, int64_t B, int64_t c0, int32_t* to
   }
 }
 
+// The operands of greedy_pick (batch_axis 1) and greedy_pick_rows (batch_axis 0): 2-D logits with
+// at least one vocabulary entry, and (B,) tokens and log-probs for their B rows.
+bool PickShapes(const ffi::Buffer<ffi::F32>& z, const ffi::Buffer<ffi::S32>& token,
+                const ffi::Buffer<ffi::F32>& logprob, int batch_axis) {
+  auto zd = z.dimensions(), td = token.dimensions(), ld = logprob.dimensions();
+  return zd.size() == 2 && zd[1 - batch_axis] >= 1 && td.size() == 1 && td[0] == zd[batch_axis] &&
+         ld.size() == 1 && ld[0] == zd[batch_axis];
+}
+
 ffi::Error GreedyPickImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z,
                           ffi::ResultBuffer<ffi::S32> token, ffi::ResultBuffer<ffi::F32> logprob) {
   auto zd = z.dimensions();
-  if (zd.size() != 2 || zd[0] < 1 || token->dimensions().size() != 1 || token->dimensions()[0] != zd[1] ||
-      logprob->dimensions().size() != 1 || logprob->dimensions()[0] != zd[1]) {
+  if (!PickShapes(z, *token, *logprob, /*batch_axis=*/1)) {
     return ffi::Error::InvalidArgument("greedy_pick: expected logits (V, B), V >= 1, and results (B,)");
   }
   const int64_t V = zd[0], B = zd[1];
@@ -458,8 +466,7 @@ void GreedyRow(const float* z, int64_t V, int32_t* token, float* logprob) {
 ffi::Error GreedyPickRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z,
                               ffi::ResultBuffer<ffi::S32> token, ffi::ResultBuffer<ffi::F32> logprob) {
   auto zd = z.dimensions();
-  if (zd.size() != 2 || zd[1] < 1 || token->dimensions().size() != 1 || token->dimensions()[0] != zd[0] ||
-      logprob->dimensions().size() != 1 || logprob->dimensions()[0] != zd[0]) {
+  if (!PickShapes(z, *token, *logprob, /*batch_axis=*/0)) {
     return ffi::Error::InvalidArgument("greedy_pick_rows: expected logits (B, V), V >= 1, and results (B,)");
   }
   const int64_t B = zd[0], V = zd[1];
