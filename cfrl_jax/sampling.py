@@ -186,8 +186,9 @@ def _choose(z, key, temperature, top_p, *, greedy, top_k, use_top_p):
 
 class LayerKV(NamedTuple):
   """The decode loop's KV cache: one (B, Hkv, S, hd) array per layer for keys and for values
-  (keys (B, Hkv, hd, S) and 16-bit caches as uint16 bits for the 'kernel' and 'fused' attention
-  forms; see attention_form and init_layer_kv).
+  (16-bit caches as uint16 bits for the 'kernel' and 'fused' attention forms; keys (B, Hkv, hd, S)
+  for 'fused', (B, Hkv, S / 16, hd, 16) blocks of 16 slots for 'kernel', whose S is rounded up to a
+  multiple of 16; see attention_form and init_layer_kv).
 
   Separate per-layer arrays (not qwen.KVCache's stacked (L, B, S, Hkv, hd)) let each step update
   and read a layer's cache in place, and these orders are the ones the one-token attention
@@ -370,8 +371,9 @@ def attention_form(cfg: QwenConfig, rows: int, attention: str) -> str:
   """How a decode step of `rows` rows attends, given the `attention` choice, and so the layout of
   its caches (init_layer_kv):
 
-  'kernel': cpu_decode.decode_attention over a (B, Hkv, hd, S) key cache and a (B, Hkv, S, hd) value
-    cache, 16-bit ones held as uint16 bits (written in place), reading only the slots written so far.
+  'kernel': cpu_decode.decode_attention over a (B, Hkv, S / 16, hd, 16) key cache (cpu_decode.block_keys;
+    S rounded up to a multiple of 16) and a (B, Hkv, S, hd) value cache, 16-bit ones held as uint16 bits
+    (written in place), reading only the slots written so far.
   'fused' (attention='xla'; float32, and 16-bit dtypes above WEIGHT_MAJOR_MAX_ROWS rows): fused
     multiply-reduce loops over a (B, Hkv, hd, S) key cache, 16-bit caches as uint16 bits.
   'batched' (attention='xla' otherwise): batched dot products over (B, Hkv, S, hd) caches.
@@ -458,10 +460,18 @@ def _cached_layer(cfg: QwenConfig, w: dict, h, cos, sin, k_cache, v_cache, slot,
     k = qwen.rms_norm(k, w['k_norm'], cfg.rms_norm_eps)
   q, k = qwen.apply_rope(q, cos, sin), qwen.apply_rope(k, cos, sin)
   k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)            # (B, Hkv, T, hd), the cache's order
-  keys_t = form in ('fused', 'kernel')   # keys (B, Hkv, hd, S)
   fused = form == 'fused'
   store = lambda x, cache: _bits(x.astype(dt)) if cache.dtype == jnp.uint16 else x.astype(cache.dtype)
-  if keys_t:
+  if form == 'kernel':   # keys (B, Hkv, S / 16, hd, 16)
+    if prefill:          # slot 0: the T keys padded to whole blocks
+      padded = jnp.pad(k, ((0, 0), (0, 0), (0, -T % cpu_decode.KEY_BLOCK), (0, 0)))
+      k_cache = jax.lax.dynamic_update_slice(k_cache, store(cpu_decode.block_keys(padded), k_cache),
+                                             (0, 0, 0, 0, 0))
+    else:                # one key: element i of slot s at [s // 16, i, s % 16]
+      k_cache = jax.lax.dynamic_update_slice(
+          k_cache, store(k[:, :, :, :, None], k_cache),
+          (0, 0, slot // cpu_decode.KEY_BLOCK, 0, slot % cpu_decode.KEY_BLOCK))
+  elif fused:            # keys (B, Hkv, hd, S)
     k_cache = jax.lax.dynamic_update_slice(k_cache, store(jnp.swapaxes(k, 2, 3), k_cache), (0, 0, 0, slot))
   else:
     k_cache = jax.lax.dynamic_update_slice(k_cache, store(k, k_cache), (0, 0, slot, 0))
@@ -541,15 +551,25 @@ def _cached_forward(cfg: QwenConfig, model: DecodeParams, tokens, positions, kv:
   return phi, LayerKV(tuple(ks), tuple(vs), key_mask, slot + T)
 
 
+def cache_slots(cfg: QwenConfig, rows: int, slots: int, attention: str) -> int:
+  """Slots a LayerKV allocates to hold `slots`: rounded up to whole key blocks for the 'kernel' form."""
+  if attention_form(cfg, rows, attention) == 'kernel':
+    return -(-slots // cpu_decode.KEY_BLOCK) * cpu_decode.KEY_BLOCK
+  return slots
+
+
 def init_layer_kv(cfg: QwenConfig, batch: int, slots: int, attention: str = 'xla') -> LayerKV:
   """An empty LayerKV laid out for attention_form(cfg, batch, attention): per layer (batch, Hkv,
-  slots, hd) zeros in the compute dtype; for the 'kernel' and 'fused' forms keys (batch, Hkv, hd,
-  slots) and 16-bit caches as uint16 bits."""
+  slots, hd) zeros in the compute dtype; for the 'kernel' and 'fused' forms 16-bit caches as uint16
+  bits and keys (batch, Hkv, hd, slots) ('fused') or (batch, Hkv, S / 16, hd, 16) with S = slots
+  rounded up to a multiple of 16 ('kernel'; see cache_slots)."""
   Hkv, hd, dtype = cfg.num_kv_heads, cfg.head_dim, jnp.dtype(cfg.compute_dtype)
   form = attention_form(cfg, batch, attention)
   if form != 'batched' and dtype.itemsize == 2:
     dtype = jnp.uint16
-  k_shape = (batch, Hkv, slots, hd) if form == 'batched' else (batch, Hkv, hd, slots)
+  slots = cache_slots(cfg, batch, slots, attention)
+  k_shape = {'batched': (batch, Hkv, slots, hd), 'fused': (batch, Hkv, hd, slots),
+             'kernel': (batch, Hkv, slots // cpu_decode.KEY_BLOCK, hd, cpu_decode.KEY_BLOCK)}[form]
   zeros = lambda shape: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
   return LayerKV(zeros(k_shape), zeros((batch, Hkv, slots, hd)), jnp.zeros((batch, slots), jnp.int32),
                  jnp.zeros((), jnp.int32))
@@ -598,18 +618,23 @@ def decode_windows(prompt_len: int, max_new_tokens: int, segments: int) -> tuple
 
 def _grow_cache(cfg: QwenConfig, cache, slots: int, attention: str = 'xla'):
   """cache (LayerKV laid out for `attention`, or qwen.KVCache of the scanned sampler) with its slot
-  axis zero-padded to slots."""
+  axis zero-padded to slots (cache_slots(...) of them for a LayerKV)."""
+  rows = cache.mask.shape[0]
+  if isinstance(cache, LayerKV):
+    slots = cache_slots(cfg, rows, slots, attention)
   extra = slots - cache.mask.shape[1]
 
-  def pad(x, axis):
+  def pad(x, axis, n=extra):
     # On the uint16 bits: XLA:CPU would move bfloat16 data through float32 (see _bits).
-    widths = [(0, extra if a == axis else 0) for a in range(x.ndim)]
+    widths = [(0, n if a == axis else 0) for a in range(x.ndim)]
     return _unbits(jnp.pad(_bits(x), widths), x.dtype)
 
   mask = pad(cache.mask, 1)
   if isinstance(cache, LayerKV):
-    k_axis = 2 if attention_form(cfg, mask.shape[0], attention) == 'batched' else 3
-    return LayerKV(tuple(pad(k, k_axis) for k in cache.k), tuple(pad(v, 2) for v in cache.v), mask, cache.index)
+    form = attention_form(cfg, rows, attention)
+    k_pad = {'batched': lambda k: pad(k, 2), 'fused': lambda k: pad(k, 3),
+             'kernel': lambda k: pad(k, 2, extra // cpu_decode.KEY_BLOCK)}[form]
+    return LayerKV(tuple(k_pad(k) for k in cache.k), tuple(pad(v, 2) for v in cache.v), mask, cache.index)
   return qwen.KVCache(pad(cache.k, 2), pad(cache.v, 2), mask, cache.index)
 
 

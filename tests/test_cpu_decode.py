@@ -36,29 +36,45 @@ def _attention_case(B, H, G, hd, S, seed):
   v = rng.normal(size=(B, H, S, hd)).astype(np.float32)
   length = rng.integers(1, S + 1, size=B).astype(np.int32)
   length[0] = S                                       # one row reads the whole cache
+  length[1] = min(S, 7)                               # one reads part of one key block
   mask = (rng.random((B, S)) > 0.3).astype(np.int32)  # left pads and holes
   mask[np.arange(B), length - 1] = 1                  # the current slot is always real
   mask[-1, length[-1]:] = 1                           # slots past `length` must be ignored
   return q, k, v, mask, length
 
 
+def _blocked(k):
+  """Keys (B, H, S, hd) -> (B, H, S / 16, hd, 16): element i of slot s at [s // 16, i, s % 16]."""
+  B, H, S, hd = k.shape
+  return np.ascontiguousarray(k.reshape(B, H, S // 16, 16, hd).transpose(0, 1, 2, 4, 3))
+
+
+def test_block_keys_layout_and_bad_slot_count():
+  k = np.random.default_rng(0).normal(size=(2, 3, 32, 8)).astype(np.float32)
+  kb = np.asarray(cpu_decode.block_keys(jnp.asarray(k)))
+  np.testing.assert_array_equal(kb, _blocked(k))
+  assert kb[1, 2, 1, 5, 3] == k[1, 2, 16 + 3, 5]
+  with pytest.raises(ValueError, match='slot axis \\(20\\) must be a multiple of 16; pad the cache to 32'):
+    cpu_decode.block_keys(jnp.zeros((2, 20, 8)))
+
+
 @pytest.mark.parametrize('hd,G,S', [
-    (64, 4, 40),    # vector path, S not a multiple of 16
-    (16, 5, 33),    # vector path, a group of 4 queries plus 1
-    (128, 2, 16),   # vector path, one whole block
-    (32, 3, 7),     # vector path, fewer slots than lanes
-    (12, 3, 21),    # scalar path (head_dim not a multiple of 16)
-    (8, 1, 5)])
+    (64, 4, 48),    # vector path, lengths inside blocks
+    (16, 5, 48),    # vector path, a group of 4 queries plus 1
+    (128, 2, 16),   # vector path, one block
+    (32, 3, 16),    # vector path, a row reading fewer slots than lanes
+    (12, 3, 32),    # scalar path (head_dim not a multiple of 16)
+    (8, 1, 16)])
 def test_decode_attention_equals_float64_softmax_attention(cpu_kernels, hd, G, S):
   q, k, v, mask, length = _attention_case(4, 2, G, hd, S, seed=hd + G + S)
   ref = _attention_reference(q, k, v, mask, length)
-  kt = np.swapaxes(k, 2, 3).copy()                    # keys (B, H, hd, S)
+  kt = _blocked(k)
   out = jax.jit(cpu_kernels.decode_attention)(q, kt, v, mask, length)
   assert out.shape == q.shape and out.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(out), ref, atol=2e-6, rtol=2e-6)
   # bfloat16 caches, as bfloat16 and as their uint16 bits: exact float32 maths on the rounded values.
   kb, vb = jnp.asarray(kt, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16)
-  ref16 = _attention_reference(q, np.swapaxes(np.asarray(kb, np.float32), 2, 3), np.asarray(vb, np.float32),
+  ref16 = _attention_reference(q, np.asarray(jnp.asarray(k, jnp.bfloat16), np.float32), np.asarray(vb, np.float32),
                                mask, length)
   bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)
   for kc, vc in ((kb, vb), (bits(kb), bits(vb))):
@@ -67,8 +83,8 @@ def test_decode_attention_equals_float64_softmax_attention(cpu_kernels, hd, G, S
 
 
 def test_decode_attention_under_vmap_and_with_nothing_to_attend(cpu_kernels):
-  q, k, v, mask, length = _attention_case(3, 2, 4, 16, 20, seed=1)
-  kt = np.swapaxes(k, 2, 3).copy()
+  q, k, v, mask, length = _attention_case(3, 2, 4, 16, 32, seed=1)
+  kt = _blocked(k)
   one = np.asarray(cpu_kernels.decode_attention(q, kt, v, mask, length))
   two = jax.vmap(cpu_kernels.decode_attention, in_axes=(0, 0, 0, 0, 0))(
       *(np.stack([x, x]) for x in (q, kt, v, mask, length)))
@@ -84,29 +100,33 @@ def test_decode_attention_under_vmap_and_with_nothing_to_attend(cpu_kernels):
 
 
 def test_decode_attention_rejects_bad_operands(cpu_kernels):
-  q, k, v, mask, length = _attention_case(2, 2, 4, 16, 20, seed=2)
-  kt = np.swapaxes(k, 2, 3).copy()
-  with pytest.raises(ValueError, match=r'k must be \(B, Hkv, hd, S\)'):
-    cpu_kernels.decode_attention(q, k, v, mask, length)          # keys not transposed
+  q, k, v, mask, length = _attention_case(2, 2, 4, 16, 32, seed=2)
+  kt = _blocked(k)
+  with pytest.raises(ValueError, match=r'k \(B, Hkv, S / 16, hd, 16\) \(block_keys\)'):
+    cpu_kernels.decode_attention(q, k, v, mask, length)          # keys not in blocks
+  with pytest.raises(ValueError, match='S a multiple of 16'):
+    cpu_kernels.decode_attention(q, kt[:, :, :1], v[:, :, :20], mask[:, :20], length)
   with pytest.raises(ValueError, match=r'mask .* must be \(B, S\)'):
     cpu_kernels.decode_attention(q, kt, v, mask[:, :5], length)
   with pytest.raises(ValueError, match='share a dtype'):
     cpu_kernels.decode_attention(q, kt, v.astype(np.float16), mask, length)
-  with pytest.raises(Exception, match=r'length\[1\] = 21 is outside \[1, 20\]'):
-    jax.block_until_ready(cpu_kernels.decode_attention(q, kt, v, mask, np.array([3, 21], np.int32)))
+  with pytest.raises(Exception, match=r'length\[1\] = 33 is outside \[1, 32\]'):
+    jax.block_until_ready(cpu_kernels.decode_attention(q, kt, v, mask, np.array([3, 33], np.int32)))
 
 
 @pytest.mark.parametrize('B', [16, 48, 5, 21])  # vector lanes only; one at a time only; both
 def test_greedy_pick_equals_first_argmax_and_log_softmax(cpu_kernels, B):
   rng = np.random.default_rng(B)
-  z = (rng.normal(size=(300, B)) * 4).astype(np.float32)
-  z[[7, 250], 0] = z[:, 0].max() + 1.0                 # a tie: the first index wins
+  z = (rng.normal(size=(600, B)) * 4).astype(np.float32)   # 600 rows: chunks of 256, 256 and 88
+  z[[7, 250, 520], 0] = z[:, 0].max() + 1.0            # a tie within and across chunks: the first wins
   z[:, 1] = -3.0                                       # all equal: index 0
+  z[:, 2] = np.linspace(-40, 40, 600)                  # the max grows chunk after chunk (rescaled sums)
+  z[:300, 3] = -np.inf                                 # a first chunk without mass (masked logits)
   tokens, logprobs = jax.jit(cpu_kernels.greedy_pick)(z)
   z64 = z.astype(np.float64)
   log_softmax = z64 - z64.max(0) - np.log(np.exp(z64 - z64.max(0)).sum(0))
   np.testing.assert_array_equal(np.asarray(tokens), np.argmax(z, axis=0))
-  assert tokens[0] == 7 and tokens[1] == 0
+  assert tokens[0] == 7 and tokens[1] == 0 and tokens[2] == 599
   np.testing.assert_allclose(np.asarray(logprobs), log_softmax[np.argmax(z, 0), np.arange(B)], atol=2e-6)
   with pytest.raises(ValueError, match=r'\(V, B\)'):
     cpu_kernels.greedy_pick(z[None])

@@ -135,11 +135,30 @@ def unavailable_reason() -> str | None:
   return _register()
 
 
+# Slots per block of the kernel's key cache (block_keys).
+KEY_BLOCK = 16
+
+
+def block_keys(k):
+  """Keys (..., S, hd) -> the kernel's layout (..., S / KEY_BLOCK, hd, KEY_BLOCK), same dtype.
+
+  Each block holds KEY_BLOCK consecutive slots with their element i side by side, so that the
+  kernel's scores load one vector per element and one (row, KV head)'s slots are one contiguous run
+  (cpu_decode.cc says why). S must be a multiple of KEY_BLOCK.
+  """
+  *lead, S, hd = k.shape
+  if S % KEY_BLOCK:
+    raise ValueError(f'block_keys: the slot axis ({S}) must be a multiple of {KEY_BLOCK}; pad the cache to '
+                     f'{-(-S // KEY_BLOCK) * KEY_BLOCK} slots.')
+  return jnp.swapaxes(jnp.reshape(k, (*lead, S // KEY_BLOCK, KEY_BLOCK, hd)), -1, -2)
+
+
 def decode_attention(q, k, v, mask, length):
   """Softmax attention of one query step over a KV cache, on the CPU backend.
 
-  q: (B, Hkv, G, hd) float32, already scaled by 1/sqrt(hd); k: (B, Hkv, hd, S) keys (slots
-  contiguous) and v: (B, Hkv, S, hd) values, float32 or bfloat16 (as bfloat16 or as its uint16
+  q: (B, Hkv, G, hd) float32, already scaled by 1/sqrt(hd); k: (B, Hkv, S / 16, hd, 16) keys in
+  blocks of 16 slots (block_keys of (B, Hkv, S, hd) keys; S a multiple of 16) and v: (B, Hkv, S, hd)
+  values, float32 or bfloat16 (as bfloat16 or as its uint16
   bits), one dtype; mask: (B, S), nonzero on slots holding real tokens; length: (B,) int32, how
   many leading slots to read (1 <= length <= S, else a runtime error; later slots are ignored
   whatever the mask says). Returns (B, Hkv, G, hd) float32. A row whose read slots are all masked
@@ -147,10 +166,11 @@ def decode_attention(q, k, v, mask, length):
   """
   _require('decode_attention')
   B, Hkv, G, hd = q.shape
-  S = k.shape[-1] if k.ndim == 4 else None
-  if k.shape != (B, Hkv, hd, S) or v.shape != (B, Hkv, S, hd):
-    raise ValueError(f'decode_attention: for q {q.shape} = (B, Hkv, G, hd), k must be (B, Hkv, hd, S) and v '
-                     f'(B, Hkv, S, hd); got k {k.shape}, v {v.shape}.')
+  S = v.shape[2] if v.ndim == 4 else None
+  if v.shape != (B, Hkv, S, hd) or S % KEY_BLOCK or k.shape != (B, Hkv, S // KEY_BLOCK, hd, KEY_BLOCK):
+    raise ValueError(f'decode_attention: for q {q.shape} = (B, Hkv, G, hd), v must be (B, Hkv, S, hd) with S a '
+                     f'multiple of {KEY_BLOCK} and k (B, Hkv, S / {KEY_BLOCK}, hd, {KEY_BLOCK}) (block_keys); '
+                     f'got k {k.shape}, v {v.shape}.')
   if mask.shape != (B, S) or length.shape != (B,):
     raise ValueError(f'decode_attention: mask {mask.shape} must be (B, S) = ({B}, {S}) and length '
                      f'{length.shape} must be ({B},).')
