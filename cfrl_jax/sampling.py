@@ -478,7 +478,16 @@ def _cached_layer(cfg: QwenConfig, w: dict, h, cos, sin, k_cache, v_cache, slot,
   v_cache = jax.lax.dynamic_update_slice(v_cache, store(v, v_cache), (0, 0, slot, 0))
   G = Hq // Hkv
   neg = jnp.finfo(jnp.float32).min   # finite: a query at a left pad sees no key and gets no NaN
-  if prefill:
+  if form == 'kernel':
+    qg = q.reshape(B, T, Hkv, G, hd).astype(jnp.float32) / math.sqrt(hd)
+    # Query t sits at slot slot + t and reads the slots up to it (a decode step's single query:
+    # slot + 1); later slots hold no token yet. In a prefill this replaces the XLA products below,
+    # whose queries XLA:CPU first transposes element by element into the layout its product wants:
+    # that copy alone was 15 of the ~80 ms per layer of bench_decode's bfloat16 batch-64 prefill on
+    # one thread (profiled). The kernel reads q as the layer's product lays it out.
+    length = jnp.broadcast_to(slot + 1 + jnp.arange(T, dtype=jnp.int32), (B, T))
+    attn = cpu_decode.decode_attention(qg, k_cache, v_cache, key_mask, length)
+  elif prefill:
     # In float32 whatever the compute dtype: these T x T products are ~7% of a bf16 prefill
     # (profiled), and XLA:CPU's fallback kernel for batched products has no bf16 x bf16 -> f32
     # variant ("Unsupported element type for DotThunk" in some operand layouts; see below).
@@ -489,10 +498,6 @@ def _cached_layer(cfg: QwenConfig, w: dict, h, cos, sin, k_cache, v_cache, slot,
     probs = jax.nn.softmax(jnp.where(allowed, scores, neg), axis=-1)
     # (B, Hkv, G, T, hd) then moved: asking for (B, T, Hkv, G, hd) directly picks a slower kernel.
     attn = jnp.transpose(jnp.einsum('bkgts,bksh->bkgth', probs, v.astype(jnp.float32)), (0, 3, 1, 2, 4))
-  elif form == 'kernel':
-    qg = q.reshape(B, Hkv, G, hd).astype(jnp.float32) / math.sqrt(hd)
-    # Slots after this one hold no token yet: the kernel reads only the first slot + 1.
-    attn = cpu_decode.decode_attention(qg, k_cache, v_cache, key_mask, jnp.full((B,), slot + 1, jnp.int32))
   elif fused:
     # The barriers keep scores, softmax and values in separate loops: XLA otherwise fuses them into
     # one another, measured slower in bfloat16 (this attention alone at B64: 11.0 vs 9.2 ms) and no
@@ -518,7 +523,7 @@ def _cached_layer(cfg: QwenConfig, w: dict, h, cos, sin, k_cache, v_cache, slot,
   x = qwen.rms_norm(h, w['post_attn_norm'], cfg.rms_norm_eps).reshape(B * T, d)
   gate_up = product('gate_up', x)
   F = cfg.intermediate_size
-  mlp = product('down', jax.nn.silu(gate_up[:, :F]) * gate_up[:, F:])
+  mlp = product('down', qwen.swiglu(gate_up[:, :F], gate_up[:, F:]))
   return h + mlp.reshape(B, T, d), k_cache, v_cache
 
 

@@ -82,6 +82,26 @@ def test_decode_attention_equals_float64_softmax_attention(cpu_kernels, hd, G, S
                                atol=2e-6, rtol=2e-6)
 
 
+@pytest.mark.parametrize('hd', [64, 12])   # vector and scalar paths
+def test_decode_attention_with_several_query_positions_is_causal_prefill_attention(cpu_kernels, hd):
+  """q (B, T, Hkv, G, hd) with length[b, t] = t + 1: each query position equals a one-step call,
+  i.e. causal attention over the slots up to it (with the mask's left pads and holes)."""
+  B, T, H, G, S = 3, 21, 2, 4, 32
+  q, k, v, mask, _ = _attention_case(B, H, G, hd, S, seed=hd)
+  qt = np.random.default_rng(hd).normal(size=(B, T, H, G, hd)).astype(np.float32) / np.sqrt(hd)
+  mask[:, :T] = 1
+  mask[0, :5] = 0                                     # left pads: queries 0-4 of row 0 see nothing
+  length = np.tile(np.arange(1, T + 1, dtype=np.int32), (B, 1))
+  out = np.asarray(jax.jit(cpu_kernels.decode_attention)(qt, _blocked(k), v, mask, length))
+  assert out.shape == qt.shape
+  for t in range(T):
+    ref = _attention_reference(qt[:, t], k, v, mask, length[:, t])
+    np.testing.assert_allclose(out[:, t], ref, atol=2e-6, rtol=2e-6)
+  assert np.all(out[0, :5] == 0)
+  with pytest.raises(ValueError, match=r'length \(3,\) must be \(3, 21\)'):
+    cpu_kernels.decode_attention(qt, _blocked(k), v, mask, length[:, 0])
+
+
 def test_decode_attention_under_vmap_and_with_nothing_to_attend(cpu_kernels):
   q, k, v, mask, length = _attention_case(3, 2, 4, 16, 32, seed=1)
   kt = _blocked(k)
@@ -252,7 +272,8 @@ def test_sampler_default_attention_is_the_kernel_on_cpu(cpu_kernels):
       sampling.prepare_decode(cfg, p), jnp.ones((2, 4), jnp.int32), jnp.ones((2, 4), jnp.int32),
       jnp.ones((2,), bool), jax.random.PRNGKey(0), 1.0, 1.0, jnp.zeros((0,), jnp.int32), 0, cfg=cfg,
       max_new_tokens=4, greedy=True, top_k=0, use_top_p=False, unroll_layers=True, attention='kernel'))(params))
-  assert jaxpr.count('cfrl_decode_attention') == cfg.num_layers    # one call per layer in the loop
+  # One call per layer in the prefill and one in the loop.
+  assert jaxpr.count('cfrl_decode_attention') == 2 * cfg.num_layers
   assert jaxpr.count('cfrl_matvec') == 0 and jaxpr.count('cfrl_greedy_pick') == 0
   assert os.environ.get(cpu_decode.DISABLE_ENV) is None
 

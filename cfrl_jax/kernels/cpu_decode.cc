@@ -19,15 +19,17 @@
 //
 // Built and registered by cfrl_jax/kernels/cpu_decode.py (g++ -O3 -march=native).
 //
-// Operands (B rows, Hkv KV heads, G query heads per KV head, S cache slots, hd head dim):
-//   q       (B, Hkv, G, hd) float32, already scaled by 1/sqrt(hd)
+// Operands (B rows, T query positions per row, Hkv KV heads, G query heads per KV head, S cache
+// slots, hd head dim; T = 1 in a decode step, the prompt length in a prefill):
+//   q       (B, T, Hkv, G, hd) float32, already scaled by 1/sqrt(hd)
 //   k       (B, Hkv, S / 16, hd, 16) keys in blocks of 16 slots (S a multiple of 16), float32 or
 //           bfloat16 (as bfloat16 or its uint16 bits)
 //   v       (B, Hkv, S, hd) values, in k's dtype
 //   mask    (B, S) int32, nonzero on slots holding real tokens
-//   length  (B,) int32, slots to read per row (later slots are ignored); 0 < length <= S
+//   length  (B, T) int32, slots each query reads (later slots are ignored); 0 < length <= S.
+//           A prefill's query t reads [0, t]: causal attention with the mask's pads.
 // Result:
-//   out     (B, Hkv, G, hd) float32 = softmax over the masked scores of q.k, times v
+//   out     (B, T, Hkv, G, hd) float32 = softmax over the masked scores of q.k, times v
 
 #include <algorithm>
 #include <atomic>
@@ -324,28 +326,30 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t total, F fn) {
 template <typename T>
 ffi::Error Attend(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> q, const T* k, const T* v,
                   ffi::Buffer<ffi::S32> mask, ffi::Buffer<ffi::S32> length,
-                  ffi::ResultBuffer<ffi::F32> out, int64_t B, int64_t Hkv, int64_t G, int64_t S,
-                  int64_t hd) {
+                  ffi::ResultBuffer<ffi::F32> out, int64_t B, int64_t Tq, int64_t Hkv, int64_t G,
+                  int64_t S, int64_t hd) {
   const int32_t* len = length.typed_data();
-  for (int64_t b = 0; b < B; ++b) {
-    if (len[b] < 1 || len[b] > S) {
-      return ffi::Error::InvalidArgument("decode_attention: length[" + std::to_string(b) + "] = " +
-                                         std::to_string(len[b]) + " is outside [1, " +
+  for (int64_t i = 0; i < B * Tq; ++i) {
+    if (len[i] < 1 || len[i] > S) {
+      return ffi::Error::InvalidArgument("decode_attention: length[" + std::to_string(i) + "] = " +
+                                         std::to_string(len[i]) + " is outside [1, " +
                                          std::to_string(S) + "]");
     }
   }
   const float* qd = q.typed_data();
   const int32_t* md = mask.typed_data();
   float* od = out->typed_data();
-  ParallelFor(pool, B * Hkv, [&](int64_t i) {
+  // Item i = ((b * Tq + t) * Hkv + h): query position t of row b, KV head h.
+  ParallelFor(pool, B * Tq * Hkv, [&](int64_t i) {
     thread_local std::vector<float> scores, inv_total;
-    const int64_t b = i / Hkv;
-    const int64_t n = len[b];
+    const int64_t bt = i / Hkv, b = bt / Tq, h = i % Hkv;
+    const int64_t n = len[bt];
     const int64_t need = G * ((n + kLanes - 1) / kLanes * kLanes);
     if (static_cast<int64_t>(scores.size()) < need) scores.resize(need);
     if (static_cast<int64_t>(inv_total.size()) < G) inv_total.resize(G);
-    AttendOne(qd + i * G * hd, k + i * S * hd, v + i * S * hd, md + b * S, n, G, hd,
-              scores.data(), inv_total.data(), od + i * G * hd);
+    const int64_t kv = (b * Hkv + h) * S * hd;
+    AttendOne(qd + i * G * hd, k + kv, v + kv, md + b * S, n, G, hd, scores.data(), inv_total.data(),
+              od + i * G * hd);
   });
   return ffi::Error::Success();
 }
@@ -353,37 +357,38 @@ ffi::Error Attend(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> q, const T* k, co
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
                                ffi::AnyBuffer v, ffi::Buffer<ffi::S32> mask,
                                ffi::Buffer<ffi::S32> length, ffi::ResultBuffer<ffi::F32> out) {
-  // Any leading axes (a vmapped call adds them) are batch axes, the same on every operand.
+  // q (..., Tq, Hkv, G, hd): Tq query positions per row. Any leading axes (the rows, and those a
+  // vmapped call adds) are batch axes, the same on every operand.
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   auto md = mask.dimensions(), ld = length.dimensions();
   const size_t r = qd.size();
-  bool ok = r >= 4 && kd.size() == r + 1 && vd.size() == r && md.size() == r - 2 && ld.size() == r - 3;
+  bool ok = r >= 5 && kd.size() == r && vd.size() == r - 1 && md.size() == r - 3 && ld.size() == r - 3;
   int64_t B = 1;
-  for (size_t a = 0; ok && a + 3 < r; ++a) {
+  for (size_t a = 0; ok && a + 4 < r; ++a) {
     ok = kd[a] == qd[a] && vd[a] == qd[a] && md[a] == qd[a] && ld[a] == qd[a];
     B *= qd[a];
   }
-  const int64_t Hkv = ok ? qd[r - 3] : 0, G = ok ? qd[r - 2] : 0, hd = ok ? qd[r - 1] : 0;
-  const int64_t S = ok ? vd[r - 2] : 0;
-  ok = ok && kd[r - 3] == Hkv && kd[r - 2] * kLanes == S && kd[r - 1] == hd && kd[r] == kLanes &&
-       vd[r - 3] == Hkv && vd[r - 1] == hd && md[r - 3] == S;
+  const int64_t Tq = ok ? qd[r - 4] : 0, Hkv = ok ? qd[r - 3] : 0, G = ok ? qd[r - 2] : 0;
+  const int64_t hd = ok ? qd[r - 1] : 0, S = ok ? vd[r - 3] : 0;
+  ok = ok && ld[r - 4] == Tq && kd[r - 4] == Hkv && kd[r - 3] * kLanes == S && kd[r - 2] == hd &&
+       kd[r - 1] == kLanes && vd[r - 4] == Hkv && vd[r - 2] == hd && md[r - 4] == S;
   if (!ok) {
     return ffi::Error::InvalidArgument(
-        "decode_attention: expected q (..., Hkv, G, hd), k (..., Hkv, S / 16, hd, 16), "
-        "v (..., Hkv, S, hd), mask (..., S) and length (...) with the same leading axes");
+        "decode_attention: expected q (..., T, Hkv, G, hd), k (..., Hkv, S / 16, hd, 16), "
+        "v (..., Hkv, S, hd), mask (..., S) and length (..., T) with the same leading axes");
   }
   if (k.element_type() != v.element_type()) {
     return ffi::Error::InvalidArgument("decode_attention: k and v differ in dtype");
   }
   switch (k.element_type()) {
     case ffi::F32:
-      return Attend(pool, q, k.typed_data<float>(), v.typed_data<float>(), mask, length, out, B, Hkv,
-                    G, S, hd);
+      return Attend(pool, q, k.typed_data<float>(), v.typed_data<float>(), mask, length, out, B, Tq,
+                    Hkv, G, S, hd);
     case ffi::U16:
     case ffi::BF16:
       return Attend(pool, q, static_cast<const uint16_t*>(k.untyped_data()),
-                    static_cast<const uint16_t*>(v.untyped_data()), mask, length, out, B, Hkv, G, S,
-                    hd);
+                    static_cast<const uint16_t*>(v.untyped_data()), mask, length, out, B, Tq, Hkv, G,
+                    S, hd);
     default:
       return ffi::Error::InvalidArgument(
           "decode_attention: k and v must be float32, bfloat16 or uint16 (bfloat16 bits)");

@@ -154,32 +154,42 @@ def block_keys(k):
 
 
 def decode_attention(q, k, v, mask, length):
-  """Softmax attention of one query step over a KV cache, on the CPU backend.
+  """Softmax attention of one query step (or of T query positions) per row over a KV cache, on the
+  CPU backend.
 
-  q: (B, Hkv, G, hd) float32, already scaled by 1/sqrt(hd); k: (B, Hkv, S / 16, hd, 16) keys in
-  blocks of 16 slots (block_keys of (B, Hkv, S, hd) keys; S a multiple of 16) and v: (B, Hkv, S, hd)
-  values, float32 or bfloat16 (as bfloat16 or as its uint16
-  bits), one dtype; mask: (B, S), nonzero on slots holding real tokens; length: (B,) int32, how
-  many leading slots to read (1 <= length <= S, else a runtime error; later slots are ignored
-  whatever the mask says). Returns (B, Hkv, G, hd) float32. A row whose read slots are all masked
-  gets zeros. Under vmap the mapped axes lead every operand (vmap_method 'broadcast_all').
+  q: (B, Hkv, G, hd), or (B, T, Hkv, G, hd) for T query positions per row (a prefill), float32,
+  already scaled by 1/sqrt(hd); k: (B, Hkv, S / 16, hd, 16) keys in blocks of 16 slots (block_keys
+  of (B, Hkv, S, hd) keys; S a multiple of 16) and v: (B, Hkv, S, hd) values, float32 or bfloat16
+  (as bfloat16 or as its uint16 bits), one dtype; mask: (B, S), nonzero on slots holding real
+  tokens; length: (B,) int32, or (B, T) with T query positions: how many leading slots each query
+  reads (1 <= length <= S, else a runtime error; later slots are ignored whatever the mask says, so
+  length[b, t] = t + 1 is causal attention for queries at slots 0..T-1). Returns q's shape in
+  float32. A query whose read slots are all masked gets zeros. Under vmap the mapped axes lead
+  every operand (vmap_method 'broadcast_all').
   """
   _require('decode_attention')
-  B, Hkv, G, hd = q.shape
+  if q.ndim not in (4, 5):
+    raise ValueError(f'decode_attention: q must be (B, Hkv, G, hd) or (B, T, Hkv, G, hd); got {q.shape}.')
+  one_step = q.ndim == 4
+  B, T, Hkv, G, hd = (q.shape[0], 1, *q.shape[1:]) if one_step else q.shape
   S = v.shape[2] if v.ndim == 4 else None
   if v.shape != (B, Hkv, S, hd) or S % KEY_BLOCK or k.shape != (B, Hkv, S // KEY_BLOCK, hd, KEY_BLOCK):
-    raise ValueError(f'decode_attention: for q {q.shape} = (B, Hkv, G, hd), v must be (B, Hkv, S, hd) with S a '
-                     f'multiple of {KEY_BLOCK} and k (B, Hkv, S / {KEY_BLOCK}, hd, {KEY_BLOCK}) (block_keys); '
-                     f'got k {k.shape}, v {v.shape}.')
-  if mask.shape != (B, S) or length.shape != (B,):
+    raise ValueError(f'decode_attention: for q {q.shape} (Hkv = {Hkv}, hd = {hd}), v must be (B, Hkv, S, hd) '
+                     f'with S a multiple of {KEY_BLOCK} and k (B, Hkv, S / {KEY_BLOCK}, hd, {KEY_BLOCK}) '
+                     f'(block_keys); got k {k.shape}, v {v.shape}.')
+  want = (B,) if one_step else (B, T)
+  if mask.shape != (B, S) or length.shape != want:
     raise ValueError(f'decode_attention: mask {mask.shape} must be (B, S) = ({B}, {S}) and length '
-                     f'{length.shape} must be ({B},).')
+                     f'{length.shape} must be {want}.')
   if k.dtype not in (jnp.float32, jnp.bfloat16, jnp.uint16) or v.dtype != k.dtype:
     raise ValueError(f'decode_attention: k and v must share a dtype among float32, bfloat16, uint16 '
                      f'(bfloat16 bits); got {k.dtype}, {v.dtype}.')
-  call = jax.ffi.ffi_call('cfrl_decode_attention', jax.ShapeDtypeStruct(q.shape, jnp.float32),
+  shape = (B, T, Hkv, G, hd)
+  call = jax.ffi.ffi_call('cfrl_decode_attention', jax.ShapeDtypeStruct(shape, jnp.float32),
                           vmap_method='broadcast_all')
-  return call(q.astype(jnp.float32), k, v, mask.astype(jnp.int32), length.astype(jnp.int32))
+  out = call(q.astype(jnp.float32).reshape(shape), k, v, mask.astype(jnp.int32),
+             length.astype(jnp.int32).reshape(B, T))
+  return out.reshape(q.shape)
 
 
 def _greedy(kernel: str, logits, batch_axis: int):
