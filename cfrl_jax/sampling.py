@@ -528,7 +528,7 @@ def _cached_layer(cfg: QwenConfig, w: dict, h, cos, sin, k_cache, v_cache, slot,
 
 
 def _cached_forward(cfg: QwenConfig, model: DecodeParams, tokens, positions, kv: LayerKV, mask=None, *,
-                    attention: str = 'xla', kernel_products: bool = False):
+                    attention: str = 'xla', kernel_products: bool = False, rope=None):
   """T tokens per row through the decoder, layers unrolled over decode_weights and per-layer caches.
 
   tokens, positions: (B, T) int32. mask: (B, T) real-token mask of a prefill (the caches must be
@@ -537,6 +537,10 @@ def _cached_forward(cfg: QwenConfig, model: DecodeParams, tokens, positions, kv:
   of at most WEIGHT_MAJOR_MAX_ROWS rows runs its products weight-major (see _matvec). attention
   (static): see attention_form; kv must be laid out for it (init_layer_kv). kernel_products
   (static): a decode step runs its products with the compiled kernels (see kernel_products).
+  rope: optional (cos, sin) tables (n, hd) over positions 0..n-1 (qwen.rope_tables), from which the
+  positions' rows are gathered. Why: XLA:CPU fused the cos / sin of the positions into every layer's
+  query and key loops, recomputing them per head and per layer (0.9 ms of bench_decode's float32
+  batch-64 step, profiled); a gather is cheap to repeat.
   """
   B, T = tokens.shape
   prefill = mask is not None
@@ -545,7 +549,10 @@ def _cached_forward(cfg: QwenConfig, model: DecodeParams, tokens, positions, kv:
   slot = kv.index
   new = mask.astype(jnp.int32) if prefill else jnp.ones((B, T), jnp.int32)
   key_mask = jax.lax.dynamic_update_slice(kv.mask, new, (0, slot))
-  cos, sin = qwen.rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+  if rope is None:
+    cos, sin = qwen.rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+  else:
+    cos, sin = (jnp.take(table, positions, axis=0) for table in rope)
   h = _unbits(jnp.take(model.embed, tokens, axis=0), cfg.compute_dtype)
   ks, vs = list(kv.k), list(kv.v)
   for l, w in enumerate(model.layers):
@@ -682,8 +689,10 @@ def _sample_padded(model: Params | DecodeParams, prompt_tokens, prompt_mask, liv
     phi, cache = forward(prompt_tokens, qwen.positions_from_mask(prompt_mask),
                          init_layer_kv(cfg, B, windows[0], attention), mask=prompt_mask)
 
+    cos, sin = qwen.rope_tables(jnp.arange(P + N)[None], cfg.head_dim, cfg.rope_theta)
+
     def step(tok, pos, cache):
-      phi, cache = forward(tok[:, None], pos[:, None], cache)
+      phi, cache = forward(tok[:, None], pos[:, None], cache, rope=(cos[0], sin[0]))
       return phi[:, 0], cache
   else:
     backbone, head = model['backbone'], qwen.head_params(cfg, model)

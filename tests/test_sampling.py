@@ -434,6 +434,32 @@ def test_segmented_decoding_equals_one_loop_over_the_whole_cache(tiny_qwen3_dir,
   assert np.asarray(one.mask).sum(1).max() <= 7
 
 
+def test_decode_loop_gathers_rope_rows_instead_of_computing_sin_cos(tiny_qwen2_dir):
+  """The unrolled decode step reads cos / sin rows from tables made once before the loop (XLA:CPU
+  otherwise recomputes them inside every layer's query / key loops)."""
+  cfg, params = hf.load_pretrained(tiny_qwen2_dir)
+  tokens, mask = _prompts(cfg.vocab_size, [3, 6], seed=1)
+  jaxpr = jax.make_jaxpr(lambda t, m: sampling._sample_padded(  # pylint: disable=protected-access
+      sampling.prepare_decode(cfg, params), t, m, jnp.ones(2, bool), jax.random.PRNGKey(0), jnp.float32(1),
+      jnp.float32(1), jnp.full(4, -1, jnp.int32), jnp.int32(0), cfg=cfg, max_new_tokens=5, greedy=True,
+      top_k=0, use_top_p=False, unroll_layers=True))(tokens, mask)
+  inner = jaxpr.eqns[-1].params['jaxpr'].jaxpr
+
+  def primitives(jaxpr, skip_while=False):   # names in jaxpr and its sub-jaxprs (pjit, cond, ...)
+    names = set()
+    for e in jaxpr.eqns:
+      if skip_while and e.primitive.name == 'while':
+        continue
+      names.add(e.primitive.name)
+      for sub in jax.core.jaxprs_in_params(e.params):
+        names |= primitives(sub)
+    return names
+
+  body = [e for e in inner.eqns if e.primitive.name == 'while'][0].params['body_jaxpr'].jaxpr
+  assert not primitives(body) & {'sin', 'cos'} and 'gather' in primitives(body)
+  assert {'sin', 'cos'} <= primitives(inner, skip_while=True)             # the tables, before the loop
+
+
 def test_segmented_decoding_runs_one_loop_per_segment_over_growing_caches(tiny_qwen2_dir):
   cfg, params = hf.load_pretrained(tiny_qwen2_dir)
   tokens, mask = _prompts(cfg.vocab_size, [3, 6], seed=1)
