@@ -151,6 +151,17 @@ def measure(args, threads: int) -> dict:
       y = products(x0, layer_w, head_w)
     jax.block_until_ready(y)
 
+  # The products' FLOPs at this machine's dense-matmul rate: a floor no formulation of the step's
+  # products beats, compute-bound or not. Rate: a 2048^3 product in the step's own form (compute
+  # dtype operands, float32 accumulation and result), best of 10.
+  Hq, Hkv, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+  per_row = cfg.num_layers * (d * (Hq + 2 * Hkv) * hd + Hq * hd * d + 3 * d * F) + cfg.vocab_size * d
+  products_gflop = 2 * rows * per_row / 1e9
+  big = jnp.ones((2048, 2048), cfg.compute_dtype)
+  dense = jax.jit(lambda a, b: jnp.einsum('ik,kj->ij', a, b, preferred_element_type=jnp.float32))
+  jax.block_until_ready(dense(big, big))
+  peak = 2 * 2048 ** 3 / 1e9 / min(timed(lambda: jax.block_until_ready(dense(big, big)))[0] for _ in range(10))
+
   ids, am = torch.from_numpy(prompts.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
 
   def theirs(n):
@@ -179,6 +190,7 @@ def measure(args, threads: int) -> dict:
     xla_s.append(timed(lambda: ours(N, attention='xla'))[0])
   result = dict(threads=threads, batch=B, dtype=dtype, agree=agree, load=(load_before, os.getloadavg()[0]),
                 products_ms=statistics.median(products_ms), attention=attention,
+                peak_gflops=peak, products_at_peak_ms=1e3 * products_gflop / peak,
                 products='kernel' if kernel_products else 'XLA',
                 segments=sampling.decode_segments_default(N, attention), xla_agree=bool((xla_ops == a).all()))
   for name in runs:
@@ -238,15 +250,18 @@ def main():
             'step runs them (`products`: the compiled `cpu_decode.matvec` for float32 steps of at most 16 rows, '
             'else XLA\'s products), against the step time a 2x speed-up over transformers needs. Also our step '
             'in XLA ops only (`attention=\'xla\'`: attention, greedy pick and products, with its default decode '
-            'segments; timed in the same rounds) instead of the compiled CPU kernels (README, Sampler):', '',
-            '| dtype | batch | threads | products | matrix products alone (ms) | our decode step (ms) | 2x target (ms) | 2x reachable by this formulation | attention | step with XLA ops (ms) | XLA ops / kernels |',
-            '|---|---|---|---|---|---|---|---|---|---|---|']
+            'segments; timed in the same rounds) instead of the compiled CPU kernels (README, Sampler). '
+            '`at matmul rate`: the products\' FLOPs (2 x rows x their weights) at this machine\'s dense-matmul '
+            'rate in the step\'s dtype (a 2048^3 product, compute-dtype operands, float32 results; best of 10, '
+            'GFLOP/s in the last column), a floor for any formulation of the products:', '',
+            '| dtype | batch | threads | products | matrix products alone (ms) | at matmul rate (ms) | our decode step (ms) | 2x target (ms) | 2x reachable by this formulation | attention | step with XLA ops (ms) | XLA ops / kernels | matmul GFLOP/s |',
+            '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for r in results:
     target = r['transformers']['step_ms'] / 2
     lines.append(f'| {r["dtype"]} | {r["batch"]} | {r["threads"]} | {r["products"]} | {r["products_ms"]:.1f} | '
-                 f'{r["ours"]["step_ms"]:.1f} | '
+                 f'{r["products_at_peak_ms"]:.1f} | {r["ours"]["step_ms"]:.1f} | '
                  f'{target:.1f} | {"yes" if r["products_ms"] < target else "no"} | {r["attention"]} | '
-                 f'{r["xla_step_ms"]:.1f} | {r["xla_step_ms"] / r["ours"]["step_ms"]:.2f}x |')
+                 f'{r["xla_step_ms"]:.1f} | {r["xla_step_ms"] / r["ours"]["step_ms"]:.2f}x | {r["peak_gflops"]:.0f} |')
   same = list(dict.fromkeys(f'{r["dtype"]} batch {r["batch"]}' for r in results if r['xla_agree']))
   differ = list(dict.fromkeys(f'{r["dtype"]} batch {r["batch"]}' for r in results if not r['xla_agree']))
   lines += ['', f'Greedy tokens with XLA ops equal those with the kernels in: {", ".join(same) or "none"}'
