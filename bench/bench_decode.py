@@ -151,9 +151,10 @@ def measure(args, threads: int) -> dict:
       y = products(x0, layer_w, head_w)
     jax.block_until_ready(y)
 
-  # The products' FLOPs at this machine's dense-matmul rate: a floor no formulation of the step's
-  # products beats, compute-bound or not. Rate: a 2048^3 product in the step's own form (compute
-  # dtype operands, float32 accumulation and result), best of 10.
+  # The products' FLOPs at this machine's dense-matmul rate: how far the step's products are from
+  # matmul speed (compute-bound rows), or how far below it they run (memory-bound rows). Rate: a
+  # 2048^3 product in the step's own form (compute-dtype operands, float32 accumulation and
+  # result), best of 10. Not a strict floor: XLA's bf16 products on one thread have beaten it.
   Hq, Hkv, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
   per_row = cfg.num_layers * (d * (Hq + 2 * Hkv) * hd + Hq * hd * d + 3 * d * F) + cfg.vocab_size * d
   products_gflop = 2 * rows * per_row / 1e9
@@ -251,9 +252,10 @@ def main():
             'else XLA\'s products), against the step time a 2x speed-up over transformers needs. Also our step '
             'in XLA ops only (`attention=\'xla\'`: attention, greedy pick and products, with its default decode '
             'segments; timed in the same rounds) instead of the compiled CPU kernels (README, Sampler). '
-            '`at matmul rate`: the products\' FLOPs (2 x rows x their weights) at this machine\'s dense-matmul '
-            'rate in the step\'s dtype (a 2048^3 product, compute-dtype operands, float32 results; best of 10, '
-            'GFLOP/s in the last column), a floor for any formulation of the products:', '',
+            '`at matmul rate`: the time the products\' FLOPs (2 x rows x their weights) take at the rate of a '
+            'large dense product in the step\'s dtype (2048^3, compute-dtype operands, float32 results; best of '
+            '10, GFLOP/s in the last column): how far compute-bound products are from matmul speed. It is an '
+            'estimate, not a strict floor (a product of other shapes may run faster):', '',
             '| dtype | batch | threads | products | matrix products alone (ms) | at matmul rate (ms) | our decode step (ms) | 2x target (ms) | 2x reachable by this formulation | attention | step with XLA ops (ms) | XLA ops / kernels | matmul GFLOP/s |',
             '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for r in results:
