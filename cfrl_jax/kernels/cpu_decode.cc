@@ -399,8 +399,8 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
 // Greedy pick over logits laid out (V, B): per column b, the first index of the maximum and its
 // log-probability, max - logsumexp = -log(sum(exp(z - max))). The head's product runs fastest with the (V, d) weight as its left operand, which
 // gives (V, B) logits; XLA:CPU's reductions along V (either layout), and its transpose back to
-// (B, V), each cost a decode step more than the product itself. Here: one pass for max / argmax
-// and one for the sum of exponentials, 16 columns per vector.
+// (B, V), each cost a decode step more than the product itself. Here: one chunked pass over V for
+// max / argmax and the sum of exponentials (GreedyColumns), 16 columns per vector.
 
 constexpr int64_t kPickChunk = 256;
 
