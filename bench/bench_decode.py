@@ -13,9 +13,10 @@ ms/step = (time(new_tokens) - time(1)) / (new_tokens - 1), the decode step alone
 
 A third timing bounds what our decode step can reach: its matrix products alone (the fused
 per-layer q/k/v, o, gate/up and down matrices of sampling.decode_weights and the head, chained over
-a (batch, hidden) activation in the step's own product form: the compiled cpu_decode.matvec where
-the step uses it (sampling.kernel_products: float32, at most 16 rows), else XLA's products,
-weight-major for small batches (see sampling._matvec); nothing else), jitted and timed in the same
+a (batch, hidden) activation in the step's own product form: the compiled kernels where the step
+uses them (sampling.kernel_products: float32 at any batch, cpu_decode.matvec up to 4 rows and
+cpu_decode.matmul above; bfloat16 up to 16 rows, matvec), else XLA's products, weight-major for
+small batches (see sampling._matvec); nothing else), jitted and timed in the same
 rounds. The decode step cannot be faster than its matrix products, so when that figure exceeds half
 of transformers' ms/step, a 2x speed-up is out of reach of this formulation on this machine. A
 fourth timing, our sampler with the decode step in XLA ops only (attention='xla', with its default
@@ -123,7 +124,7 @@ def measure(args, threads: int) -> dict:
   mm = lambda x, w: sampling._matvec(x, w, w.dtype, weight_major=rows <= sampling.WEIGHT_MAJOR_MAX_ROWS,
                                      kernel=kernel_products)
   if kernel_products:
-    head_mm = lambda x, hw: sampling.cpu_decode.matvec(x, hw)   # the step's own head product
+    head_mm = sampling.kernel_product   # the step's own head product
   elif attention == 'kernel' and rows > sampling.HEAD_WEIGHT_MAJOR_MAX_ROWS:
     # The greedy step's own head product (sampling._greedy_head without its kernel): (V, B) logits.
     lanes = sampling.cpu_decode.GREEDY_LANES
@@ -248,8 +249,8 @@ def main():
                    f'{s["step_ms"]:.1f} | {s["prefill_ms"]:.0f} | {s["cpu"]:.2f} | {speed} | {step} | '
                    f'{r["load"][0]:.1f}-{r["load"][1]:.1f} |')
   lines += ['', 'Lower bound of our decode step: its matrix products alone (ms per step, median), run as the '
-            'step runs them (`products`: the compiled `cpu_decode.matvec` for float32 steps of at most 16 rows, '
-            'else XLA\'s products), against the step time a 2x speed-up over transformers needs. Also our step '
+            'step runs them (`products`: `kernel`, the compiled `cpu_decode.matvec` / `cpu_decode.matmul` '
+            '(float32 at any batch; bfloat16 up to 16 rows), else XLA\'s products), against the step time a 2x speed-up over transformers needs. Also our step '
             'in XLA ops only (`attention=\'xla\'`: attention, greedy pick and products, with its default decode '
             'segments; timed in the same rounds) instead of the compiled CPU kernels (README, Sampler). '
             '`at matmul rate`: the time the products\' FLOPs (2 x rows x their weights) take at the rate of a '

@@ -315,7 +315,7 @@ def _matvec(x, w, dtype, bias=None, *, weight_major: bool = False, kernel: bool 
   folding the transpose back into the product's output layout, which restores the slow form.
   """
   if kernel:
-    y = cpu_decode.matvec(x, w).astype(dtype)
+    y = kernel_product(x, w).astype(dtype)
     return y if bias is None else y + bias.astype(dtype)
   w = w.astype(dtype)
   if weight_major:
@@ -393,21 +393,36 @@ def attention_form(cfg: QwenConfig, rows: int, attention: str) -> str:
   return 'fused' if jnp.dtype(cfg.compute_dtype).itemsize > 2 or rows > WEIGHT_MAJOR_MAX_ROWS else 'batched'
 
 
-# Most rows for which a decode step's matrix products run the compiled kernels (kernel_products).
-# Measured on bench_decode's float32 model, 2 threads, ms per step, XLA products -> kernels:
-# B1 6.7 -> 4.4, B8 13.6 -> 9.1, B16 16.7 -> 13.8, B32 23.7 -> 22.6 (noise-level; above, the products
-# are compute-bound and XLA's library GEMM is as fast).
-KERNEL_PRODUCTS_MAX_ROWS = 16
+# Most rows for which a kernel product streams the weights as dot products (cpu_decode.matvec);
+# float32 products of more rows run register-blocked (cpu_decode.matmul). Chain of bench_decode's
+# step products (8 layers and the head), float32, 2 threads, ms, matvec / matmul / XLA's library
+# product: 1 row 3.9 / 4.9 / 3.8, 2 rows 4.4 / 5.2 / 7.0, 4 rows 4.9 / 4.9 / 6.7, 8 rows 6.3 / 5.6 / 8.2,
+# 16 rows 8.3 / 4.9 / 9.9, 32 rows 12.5 / 6.9 / 12.4, 64 rows - / 11.9 / 18.3 (one thread: 21.6 / 33.1;
+# hand-timed best of 15, AMD EPYC).
+MATVEC_MAX_ROWS = 4
+# Most rows for which a bfloat16 decode step's products run the kernels (cpu_decode.matvec, whose
+# float32 FMAs read the bfloat16 weights widened). Above, XLA:CPU's bfloat16 dot instructions do
+# twice the FLOPs per instruction and win.
+BF16_KERNEL_PRODUCTS_MAX_ROWS = 16
+
+
+def kernel_product(x, w):
+  """x (B, K) times a weight-major w (N, K) -> (B, N) float32 in the compiled kernels: matvec for
+  at most MATVEC_MAX_ROWS rows and for 16-bit weights, else matmul."""
+  if x.shape[0] <= MATVEC_MAX_ROWS or w.dtype != jnp.float32:
+    return cpu_decode.matvec(x, w)
+  return cpu_decode.matmul(x, w)
 
 
 def kernel_products(cfg: QwenConfig, attention: str, rows: int) -> bool:
   """Whether a decode step of `rows` rows runs its matrix products (layers and head) with the
-  compiled cpu_decode.matvec over the weight-major decode weights: with attention='kernel', float32
-  compute, at most KERNEL_PRODUCTS_MAX_ROWS rows. In bfloat16 XLA:CPU's library products (bfloat16
-  dot instructions) are faster than the kernel's float32 FMAs (2x at 8 rows, hand-timed).
+  compiled kernels (kernel_product) over the weight-major decode weights: with attention='kernel',
+  in float32 at any row count, in bfloat16 up to BF16_KERNEL_PRODUCTS_MAX_ROWS rows.
   parallel.sample_sharded keeps XLA's products (the kernel has no rule for sharded operands)."""
-  return (attention == 'kernel' and jnp.dtype(cfg.compute_dtype) == jnp.float32
-          and rows <= KERNEL_PRODUCTS_MAX_ROWS)
+  if attention != 'kernel':
+    return False
+  dtype = jnp.dtype(cfg.compute_dtype)
+  return dtype == jnp.float32 or (dtype == jnp.bfloat16 and rows <= BF16_KERNEL_PRODUCTS_MAX_ROWS)
 
 
 def _greedy_head(cfg: QwenConfig, head: Params, phi):
@@ -720,7 +735,7 @@ def _sample_padded(model: Params | DecodeParams, prompt_tokens, prompt_mask, liv
     # Token t-1 sits at position len + t - 1; finished rows keep feeding pads that nobody reads.
     phi, cache = step(tok, lengths + t - 1, cache)
     if kernel_products:   # the head streamed by the kernel; (B, V) logits
-      z = cpu_decode.matvec(phi, head['w'])
+      z = kernel_product(phi, head['w'])
       if greedy:
         new, lp = cpu_decode.greedy_pick_rows(z)
         slp = jnp.zeros_like(lp)

@@ -192,6 +192,29 @@ def test_matvec_equals_float64_product(cpu_kernels, dtype, B, N, K):
     cpu_kernels.matvec(x, jnp.zeros((N, K), jnp.int32))
 
 
+@pytest.mark.parametrize('M,N,K', [
+    (64, 97, 70),     # 4 row vectors: tiles of 6 weight rows, 1-row tail tiles, a partial band, K % 16 != 0
+    (20, 50, 33),     # 2 row vectors (tiles of 12), rows padded to 32
+    (48, 48, 16),     # 3 row vectors (tiles of 8), one full band of 48 written in 16 x 16 transposed blocks
+    (5, 130, 64),     # 1 row vector
+    (150, 200, 40)])  # three passes over w (64 + 64 + 22 rows)
+def test_matmul_equals_float64_product(cpu_kernels, M, N, K):
+  rng = np.random.default_rng(M * N + K)
+  x = rng.normal(size=(M, K)).astype(np.float32)
+  w = rng.normal(size=(N, K)).astype(np.float32)
+  y = np.asarray(jax.jit(cpu_kernels.matmul)(x, w))
+  ref = x.astype(np.float64) @ w.astype(np.float64).T
+  scale = np.abs(x).astype(np.float64) @ np.abs(w.astype(np.float64)).T
+  assert y.shape == (M, N) and y.dtype == np.float32
+  assert np.all(np.abs(y - ref) <= 1e-6 * scale + 1e-7), np.max(np.abs(y - ref) / scale)
+  # Each output is one in-order FMA chain along K, whatever the row's place in its tile or pass.
+  np.testing.assert_array_equal(np.asarray(cpu_kernels.matmul(x[7:7 + 3], w)), y[7:10])
+  with pytest.raises(ValueError, match=r'the same K'):
+    cpu_kernels.matmul(x, w[:, :-1])
+  with pytest.raises(ValueError, match=r'w must be float32'):
+    cpu_kernels.matmul(x, jnp.asarray(w, jnp.bfloat16))
+
+
 def test_build_reuses_the_library_and_reports_a_failing_compiler(cpu_kernels, tmp_path):
   lib = cpu_kernels.build(tmp_path)
   assert lib.parent == tmp_path and lib.exists()
@@ -232,8 +255,7 @@ def test_switched_off_kernels_fall_back_to_xla_attention(monkeypatch):
   assert sampling.resolve_attention(cfg, None, False) == 'xla'
 
 
-# 3 rows: kernel products (matvec, greedy_pick_rows); 21 > KERNEL_PRODUCTS_MAX_ROWS and
-# HEAD_WEIGHT_MAJOR_MAX_ROWS: XLA products, greedy_pick picks
+# Kernel products and greedy_pick_rows at both: 3 rows through matvec, 21 through matmul.
 @pytest.mark.parametrize('rows', [3, 21])
 @pytest.mark.parametrize('head_dim', [16, 12])  # the kernel's vector and scalar attention
 def test_sampler_with_kernels_equals_sampler_with_xla_ops(cpu_kernels, rows, head_dim):
@@ -260,6 +282,20 @@ def test_sampler_with_kernels_equals_sampler_with_xla_ops(cpu_kernels, rows, hea
                                  np.asarray(getattr(outs['xla'], field)), atol=1e-5, rtol=1e-5)
 
 
+def test_bfloat16_sampler_with_kernel_products_matches_xla_products(cpu_kernels):
+  """bfloat16, 3 rows: matvec reads the bfloat16 weights widened (exact products, float32 sums), as
+  XLA's bfloat16 dots with a float32 result do; only the order of the sums differs."""
+  cfg = qwen.QwenConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=16, dtype='bfloat16', param_dtype='bfloat16')
+  assert sampling.kernel_products(cfg, 'kernel', 3)
+  params = qwen.init_params(cfg, jax.random.PRNGKey(0), std=0.3)
+  tokens = np.random.RandomState(0).randint(4, cfg.vocab_size, size=(3, 6)).astype(np.int32)
+  outs = {a: sampling.sample(cfg, params, tokens, np.ones_like(tokens), jax.random.PRNGKey(1), max_new_tokens=6,
+                             greedy=True, stop_token_ids=(), attention=a) for a in ('xla', 'kernel')}
+  np.testing.assert_array_equal(np.asarray(outs['kernel'].tokens), np.asarray(outs['xla'].tokens))
+  np.testing.assert_allclose(np.asarray(outs['kernel'].logprobs), np.asarray(outs['xla'].logprobs), atol=3e-2)
+
+
 def test_sampler_default_attention_is_the_kernel_on_cpu(cpu_kernels):
   cfg = qwen.QwenConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
                         num_kv_heads=2, head_dim=16)
@@ -278,14 +314,16 @@ def test_sampler_default_attention_is_the_kernel_on_cpu(cpu_kernels):
   assert os.environ.get(cpu_decode.DISABLE_ENV) is None
 
 
-@pytest.mark.parametrize('dtype,rows,products', [('float32', 2, True), ('float32', 17, False),
-                                                 ('bfloat16', 2, False)])
-def test_kernel_products_run_the_decode_step_matvec(cpu_kernels, dtype, rows, products):
-  """float32 decode steps of at most KERNEL_PRODUCTS_MAX_ROWS rows run the layers' four products and
-  the head with cpu_decode.matvec and pick greedily with greedy_pick_rows; others keep XLA's products
-  (the prefill always does)."""
+@pytest.mark.parametrize('dtype,rows,product', [('float32', 2, 'matvec'), ('float32', 17, 'matmul'),
+                                                ('bfloat16', 2, 'matvec'), ('bfloat16', 17, None)])
+def test_kernel_products_run_the_decode_step_products(cpu_kernels, dtype, rows, product):
+  """Decode steps with attention='kernel' run the layers' four products and the head in the compiled
+  kernels and pick greedily with greedy_pick_rows: float32 at any row count (matvec for at most
+  MATVEC_MAX_ROWS rows, else matmul), bfloat16 up to BF16_KERNEL_PRODUCTS_MAX_ROWS rows (matvec);
+  larger bfloat16 steps keep XLA's products, and the prefill always does."""
   cfg = qwen.QwenConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                         num_kv_heads=2, head_dim=16, dtype=dtype, param_dtype=dtype)
+  products = product is not None
   assert sampling.kernel_products(cfg, 'kernel', rows) == products
   assert not sampling.kernel_products(cfg, 'xla', rows)
   params = qwen.init_params(cfg, jax.random.PRNGKey(0))
@@ -294,7 +332,8 @@ def test_kernel_products_run_the_decode_step_matvec(cpu_kernels, dtype, rows, pr
       jnp.ones((rows,), bool), jax.random.PRNGKey(0), 1.0, 1.0, jnp.zeros((0,), jnp.int32), 0, cfg=cfg,
       max_new_tokens=4, greedy=True, top_k=0, use_top_p=False, unroll_layers=True, attention='kernel',
       kernel_products=products))(params))
-  assert jaxpr.count('cfrl_matvec') == (4 * cfg.num_layers + 1 if products else 0)
+  for name in ('matvec', 'matmul'):
+    assert jaxpr.count(f'cfrl_{name}') == (4 * cfg.num_layers + 1 if name == product else 0), name
   assert jaxpr.count('cfrl_greedy_pick_rows') == int(products)
   with pytest.raises(ValueError, match="needs attention='kernel'"):
     sampling._sample_padded(  # pylint: disable=protected-access

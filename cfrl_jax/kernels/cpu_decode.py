@@ -4,7 +4,8 @@
 memory speed when written in XLA ops. `greedy_pick` / `greedy_pick_rows`: the argmax and its
 log-probability over (V, B) / (B, V) logits, where XLA:CPU's reductions over V cost more than the
 head's product. `matvec`: a few rows times a weight-major matrix, streaming the weights faster than
-XLA:CPU's library product does at float32 decode shapes. The C++
+XLA:CPU's library product does at float32 decode shapes; `matmul`: the same product for many rows
+(a batch-64 step), register-blocked where it is compute-bound. The C++
 source ships with the package and is compiled on first use with the machine's C++ compiler
 (`$CXX`, else g++ or c++; -O3 -march=native against jax's FFI headers) into a cache directory
 keyed by the source, compiler, flags, jaxlib version and CPU, then registered with jax.ffi.
@@ -32,7 +33,8 @@ import jaxlib
 
 SOURCE = Path(__file__).with_name('cpu_decode.cc')
 TARGETS = {'cfrl_decode_attention': 'CfrlDecodeAttention', 'cfrl_greedy_pick': 'CfrlGreedyPick',
-           'cfrl_greedy_pick_rows': 'CfrlGreedyPickRows', 'cfrl_matvec': 'CfrlMatvec'}
+           'cfrl_greedy_pick_rows': 'CfrlGreedyPickRows', 'cfrl_matvec': 'CfrlMatvec',
+           'cfrl_matmul': 'CfrlMatmul'}
 DISABLE_ENV = 'CFRL_JAX_CPU_KERNELS'      # '0' switches the kernel off
 CACHE_ENV = 'CFRL_JAX_KERNEL_CACHE'       # where built libraries go (default ~/.cache/cfrl_jax/kernels)
 CXX_FLAGS = ('-O3', '-march=native', '-fopenmp-simd', '-std=c++17', '-shared', '-fPIC', '-w')
@@ -247,3 +249,23 @@ def matvec(x, w):
   call = jax.ffi.ffi_call('cfrl_matvec', jax.ShapeDtypeStruct((B, N), jnp.float32), vmap_method='sequential')
   return call(x.astype(jnp.float32), w)
 
+
+
+def matmul(x, w):
+  """x w^T for many rows on the CPU backend: x (M, K) times a weight-major float32 w (N, K) -> (M, N)
+  float32; matvec's product, register-blocked for the rows of a large decode batch.
+
+  x is transposed once per call into (K, 64) column blocks; each tile of 6 weight rows (fewer
+  vectors of rows: 8 or 12) then holds its (6, 64) block of the result in registers while its
+  weights are broadcast from w's rows as they lie, so every weight is read once per 64 rows of x
+  (cpu_decode.cc says why). Accumulates in float32 along K in order, one FMA per term.
+  Under vmap the call runs once per mapped index (vmap_method 'sequential').
+  """
+  _require('matmul')
+  if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
+    raise ValueError(f'matmul: expected x (M, K) and w (N, K) with the same K; got x {x.shape}, w {w.shape}.')
+  if w.dtype != jnp.float32:
+    raise ValueError(f'matmul: w must be float32 (use matvec or an XLA product for {w.dtype}); got {w.dtype}.')
+  (M, _), (N, _) = x.shape, w.shape
+  call = jax.ffi.ffi_call('cfrl_matmul', jax.ShapeDtypeStruct((M, N), jnp.float32), vmap_method='sequential')
+  return call(x.astype(jnp.float32), w)
