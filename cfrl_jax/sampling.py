@@ -919,8 +919,9 @@ def sample(cfg: QwenConfig, params: Params | DecodeParams, prompt_tokens, prompt
   attention: how the unrolled sampler's decode step attends over the KV cache: 'kernel' (the
   compiled CPU kernel kernels.decode_attention) or 'xla' (XLA ops); default attention_default
   ('kernel' on CPU for float32 and bfloat16 where it builds). With 'kernel', a float32 decode step
-  of at most KERNEL_PRODUCTS_MAX_ROWS rows also runs its matrix products and greedy pick in the
-  compiled kernels (kernel_products). The same maths (equal up to the order of float32 sums). The
+  (and a bfloat16 one of at most BF16_KERNEL_PRODUCTS_MAX_ROWS rows) also runs its matrix products
+  and greedy pick in the compiled kernels (kernel_products). The same maths (equal up to the order of
+  float32 sums). The
   scanned sampler always uses XLA ops.
   Returns SampleOutput with (B, max_new_tokens) arrays.
   """
