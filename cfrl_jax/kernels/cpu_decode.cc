@@ -720,26 +720,20 @@ inline void OuterTile(const float* xt, const float* w, int64_t K, float* out) {
   for (int64_t k0 = 0; k0 < K; k0 += kMatmulChunk) {
     const int64_t k1 = std::min(K, k0 + kMatmulChunk);
     F16 acc[R][MV] = {};
-    int64_t k = k0;
-    for (; k + kLanes <= k1; k += kLanes) {
-      for (int r = 0; r < R; ++r) __builtin_prefetch(w + (R + r) * K + k);
-      for (int64_t kk = k; kk < k + kLanes; ++kk) {
-        F16 xv[MV];
-        for (int v = 0; v < MV; ++v) xv[v] = Load(xt + kk * Mp + v * kLanes);
-        for (int r = 0; r < R; ++r) {
-          const float s = w[r * K + kk];
-          for (int v = 0; v < MV; ++v) acc[r][v] += xv[v] * s;
-        }
-      }
-    }
-    for (; k < k1; ++k) {
+    auto term = [&](int64_t k) {  // column k of the R weight rows times row k of xt
       F16 xv[MV];
       for (int v = 0; v < MV; ++v) xv[v] = Load(xt + k * Mp + v * kLanes);
       for (int r = 0; r < R; ++r) {
         const float s = w[r * K + k];
         for (int v = 0; v < MV; ++v) acc[r][v] += xv[v] * s;
       }
+    };
+    int64_t k = k0;
+    for (; k + kLanes <= k1; k += kLanes) {
+      for (int r = 0; r < R; ++r) __builtin_prefetch(w + (R + r) * K + k);
+      for (int64_t kk = k; kk < k + kLanes; ++kk) term(kk);
     }
+    for (; k < k1; ++k) term(k);
     // The totals wait in out (L1) while a chunk runs: 24 accumulators leave no registers for them.
     for (int r = 0; r < R; ++r) {
       for (int v = 0; v < MV; ++v) {
@@ -751,7 +745,7 @@ inline void OuterTile(const float* xt, const float* w, int64_t K, float* out) {
   }
 }
 
-// Weight rows [n0, n1) (at most kMatmulBand) against the Mp columns of xt into band (rows, Mp):
+// `rows` weight rows from w (at most kMatmulBand) against the Mp columns of xt into band (rows, Mp):
 // tiles of MR rows, the last few rows one at a time.
 template <int MR, int MV>
 inline void OuterBand(const float* xt, const float* w, int64_t K, int64_t rows, float* band) {
@@ -844,7 +838,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CfrlGreedyPickRows, GreedyPickRowsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
-
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CfrlMatmul, MatmulImpl,
                               ffi::Ffi::Bind()

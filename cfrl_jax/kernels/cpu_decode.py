@@ -230,6 +230,13 @@ def greedy_pick(logits_vb):
   return _greedy('greedy_pick', logits_vb, batch_axis=1)
 
 
+def _check_product(kernel: str, x, w) -> None:
+  """The kernels are available and x (rows, K), w (N, K) share K; else an error naming `kernel`."""
+  _require(kernel)
+  if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
+    raise ValueError(f'{kernel}: expected x (rows, K) and w (N, K) with the same K; got x {x.shape}, w {w.shape}.')
+
+
 def matvec(x, w):
   """x w^T for a few rows on the CPU backend: x (B, K) times a weight-major w (N, K) -> (B, N)
   float32.
@@ -240,15 +247,12 @@ def matvec(x, w):
   meant for a decode step's few rows (the sampler's kernel_products), not for large B.
   Under vmap the call runs once per mapped index (vmap_method 'sequential').
   """
-  _require('matvec')
-  if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
-    raise ValueError(f'matvec: expected x (B, K) and w (N, K) with the same K; got x {x.shape}, w {w.shape}.')
+  _check_product('matvec', x, w)
   if w.dtype not in (jnp.float32, jnp.bfloat16, jnp.uint16):
     raise ValueError(f'matvec: w must be float32, bfloat16 or uint16 (bfloat16 bits); got {w.dtype}.')
   (B, _), (N, _) = x.shape, w.shape
   call = jax.ffi.ffi_call('cfrl_matvec', jax.ShapeDtypeStruct((B, N), jnp.float32), vmap_method='sequential')
   return call(x.astype(jnp.float32), w)
-
 
 
 def matmul(x, w):
@@ -258,12 +262,11 @@ def matmul(x, w):
   x is transposed once per call into (K, 64) column blocks; each tile of 6 weight rows (fewer
   vectors of rows: 8 or 12) then holds its (6, 64) block of the result in registers while its
   weights are broadcast from w's rows as they lie, so every weight is read once per 64 rows of x
-  (cpu_decode.cc says why). Accumulates in float32 along K in order, one FMA per term.
+  (cpu_decode.cc says why). Accumulates in float32, one FMA per term, in order within partial
+  sums of 128 terms that are then added up in order.
   Under vmap the call runs once per mapped index (vmap_method 'sequential').
   """
-  _require('matmul')
-  if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
-    raise ValueError(f'matmul: expected x (M, K) and w (N, K) with the same K; got x {x.shape}, w {w.shape}.')
+  _check_product('matmul', x, w)
   if w.dtype != jnp.float32:
     raise ValueError(f'matmul: w must be float32 (use matvec or an XLA product for {w.dtype}); got {w.dtype}.')
   (M, _), (N, _) = x.shape, w.shape
