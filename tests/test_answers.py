@@ -35,7 +35,9 @@ EXTRACTION_TABLE = [
     ('\\boxed{1} and then \\boxed{2}', answers.EXTRACTORS, {}, '2'),     # last box by default
     ('\\boxed{1} and then \\boxed{2}', answers.EXTRACTORS, {'boxed_occurrence': 'first'}, '1'),
     ('\\boxed{unclosed {', answers.EXTRACTORS, {}, None),
-    ('\\boxed{ok} \\boxed{unclosed', answers.EXTRACTORS, {}, 'ok'),
+    # An unclosed final box: cut off inside the answer, so no answer (not the superseded box).
+    ('\\boxed{ok} \\boxed{unclosed', answers.EXTRACTORS, {}, None),
+    ('\\boxed{ok} \\boxed{unclosed', answers.EXTRACTORS, {'boxed_occurrence': 'first'}, 'ok'),
     ('$\\boxed 5$', answers.EXTRACTORS, {}, '5'),
     ('\\fbox{12}', answers.EXTRACTORS, {}, '12'),
     ('\\boxed{}', answers.EXTRACTORS, {}, None),                         # empty box is no answer
@@ -91,6 +93,56 @@ def test_canonical_answer(text, canonical):
 def test_canonical_answer_groups_equal_numbers():
   values = ['1000', '$1,000', '1,000.0', '1000.', '\\frac{2000}{2}']
   assert {answers.canonical_answer(v) for v in values} == {'1000'}
+
+
+# --- unclosed boxes: a cut-off completion has no answer ------------------------------------
+@pytest.mark.parametrize('text,occurrence,expected', [
+    ('The area is \\boxed{12}. Wait, it is \\boxed{\\frac{3', 'last', None),
+    ('The area is \\boxed{12}. Wait, it is \\boxed{\\frac{3', 'first', '12'),
+    ('\\boxed{1} then \\boxed{ \\boxed{2}', 'last', None),       # '\\boxed{2}' is inside the cut-off box
+    ('\\boxed{ \\boxed{2}', 'first', None),                      # the first box itself is cut off
+    ('\\boxed{1} \\boxed{2} \\boxed{', 'first', '1'),
+    ('\\boxed{7} and some text after }', 'last', '7'),            # a stray '}' closes nothing
+    # Escaped braces are literal: '\\left\\{' does not leave the box open.
+    ('\\boxed{1} \\boxed{\\left\\{ x \\right.}', 'last', '\\left\\{ x \\right.'),
+    ('\\boxed{\\{1, 2\\}}', 'last', '\\{1, 2\\}'),
+    ('\\boxed{a\\\\{b}}', 'last', 'a\\\\{b}'),                    # '\\\\' is a line break; '{b}' a group
+])
+def test_unclosed_box_rule(text, occurrence, expected):
+  assert answers.extract_boxed(text, occurrence) == expected
+
+
+def test_cut_off_box_scores_zero_not_the_earlier_box():
+  # The model boxed 12, reconsidered, and was cut off while boxing its new answer.
+  completion = 'So \\boxed{12}. Hmm, that is wrong; the answer is \\boxed{\\frac{3'
+  assert answers.extract_answer(completion) is None
+  assert not answers.answers_match(answers.extract_answer(completion), '12')
+
+
+# --- reference answers: the leading number ---------------------------------------------------
+@pytest.mark.parametrize('text,expected', [
+    ('1,000.5 dollars', '1000.5'), ('1000.5', '1000.5'), ('$1,000.00', '1000'), ('-5', '-5'),
+    ('-$5 (a loss)', '-5'), ('$-5', '-5'), ('\u22123 degrees', '-3'), ('72.', '72'), ('72. That is it.', '72'),
+    ('0.50 kg', '0.5'), ('.5', '0.5'), ('3/4 of a pie', '0.75'), ('1/3', '1/3'), ('50%', '50'),
+    ('25 \\%', '25'), ('\\boxed{7}', '7'), ('12 apples and 3 pears', '12'), ('1,234,567', '1234567'),
+    ('Paris', None), ('about 5', None), ('1,2345', None), ('', None), ('five', None), ('5/0', None),
+])
+def test_leading_number_rule(text, expected):
+  assert answers.leading_number(text) == expected
+
+
+@pytest.mark.parametrize('completion', ['#### 1000.5', '#### 1,000.5', 'The answer is $1,000.50.',
+                                        '#### 1,000.5 dollars', '\\boxed{1000.5}', 'The answer is 2001/2.'])
+def test_completions_match_a_reference_with_units(completion):
+  reference = answers.leading_number('1,000.5 dollars')
+  assert answers.answers_match(answers.extract_answer(completion), reference)
+  assert reference == '1000.5'
+  assert not answers.answers_match(answers.extract_answer(completion), '1000.6')
+
+
+def test_negative_currency_completion_is_a_number():
+  assert answers.extract_answer('#### -$5 overall') == '-$5'
+  assert answers.answers_match(answers.extract_answer('#### -$5 overall'), '-5')
 
 
 def test_bad_arguments_raise():

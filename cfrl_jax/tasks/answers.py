@@ -6,6 +6,7 @@
     parse_number('$1,000.00') == parse_number('1000')          -> True (Fraction(1000))
     answers_match('3/4', '0.75'), answers_match('50%', '50')   -> True, True
     canonical_answer('$1,000.00')                              -> '1000'   (for majority votes)
+    leading_number('1,000.5 dollars')                          -> '1000.5' (reference answers)
 
 Extractors (names usable in configs):
 
@@ -13,6 +14,19 @@ Extractors (names usable in configs):
     'answer_is'  'The answer is N' / 'The final answer is: N' (case-insensitive)
     'boxed'      \\boxed{...} / \\fbox{...} with nested braces (or '\\boxed 5')
     fallback     the last number in the text, only when asked for (last_number_fallback=True)
+
+Rules for edge cases (docs/answers.md has the full list):
+
+  * An unclosed box ends the search. A '\\boxed{' whose brace never closes swallows the
+    rest of the text: the completion was cut off inside its answer. With occurrence='last'
+    (the default) that is "no answer" (None), never an earlier, superseded box; with
+    'first', a complete box before it still counts. Escaped braces '\\{' '\\}' are
+    literal characters in LaTeX and do not open or close anything.
+  * Reference numbers: leading_number('1,000.5 dollars') -> '1000.5'. A reference is the
+    number that starts it (an optional sign and currency, thousands commas dropped, a
+    fraction or percent sign kept with it), in canonical form; units, words and a final
+    period after it are ignored. Text that does not start with a number gives None, and
+    the task that reads the reference turns that into an error naming the row.
 
 Every function here takes arbitrary text and runs in time linear in its length: no
 regular expression with nested quantifiers, brace matching in one pass, and numbers
@@ -39,7 +53,7 @@ _NUMBER = r'(?<![\d.])[-+\u2212]?(?:(?>\d{1,3}(?:,\d{3})+|\d+)(?!,?\d)(?:\.\d+)?
 _NUMBER_RE = re.compile(_NUMBER, re.ASCII)
 # A number with what commonly surrounds it in a final answer: currency, a fraction bar, percent.
 _LEADING_ANSWER_RE = re.compile(
-    r'(?:\\?\$|USD|EUR|GBP|£|€)?\s?' + _NUMBER + r'(?:\s?/\s?' + _NUMBER + r')?(?:\s?\\?%)?', re.ASCII)
+    r'(?:[-\u2212]?(?:\\?\$|USD|EUR|GBP|£|€))?\s?' + _NUMBER + r'(?:\s?/\s?' + _NUMBER + r')?(?:\s?\\?%)?', re.ASCII)
 _HASH_RE = re.compile(r'####')
 _ANSWER_IS_RE = re.compile(r'\bthe\s+(?:final\s+)?answer\s+is\b[ \t]*:?', re.IGNORECASE)
 _BOX_RE = re.compile(r'\\(?:boxed|fbox)')
@@ -105,13 +119,23 @@ def extract_answer_is(text: str, occurrence: str = 'first') -> str | None:
 
 
 def _matching_braces(text: str) -> dict[int, int]:
-  """Index of each '{' -> index of its matching '}' (unmatched braces are absent). One pass."""
+  """Index of each '{' -> index of its matching '}' (unmatched braces are absent). One pass.
+
+  A backslash escapes the next character, as in LaTeX: '\\{' and '\\}' are literal braces
+  ('\\left\\{ x \\right.' opens nothing) and '\\\\{' is a line break followed by a group.
+  """
   stack, match = [], {}
-  for i, ch in enumerate(text):
+  i, n = 0, len(text)
+  while i < n:
+    ch = text[i]
+    if ch == '\\':
+      i += 2
+      continue
     if ch == '{':
       stack.append(i)
     elif ch == '}' and stack:
       match[stack.pop()] = i
+    i += 1
   return match
 
 
@@ -119,6 +143,9 @@ def extract_boxed(text: str, occurrence: str = 'last') -> str | None:
   """The content of \\boxed{...} or \\fbox{...} (braces may nest), or of '\\boxed 5'; None if absent.
 
   `occurrence='last'` follows the MATH convention that the final box holds the answer.
+  A box whose brace never closes holds the rest of the text, so it is the last box: the
+  completion was cut off inside its answer, and 'last' gives None rather than an earlier
+  box the model had moved past ('first' still gives a complete box before it).
   """
   _check_occurrence(occurrence)
   starts = list(_BOX_RE.finditer(text))
@@ -129,8 +156,11 @@ def extract_boxed(text: str, occurrence: str = 'last') -> str | None:
   for m in starts:
     i = m.end()
     if i < len(text) and text[i] == '{':
-      if i in match:
-        found.append(text[i + 1:match[i]].strip())
+      if i not in match:  # cut off inside this box: every later box is inside it too
+        if occurrence == 'last':
+          return None
+        break
+      found.append(text[i + 1:match[i]].strip())
     elif i < len(text) and text[i] == ' ':
       # '\boxed 5': the token after the space, up to whitespace or '$'.
       token = re.match(r' +([^\s$]+)', text[i:i + MAX_ANSWER_CHARS])
@@ -264,6 +294,20 @@ def canonical_answer(text: str | None) -> str | None:
   if value is not None:
     return _format_fraction(value)
   return normalize_text_answer(text) or None
+
+
+def leading_number(text: str) -> str | None:
+  """The canonical value of the number that starts `text`, or None: the rule for reference answers.
+
+  '1,000.5 dollars' -> '1000.5', '$1,000' -> '1000', '-$5' -> '-5', '72.' -> '72', '3/4' -> '0.75',
+  '50%' -> '50', '\\boxed{7}' -> '7'; 'Paris', 'about 5', '1,2345' -> None. Thousands commas are
+  dropped and what follows the number (units, words, a sentence's final period) is ignored,
+  so the reference is what answers_match compares a completion's number with: a completion
+  answering '1000.5' or '1,000.5' matches '#### 1,000.5 dollars'.
+  """
+  found = _leading_answer(text) if isinstance(text, str) else None
+  value = parse_number(found) if found else None
+  return None if value is None else _format_fraction(value)
 
 
 def answers_match(predicted: str | None, reference: str) -> bool:
