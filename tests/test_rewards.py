@@ -1,4 +1,6 @@
 """Reward functions and their combination (cfrl_jax/tasks/rewards.py)."""
+import re
+
 import numpy as np
 import pytest
 
@@ -138,3 +140,79 @@ def test_shape_errors():
     combine_rewards([(length_reward, 1.0)], ['p', 'q'], ['x'], {})
   with pytest.raises(ValueError, match='no reward functions'):
     combine_rewards([], ['p'], ['x'], {})
+
+
+# --- the reward-function contract: fn(prompts, completions, **columns) -> list[float] ---------
+def mean_length(prompts, completions, **_):
+  return sum(len(c) for c in completions) / len(completions)  # one number, not one per completion
+
+
+@pytest.mark.parametrize('returned,shown', [
+    (0.5, r'returned 0\.5 \(float\)'), (None, r'returned None \(NoneType\)'), ('1.0', r"returned '1\.0' \(str\)"),
+    ({'x': 1.0, 'y': 1.0}, r'\(dict\)'), ({1.0, 2.0}, r'\(set\)'), (np.float32(1.0), r'\(float32 of shape \(\)\)'),
+    (np.ones((2, 1)), r'\(ndarray of shape \(2, 1\)\)'), ((v for v in [1.0, 1.0]), r'\(generator\)'),
+])
+def test_a_reward_function_must_return_a_list(returned, shown):
+  def summary_reward(prompts, completions, **_):
+    return returned
+  with pytest.raises(RewardFunctionError) as info:
+    combine_rewards([(length_reward, 1.0), (summary_reward, 1.0)], ['p', 'q'], ['x', 'y'], {})
+  message = str(info.value)
+  assert "reward function 'summary_reward'" in message
+  assert re.search(shown, message), message
+  assert 'fn(prompts, completions, **columns) -> list[float]' in message
+  assert 'len(completions) = 2' in message
+
+
+def test_one_number_names_the_function_not_a_bare_type_error():
+  with pytest.raises(RewardFunctionError, match=r"'mean_length' returned 1\.5 \(float\) for a batch of 2"):
+    combine_rewards([(mean_length, 1.0)], ['p', 'q'], ['a', 'bb'], {})
+
+
+def test_tuples_and_flat_arrays_are_accepted():
+  total, parts = combine_rewards([(lambda p, c, **_: (1.0, 2.0), 1.0), (lambda p, c, **_: np.array([0.5, None]), 2.0)],
+                                 ['p', 'q'], ['x', 'y'], {})
+  np.testing.assert_allclose(total, [2.0, 2.0])
+  assert np.isnan(parts['<lambda>_1'][1])
+
+
+def test_wrong_length_names_the_signature():
+  with pytest.raises(RewardFunctionError, match=r"'<lambda>' returned 3 values for 2 completions.*-> list\[float\]"):
+    combine_rewards([(lambda p, c, **_: [1.0, 1.0, 1.0], 1.0)], ['p', 'q'], ['x', 'y'], {})
+
+
+# --- float32: rewards and the weighted total must fit -------------------------------------------
+def big(prompts, completions, **_):
+  return [3.0e38] * len(completions)
+
+
+def test_weighted_total_overflowing_float32_is_an_error():
+  # 3e38 fits float32 (max 3.4028e38); 3e38 + 2 * 3e38 = 9e38 does not: it would become inf.
+  assert 3.0e38 < np.finfo(np.float32).max < 9.0e38
+  with pytest.raises(RewardFunctionError) as info:
+    combine_rewards([(big, 1.0), (length_reward, 1.0), (big, 2.0)], ['p'], ['x' * 10], {})
+  message = str(info.value)
+  assert 'overflows float32' in message and 'sample 0' in message
+  assert "1.0 * 3e+38 ('big')" in message and "1.0 * 1.0 ('length_reward')" in message
+  assert "2.0 * 3e+38 ('big_1')" in message
+
+
+def test_negative_overflow_and_a_safe_sum_of_big_rewards():
+  with pytest.raises(RewardFunctionError, match='overflows float32'):
+    combine_rewards([(big, -2.0)], ['p'], ['x'], {})
+  total, _ = combine_rewards([(big, 1.0), (big, -1.0)], ['p'], ['x'], {})  # cancels: fine
+  np.testing.assert_array_equal(total, [0.0])
+
+
+@pytest.mark.parametrize('value', [1e39, -1e39, 1e300])
+def test_a_reward_beyond_float32_is_an_error(value):
+  def huge(prompts, completions, **_):
+    return [0.0, value]
+  with pytest.raises(RewardFunctionError, match=r"'huge' returned .*beyond float32.*sample 1"):
+    combine_rewards([(huge, 1e-3)], ['p', 'q'], ['x', 'y'], {})
+
+
+@pytest.mark.parametrize('weight', [float('inf'), float('nan'), 'heavy', None])
+def test_non_finite_weight_is_an_error(weight):
+  with pytest.raises(RewardFunctionError, match=r"'length_reward' has weight .*finite number"):
+    combine_rewards([(length_reward, weight)], ['p'], ['x'], {})

@@ -5,6 +5,10 @@
 `columns` are the rows' other fields as lists (answer=[...], num_ops=[...], ...); a
 function takes the ones it needs and ignores the rest through **kwargs. None means "not
 applicable to this sample" (TRL's convention); combine_rewards skips it in the sum.
+combine_rewards holds every function to that contract and raises RewardFunctionError,
+naming the function, for anything else: one number instead of a list, a wrong length, a
+non-number, NaN or inf, a value or weighted total beyond float32 (rewards are float32
+downstream, where it would become inf), or a non-finite weight.
 
     correctness_reward           1.0 if the final answer ('####', 'The answer is', \\boxed) equals
                                  the `answer` column as a number or normalised string, else 0.0
@@ -17,6 +21,7 @@ applicable to this sample" (TRL's convention); combine_rewards skips it in the s
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Set
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -27,6 +32,9 @@ from cfrl_jax.tasks.formats import FormatDetector
 from cfrl_jax.tasks.math_equivalence import MathVerifier
 
 _SHOW_CHARS = 500
+_SIGNATURE = ('fn(prompts, completions, **columns) -> list[float] with one reward per completion '
+              '(None: not applicable)')
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class RewardFunctionError(RuntimeError):
@@ -171,6 +179,23 @@ def _find_failing_sample(fn, prompts, completions, columns) -> tuple[int, BaseEx
   return None
 
 
+def _reward_values(name: str, values: Any, B: int) -> Sequence:
+  """`values` as returned by a reward function, checked to be a flat sequence of B items."""
+  shape = getattr(values, 'shape', None)
+  flat = (values is not None and hasattr(values, '__len__') and hasattr(values, '__getitem__')
+          and not isinstance(values, (str, bytes, Mapping, Set)) and (shape is None or len(shape) == 1))
+  if not flat:
+    kind = type(values).__name__ + (f' of shape {tuple(shape)}' if shape is not None else '')
+    raise RewardFunctionError(
+        f'reward function {name!r} returned {_clip(values)} ({kind}) for a batch of {B} completions; a '
+        f'reward function must be {_SIGNATURE}, a list of length len(completions) = {B}.')
+  if len(values) != B:
+    raise RewardFunctionError(
+        f'reward function {name!r} returned {len(values)} values for {B} completions; a reward function '
+        f'must be {_SIGNATURE}, a list of length len(completions).')
+  return values
+
+
 def combine_rewards(reward_fns: Sequence[tuple[Callable, float]], prompts: Sequence[str],
                     completions: Sequence[str], columns: dict[str, Sequence]
                     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -180,8 +205,12 @@ def combine_rewards(reward_fns: Sequence[tuple[Callable, float]], prompts: Seque
   returned None}). The total skips None (not applicable) values; a sample where every
   function returned None is an error. When a function raises, it is called again sample by
   sample to find the offending one, and a RewardFunctionError names the function and shows
-  that sample's prompt, completion and columns. Wrong lengths, non-numbers, NaN and inf
-  are errors too. Duplicate function names get suffixes '_1', '_2', ...
+  that sample's prompt, completion and columns. Also RewardFunctionErrors: a return value
+  that is not a flat sequence (one number, a string, a dict, a (B, 1) array) or has the
+  wrong length; a value that is not a number, is NaN or inf, or exceeds float32's range; a
+  non-finite weight; and a weighted total that overflows float32 (the message lists each
+  function's weight and value for that sample). Duplicate function names get suffixes
+  '_1', '_2', ...
   """
   B = len(completions)
   if len(prompts) != B:
@@ -194,12 +223,20 @@ def combine_rewards(reward_fns: Sequence[tuple[Callable, float]], prompts: Seque
   prompts, completions = list(prompts), list(completions)
   columns = {k: list(v) for k, v in columns.items()}
   parts: dict[str, np.ndarray] = {}
+  terms: dict[str, tuple[float, np.ndarray]] = {}   # name -> (weight, (B,) float64 rewards)
   total = np.zeros(B, np.float64)
   applicable = np.zeros(B, bool)
   for fn, weight in reward_fns:
     name = reward_name(fn)
     if name in parts:
       name = next(f'{name}_{j}' for j in range(1, len(reward_fns) + 1) if f'{name}_{j}' not in parts)
+    try:
+      weight = float(weight)
+    except (TypeError, ValueError):
+      weight = math.nan
+    if not math.isfinite(weight):
+      raise RewardFunctionError(f'reward function {name!r} has weight {_clip(weight)}; a weight must be a '
+                                'finite number (config.task.rewards maps a reward name to its weight).')
     try:
       values = fn(prompts, completions, **columns)
     except Exception as e:  # pylint: disable=broad-except
@@ -212,9 +249,7 @@ def combine_rewards(reward_fns: Sequence[tuple[Callable, float]], prompts: Seque
       raise RewardFunctionError(
           f'reward function {name!r} raised {type(err).__name__}: {err} on '
           f'{_describe_sample(i, prompts, completions, columns)}') from err
-    values = list(values) if not isinstance(values, list) else values
-    if len(values) != B:
-      raise RewardFunctionError(f'reward function {name!r} returned {len(values)} values for {B} completions.')
+    values = _reward_values(name, values, B)
     row = np.full(B, np.nan, np.float64)
     for i, v in enumerate(values):
       if v is None:
@@ -225,13 +260,27 @@ def combine_rewards(reward_fns: Sequence[tuple[Callable, float]], prompts: Seque
         fv = None
       if fv is None or isinstance(v, (str, bytes)) or not math.isfinite(fv):
         raise RewardFunctionError(
-            f'reward function {name!r} returned {v!r} (not a finite number; use None for "not '
+            f'reward function {name!r} returned {_clip(v)} (not a finite number; use None for "not '
             f'applicable") on {_describe_sample(i, prompts, completions, columns)}')
+      if abs(fv) > _FLOAT32_MAX:  # rewards are float32 downstream: this would become inf there
+        raise RewardFunctionError(
+            f'reward function {name!r} returned {fv!r}, beyond float32 (|r| <= {_FLOAT32_MAX:.4g}); scale '
+            f'it down, on {_describe_sample(i, prompts, completions, columns)}')
       row[i] = fv
     ok = ~np.isnan(row)
-    total[ok] += float(weight) * row[ok]
+    total[ok] += weight * row[ok]
     applicable |= ok
     parts[name] = row.astype(np.float32)
+    terms[name] = (weight, row)
+  overflow = np.flatnonzero(~(np.abs(total) <= _FLOAT32_MAX))
+  if overflow.size:
+    i = int(overflow[0])
+    sum_text = ' + '.join(f'{w!r} * {float(r[i])!r} ({n!r})' for n, (w, r) in terms.items()
+                          if not np.isnan(r[i]))
+    raise RewardFunctionError(
+        f'the weighted reward total {float(total[i])!r} = {sum_text} (weight * reward) overflows float32 (|total| <= '
+        f'{_FLOAT32_MAX:.4g}); scale those reward functions or their weights down, on '
+        f'{_describe_sample(i, prompts, completions, columns)}')
   if not applicable.all():
     i = int(np.flatnonzero(~applicable)[0])
     raise RewardFunctionError(
