@@ -14,18 +14,40 @@ Name map (torch kernels are (out, in); ours are (in, out), stacked over layers o
     model.layers.{i}.self_attn.{q,k}_norm.weight     backbone/layers/{q,k}_norm[i]             (Qwen3)
     model.layers.{i}.mlp.{gate,up,down}_proj.weight  backbone/layers/{gate,up,down}_proj/kernel[i] (transposed)
     lm_head.weight                                   head/w (V, d)                              (untied only)
+
+Saving is atomic. save_pretrained writes the whole new checkpoint into `<path>.tmp-<hex>` beside
+the target (same filesystem), fsyncs every file, copies over (hard links) the target's other files
+(tokenizer, generation config, ...), and only then swaps the two directories with one
+renameat2(RENAME_EXCHANGE): at every instant `path` holds either the complete old checkpoint or
+the complete new one, so neither an error (bad params, disk full) nor a kill (SIGKILL, power loss
+after the fsyncs) can leave a mixed or half-written directory. The old files, now in the temporary
+directory, are deleted last. Where the filesystem cannot exchange (non-Linux, some network
+filesystems) the swap is two renames, `path` -> `<path>.old-<hex>` and the new one -> `path`; a kill
+between them leaves no `path` but the complete old checkpoint in `<path>.old-<hex>`, which the
+next save_pretrained moves back before it starts and load_pretrained names in its error. A killed
+save can leave a `<path>.tmp-<hex>` directory; the next save to the same path removes it (so: one
+writer per path at a time).
+
+Unreadable input is an error that names the file: a truncated or empty *.safetensors file, a
+config.json or index that is not JSON, a config.json without a field the architecture needs.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import glob
 import json
 import os
+import secrets
+import shutil
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from cfrl_jax.models.qwen import Params, QwenConfig
@@ -36,6 +58,9 @@ INDEX_FILE = 'model.safetensors.index.json'
 TIE_MODES = ('auto', 'tied', 'untie')
 # Non-parameter buffers that some older exports still carry; HF ignores them too.
 _IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)
+# Beside the target: `<path>.tmp-<hex>` holds a save in progress, `<path>.old-<hex>` the old checkpoint
+# during the two-rename fallback swap.
+TMP_INFIX, OLD_INFIX = '.tmp-', '.old-'
 _NUMPY_DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16,
                  'float16': np.float16, 'float64': np.float64}
 
@@ -99,6 +124,12 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> str:
   if os.path.exists(path):
     raise ValueError(f'{path!r} is a file; pass the checkpoint directory that holds config.json '
                      'and the *.safetensors files.')
+  aside = _aside_dirs(path)
+  if aside:
+    raise FileNotFoundError(
+        f'{path} does not exist, but {aside[-1]} does: a save_pretrained into {path} was killed in '
+        f'the middle of its two-rename swap, and {aside[-1]} is the complete previous checkpoint. '
+        f'Rename it back (mv {aside[-1]} {path}) or save into {path} again (which does that first).')
   try:
     from huggingface_hub import snapshot_download
     return snapshot_download(
@@ -116,8 +147,8 @@ def _tensor_files(ckpt_dir: str) -> dict[str, str]:
   index_path = os.path.join(ckpt_dir, INDEX_FILE)
   single_path = os.path.join(ckpt_dir, SINGLE_FILE)
   if os.path.exists(index_path):
-    with open(index_path) as f:
-      weight_map = json.load(f).get('weight_map')
+    index = _read_json(index_path, 'the shard index of a sharded checkpoint')
+    weight_map = index.get('weight_map') if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
       raise ValueError(f'{index_path} has no "weight_map" object.')
     out = {}
@@ -128,12 +159,38 @@ def _tensor_files(ckpt_dir: str) -> dict[str, str]:
       out[name] = fpath
     return out
   if os.path.exists(single_path):
-    with safe_open(single_path, framework='np') as f:
+    with _open_safetensors(single_path) as f:
       return {name: single_path for name in f.keys()}
   found = sorted(os.listdir(ckpt_dir))
   raise ValueError(
       f'{ckpt_dir} has neither {SINGLE_FILE} nor {INDEX_FILE} (found: {found}). cfrl_jax reads '
       'safetensors only; convert *.bin checkpoints with transformers (save_pretrained) first.')
+
+
+def _read_json(path: str, what: str):
+  """json.load of `path`; an unreadable or non-JSON file is a ValueError that names it."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+    raise ValueError(f'{path} is not valid JSON ({e}); it should hold {what}. The file is truncated or '
+                     'was edited by hand: restore it from the original checkpoint.') from None
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: str):
+  """safe_open(path) whose errors (truncated, empty, not safetensors) name the file."""
+  try:
+    with safe_open(path, framework='np') as f:
+      yield f
+  except SafetensorError as e:
+    raise _unreadable(path, e) from None
+
+
+def _unreadable(path: str, e: Exception) -> ValueError:
+  size = os.path.getsize(path) if os.path.exists(path) else 'no'
+  return ValueError(f'{path} ({size} bytes) is not a readable safetensors file ({e}); it is truncated, '
+                    'empty or corrupt (an interrupted download or copy?). Download or save the checkpoint again.')
 
 
 # --- loading ------------------------------------------------------------------
@@ -155,8 +212,7 @@ def load_pretrained(path: str | os.PathLike, *, tie: str = 'auto', dtype: str = 
   config_path = os.path.join(ckpt_dir, CONFIG_FILE)
   if not os.path.exists(config_path):
     raise ValueError(f'{ckpt_dir} has no {CONFIG_FILE}; it is not a transformers checkpoint directory.')
-  with open(config_path) as f:
-    cfg = QwenConfig.from_hf_dict(json.load(f), dtype=dtype, param_dtype=param_dtype)
+  cfg = _config_from_file(config_path, dtype=dtype, param_dtype=param_dtype)
   if tie == 'tied' and cfg.tie != 'tied':
     raise ValueError(f'tie="tied" but {config_path} has tie_word_embeddings=false (an untied head); '
                      'load it with tie="auto".')
@@ -183,7 +239,7 @@ def load_pretrained(path: str | os.PathLike, *, tie: str = 'auto', dtype: str = 
     by_file.setdefault(fpath, []).append(name)
   tied_head = None
   for fpath, names in by_file.items():
-    with safe_open(fpath, framework='np') as f:
+    with _open_safetensors(fpath) as f:
       for name in names:
         if name.endswith(_IGNORED_SUFFIXES):
           continue
@@ -213,6 +269,23 @@ def load_pretrained(path: str | os.PathLike, *, tie: str = 'auto', dtype: str = 
   return cfg, params
 
 
+def _config_from_file(config_path: str, **overrides) -> QwenConfig:
+  """QwenConfig of a config.json; every problem with the file is a ValueError that names it."""
+  d = _read_json(config_path, 'a transformers model config')
+  if not isinstance(d, dict):
+    raise ValueError(f'{config_path} holds a JSON {type(d).__name__}, not the object of a transformers '
+                     'model config.')
+  try:
+    return QwenConfig.from_hf_dict(d, **overrides)
+  except KeyError as e:
+    raise ValueError(f'{config_path} has no {e.args[0]!r} field, which a {d.get("model_type", "Qwen")} '
+                     'config needs; restore the config.json that came with the checkpoint.') from None
+  except (TypeError, ValueError, ZeroDivisionError) as e:
+    raise ValueError(f'{config_path}: {e}' if isinstance(e, ValueError) else
+                     f'{config_path} has a field of the wrong type or value ({type(e).__name__}: {e}); '
+                     'compare it with the config.json that came with the checkpoint.') from None
+
+
 def _place(tree: dict, cfg: QwenConfig, slot: _Slot, value: np.ndarray, np_dtype) -> None:
   """Writes one HF tensor into the nested numpy tree, allocating stacked (L, ...) arrays lazily."""
   node = tree
@@ -236,12 +309,16 @@ def save_pretrained(cfg: QwenConfig, params: Params, path: str | os.PathLike, *,
   Tied models store no lm_head (tie_word_embeddings=true); untied ones store lm_head.weight.
   Tensors are written in cfg.param_dtype. Checkpoints larger than max_shard_bytes are split
   into model-0000k-of-0000n.safetensors files with a model.safetensors.index.json.
+  Atomic (see the module docstring): everything is written and checked in `<path>.tmp-<hex>`, then
+  swapped in; on any error, or a kill, `path` still holds its old checkpoint, untouched. Other files
+  in `path` (tokenizer, ...) are kept; old weight files and index are replaced.
   """
-  path = os.fspath(path)
+  path = os.path.realpath(os.fspath(path))
   if cfg.tie == 'tied' and params.get('head'):
     raise ValueError('cfg.tie="tied" but params["head"] is not empty; a tied model has no head of its '
                      'own. Save with cfg.replace(tie="untied") to keep the separate head.')
-  os.makedirs(path, exist_ok=True)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f'{path} is a file; save_pretrained writes a checkpoint directory. Pass a directory path.')
   np_dtype = _NUMPY_DTYPES[cfg.param_dtype]
   slots = hf_tensor_map(cfg, with_head=cfg.tie == 'untied')
 
@@ -272,20 +349,130 @@ def save_pretrained(cfg: QwenConfig, params: Params, path: str | os.PathLike, *,
     shards[-1].append(name)
     shard_bytes += sizes[name]
 
-  # Remove stale weights of an earlier save with a different sharding.
-  for fname in os.listdir(path):
-    if (fname.startswith('model') and fname.endswith('.safetensors')) or fname == INDEX_FILE:
-      os.remove(os.path.join(path, fname))
-  metadata = {'format': 'pt'}
-  if len(shards) == 1:
-    save_file({n: hf_tensor(n) for n in shards[0]}, os.path.join(path, SINGLE_FILE), metadata)
-  else:
-    weight_map = {}
-    for k, names in enumerate(shards):
-      fname = f'model-{k + 1:05d}-of-{len(shards):05d}.safetensors'
-      save_file({n: hf_tensor(n) for n in names}, os.path.join(path, fname), metadata)
-      weight_map.update({n: fname for n in names})
-    with open(os.path.join(path, INDEX_FILE), 'w') as f:
-      json.dump({'metadata': {'total_size': sum(sizes.values())}, 'weight_map': weight_map}, f, indent=2)
-  with open(os.path.join(path, CONFIG_FILE), 'w') as f:
-    json.dump(cfg.to_hf_dict(), f, indent=2)
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  _recover_interrupted_swap(path)
+  tmp = f'{path}{TMP_INFIX}{secrets.token_hex(4)}'
+  os.mkdir(tmp)   # mode from the umask, as a directory made by os.makedirs would get
+  try:
+    metadata = {'format': 'pt'}
+    if len(shards) == 1:
+      _write_tensors({n: hf_tensor(n) for n in shards[0]}, os.path.join(tmp, SINGLE_FILE), metadata)
+    else:
+      weight_map = {}
+      for k, names in enumerate(shards):
+        fname = f'model-{k + 1:05d}-of-{len(shards):05d}.safetensors'
+        _write_tensors({n: hf_tensor(n) for n in names}, os.path.join(tmp, fname), metadata)
+        weight_map.update({n: fname for n in names})
+      _write_json({'metadata': {'total_size': sum(sizes.values())}, 'weight_map': weight_map},
+                  os.path.join(tmp, INDEX_FILE))
+    _write_json(cfg.to_hf_dict(), os.path.join(tmp, CONFIG_FILE))
+    if os.path.isdir(path):
+      _carry_other_files(path, tmp)
+      os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+    _fsync(tmp)
+    _swap_into_place(tmp, path)
+  finally:
+    # After the swap `tmp` holds the old checkpoint; before it (an error), the unfinished new one.
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_weight_file(fname: str) -> bool:
+  return (fname.startswith('model') and fname.endswith('.safetensors')) or fname in (INDEX_FILE, CONFIG_FILE)
+
+
+def _write_tensors(tensors: dict[str, np.ndarray], fpath: str, metadata: dict) -> None:
+  save_file(tensors, fpath, metadata)
+  _fsync(fpath)
+
+
+def _write_json(obj, fpath: str) -> None:
+  with open(fpath, 'w') as f:
+    json.dump(obj, f, indent=2)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _fsync(path: str) -> None:
+  """Flushes a file's data, or a directory's entries, to the disk."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _carry_other_files(old: str, new: str) -> None:
+  """Hard-links (or copies) what `old` holds besides weights, index and config.json into `new`."""
+  for fname in os.listdir(old):
+    if _is_weight_file(fname):
+      continue
+    src, dst = os.path.join(old, fname), os.path.join(new, fname)
+    if os.path.isdir(src) and not os.path.islink(src):
+      shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+    else:
+      _link_or_copy(src, dst)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+  if os.path.islink(src):
+    os.symlink(os.readlink(src), dst)
+    return
+  try:
+    os.link(src, dst)
+  except OSError:   # another filesystem, or one without hard links
+    shutil.copy2(src, dst)
+
+
+def _swap_into_place(new: str, path: str) -> None:
+  """Puts directory `new` at `path`; afterwards `new` holds what `path` held, or is gone if nothing."""
+  parent = os.path.dirname(path)
+  if not os.path.exists(path):
+    os.rename(new, path)
+  elif not _exchange(new, path):
+    aside = f'{path}{OLD_INFIX}{secrets.token_hex(4)}'
+    os.rename(path, aside)
+    try:
+      os.rename(new, path)
+    except BaseException:
+      os.rename(aside, path)
+      raise
+    os.rename(aside, new)
+  _fsync(parent)
+
+
+_HEX8 = '[0-9a-f]' * 8
+
+
+def _aside_dirs(path: str) -> list[str]:
+  """`<path>.old-<hex>` directories, oldest first."""
+  return sorted(glob.glob(glob.escape(path) + OLD_INFIX + _HEX8), key=os.path.getmtime)
+
+
+def _recover_interrupted_swap(path: str) -> None:
+  """Undoes what a save killed inside the fallback swap left behind, and removes stale temporaries."""
+  aside = _aside_dirs(path)
+  if aside and not os.path.exists(path):
+    os.rename(aside.pop(), path)   # the complete old checkpoint, taken aside just before the kill
+  for stale in aside + glob.glob(glob.escape(path) + TMP_INFIX + _HEX8):
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+try:
+  _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+except (OSError, AttributeError, TypeError):   # not Linux / glibc < 2.28
+  _renameat2 = None
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Atomically swaps two existing paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+  if _renameat2 is None:
+    return False
+  if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    return True
+  err = ctypes.get_errno()
+  if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+    return False
+  raise OSError(err, os.strerror(err), a, None, b)
