@@ -188,7 +188,7 @@ def big(prompts, completions, **_):
 
 def test_weighted_total_overflowing_float32_is_an_error():
   # 3e38 fits float32 (max 3.4028e38); 3e38 + 2 * 3e38 = 9e38 does not: it would become inf.
-  assert 3.0e38 < np.finfo(np.float32).max < 9.0e38
+  assert 3.0e38 < float(np.finfo(np.float32).max) < 9.0e38
   with pytest.raises(RewardFunctionError) as info:
     combine_rewards([(big, 1.0), (length_reward, 1.0), (big, 2.0)], ['p'], ['x' * 10], {})
   message = str(info.value)
