@@ -261,3 +261,75 @@ def test_gsm8k_program_completions_scored_by_execution_when_enabled(tmp_path):
   fn, _ = task.reward_fns[0]
   assert fn(['p', 'p'], [program, '#### 12'], answer=['12', '12']) == [1.0, 1.0]
   assert task.formats(program) == 'code' and task.answer_key(program) == '12'
+
+
+# --- empty data is an error at load time, naming the file and the split ------------------------
+def empty_parquet(path):
+  pq.write_table(pa.table({'question': pa.array([], pa.string()), 'answer': pa.array([], pa.string())}), str(path))
+  return str(path)
+
+
+@pytest.mark.parametrize('which', ['train', 'eval'])
+@pytest.mark.parametrize('name,content', [('empty.jsonl', ''), ('blank.jsonl', '\n  \n\n'), ('empty.json', '[]'),
+                                          ('empty.parquet', None)])
+def test_empty_data_file_is_an_error_at_load_time(tmp_path, which, name, content):
+  good = write_jsonl(tmp_path / 'good.jsonl', GSM8K_TRAIN)
+  path = tmp_path / name
+  if content is None:
+    empty_parquet(path)
+  else:
+    path.write_text(content)
+  files = {'train': good, 'eval': good}
+  files[which] = f'{good},{path}' if which == 'train' else str(path)   # one empty shard among good ones counts too
+  config = gsm8k_files_config(files['train'], files['eval'])
+  with pytest.raises(ValueError) as info:
+    loading.load_train_eval(config)
+  message = str(info.value)
+  assert f'config.task.{which}_files (the {which} split)' in message
+  assert f'{str(path)!r} has no rows' in message and f'remove it from config.task.{which}_files' in message
+  with pytest.raises(ValueError, match=f'the {which} split'):
+    build_task(config)
+
+
+@pytest.mark.parametrize('source,what', [('tfds', "tfds 'gsm8k'"), ('hub', "'openai/gsm8k' \\(config 'main'\\)")])
+def test_empty_hub_or_tfds_split_is_an_error(monkeypatch, source, what):
+  # tfds refuses an empty slice itself; a data set whose split is empty reaches load_split like this.
+  no_rows = lambda *args: loading.Records([], [])
+  monkeypatch.setattr(loading, 'load_tfds', no_rows)
+  monkeypatch.setattr(loading, 'load_hub', no_rows)
+  config = task_config('gsm8k')
+  config.source, config.eval_split = source, 'test_empty'
+  with pytest.raises(ValueError, match=rf"the train split 'train' of {what} has no rows; set config.task.train_split"):
+    loading.load_split(config, 'train')
+  with pytest.raises(ValueError, match=r"the eval split 'test_empty' .* has no rows; .*config.task.eval_split"
+                                       r'.*eval_holdout'):
+    loading.load_split(config, 'eval')
+
+
+def test_max_train_zero_is_an_error(tmp_path):
+  path = write_jsonl(tmp_path / 'train.jsonl', GSM8K_TRAIN)
+  with pytest.raises(ValueError, match='config.task.max_train=0 leaves no training rows'):
+    build_task(gsm8k_files_config(path, path, max_train=0))
+
+
+# --- GSM8K references: the number that starts the final answer ---------------------------------
+def test_gsm8k_reference_rule(tmp_path):
+  finals = ['1,000.5 dollars', '$1,200', '-7', '-$3 (a loss)', '72.', '0.25 of the cake', '1/4', '15%']
+  rows = [{'question': f'q{i}', 'answer': f'work <<1+1=2>>\n#### {f}'} for i, f in enumerate(finals)]
+  path = write_jsonl(tmp_path / 'train.jsonl', rows)
+  task = build_task(gsm8k_files_config(path, path))
+  assert [r['answer'] for r in task.train] == ['1000.5', '1200', '-7', '-3', '72', '0.25', '0.25', '15']
+  completions = ['#### 1000.5', 'The answer is 1,200.', '#### -7', '#### -3', '\\boxed{72}', '#### 1/4', '#### 0.25',
+                 'The answer is 15%.']
+  assert correctness_reward(['p'] * 8, completions, answer=[r['answer'] for r in task.train]) == [1.0] * 8
+  assert correctness_reward(['p', 'p'], ['#### 1,000.5', '#### 1,000.5 dollars'], answer=['1000.5'] * 2) == [1.0, 1.0]
+  assert correctness_reward(['p'], ['#### 1000.6'], answer=['1000.5']) == [0.0]
+
+
+@pytest.mark.parametrize('final', ['Paris', 'about 12', 'twelve', '1,2345'])
+def test_gsm8k_reference_without_a_number_names_the_row(tmp_path, final):
+  rows = [GSM8K_TRAIN[0], {'question': 'q', 'answer': f'some work\n#### {final}'}]
+  path = write_jsonl(tmp_path / 'train.jsonl', rows)
+  with pytest.raises(ValueError, match=rf"train.jsonl row 1 \(line 2\): the final answer '#### {final}' does not "
+                                       'start with a number'):
+    build_task(gsm8k_files_config(path, path))

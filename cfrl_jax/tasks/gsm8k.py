@@ -4,6 +4,9 @@ Schema (hub openai/gsm8k 'main', the JSONL release and TFDS 'gsm8k' alike):
     question: str; answer: str ('...<<48/2=24>>... #### 72'); TFDS also has annotation, short_answer.
 
 Rows: {'prompt', 'answer': '72', 'question', 'solution': the full reference answer text}.
+The reference 'answer' is the number that starts the text after the last '####', in
+canonical form ('#### 1,000.5 dollars' -> '1000.5'; reference_answer); a row whose final
+answer is not a number is an error naming the row. docs/answers.md has the rules.
 The Echo Chamber paper runs RL on the GSM8K train split with a binary exact-match reward;
 its formats (TinyGSM code, OpenMathInstruct-1 <llm-code>, natural language) are the
 default format detectors, and config.answer.execute_code scores program-format
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from cfrl_jax.tasks import base, formats, loading
+from cfrl_jax.tasks import answers, base, formats, loading
 
 _ANSWER_HINT = ('GSM8K rows need the question and the reference answer; set config.task.question_field '
                 'and config.task.answer_field to the names your data uses.')
@@ -44,14 +47,25 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def reference_answer(text: str, where: str) -> str:
-  """'... #### 1,000' -> '1000' (the number after the last '####', commas removed)."""
+  """'... #### 1,000.5 dollars' -> '1000.5': the number that starts the text after the last '####'.
+
+  The rule (answers.leading_number): an optional sign and currency, thousands commas dropped,
+  a fraction or percent kept, units and words after the number ignored; the value is written
+  in canonical form ('$1,000.00' -> '1000', '3/4' -> '0.75'). A row whose final answer does not
+  start with a number is an error naming the row, as no completion could be scored against it.
+  """
   if '####' not in text:
     raise ValueError(f"{where}: the answer field {text[:120]!r} has no '#### N' final answer; GSM8K "
                      'reference answers end with it.')
-  final = text.rsplit('####', 1)[1].strip().replace(',', '')
+  final = text.rsplit('####', 1)[1].strip()
   if not final:
     raise ValueError(f"{where}: nothing follows '####' in the answer field.")
-  return final
+  number = answers.leading_number(final)
+  if number is None:
+    raise ValueError(f"{where}: the final answer '#### {final[:120]}' does not start with a number "
+                     "(GSM8K references are numbers, e.g. '#### 1,000.5 dollars' -> 1000.5); fix or "
+                     'remove that row, or use a task whose answers are text.')
+  return number
 
 
 def build_splits(config) -> tuple[list[base.Row], list[base.Row]]:

@@ -14,7 +14,9 @@ Sources (config.source):
              prepared in array_record format; works without TensorFlow
 
 Every record keeps where it came from (file and row index), so an error about a row
-names the file and the index.
+names the file and the index. A data file, hub split or TFDS split with no rows is an
+error when it is loaded (naming the file or split and whether it feeds train or eval),
+not at the first training or eval step; so is config.task.max_train=0.
 """
 from __future__ import annotations
 
@@ -94,8 +96,14 @@ def read_parquet(path: str) -> Records:
   return Records(rows, [f'{path} row {i}' for i in range(len(rows))])
 
 
+def _split_of(field: str) -> str:
+  """'train_files' -> ' (the train split)'; other fields name no split."""
+  which = field[:-len('_files')] if field.endswith('_files') else ''
+  return f' (the {which} split)' if which in SPLITS else ''
+
+
 def read_files(spec: str, field: str = 'files') -> Records:
-  """All rows of the files in `spec`, in file order."""
+  """All rows of the files in `spec`, in file order; a file with no rows is an error."""
   rows, where = [], []
   for path in expand_paths(spec, field):
     if path.endswith('.parquet'):
@@ -104,6 +112,10 @@ def read_files(spec: str, field: str = 'files') -> Records:
       part = read_jsonl(path)
     else:
       raise ValueError(f'config.task.{field}: {path!r} has an unknown extension; use .jsonl, .json or .parquet.')
+    if not part.rows:
+      # An empty shard is a failed export or a wrong path far more often than an intent.
+      raise ValueError(f'config.task.{field}{_split_of(field)}: data file {path!r} has no rows '
+                       f'({os.path.getsize(path)} bytes); fill it or remove it from config.task.{field}.')
     rows += part.rows
     where += part.where
   return Records(rows, where)
@@ -179,10 +191,17 @@ def load_split(config, which: str) -> Records:
     hub_id, hub_config = config.hub_id, config.hub_config
     if which == 'eval' and config.eval_hub_id:
       hub_id, hub_config = config.eval_hub_id, config.eval_hub_config
-    return load_hub(hub_id, hub_config, split)
-  if source == 'tfds':
-    return load_tfds(config.tfds_name, split, config.tfds_data_dir)
-  raise ValueError(f'config.task.source={source!r}; expected one of {SOURCES}.')
+    records = load_hub(hub_id, hub_config, split)
+    what = f'{hub_id!r}' + (f' (config {hub_config!r})' if hub_config else '')
+  elif source == 'tfds':
+    records = load_tfds(config.tfds_name, split, config.tfds_data_dir)
+    what = f'tfds {config.tfds_name!r}' + (f' in {config.tfds_data_dir}' if config.tfds_data_dir else '')
+  else:
+    raise ValueError(f'config.task.source={source!r}; expected one of {SOURCES}.')
+  if not records.rows:
+    raise ValueError(f'the {which} split {split!r} of {what} has no rows; set config.task.{which}_split to a '
+                     'split that holds rows' + (' (or use config.task.eval_holdout).' if which == 'eval' else '.'))
+  return records
 
 
 def load_train_eval(config) -> tuple[Records, Records]:
@@ -203,6 +222,8 @@ def load_train_eval(config) -> tuple[Records, Records]:
     train, evaluation = train.take(kept), train.take(held)
   else:
     evaluation = load_split(config, 'eval')
+  if config.max_train == 0:
+    raise ValueError('config.task.max_train=0 leaves no training rows; use -1 for all rows or a positive count.')
   if config.max_train >= 0:
     train = train.take(range(min(config.max_train, len(train.rows))))
   if config.max_eval >= 0:
