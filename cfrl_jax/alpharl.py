@@ -1,4 +1,4 @@
-"""AlphaRL run mode: train an early window, extrapolate its rank-1 dynamics to the planned end, evaluate.
+"""AlphaRL run mode: train an early window, predict the planned end from its rank-1 dynamics, evaluate.
 
     python -m cfrl_jax.main --config=configs/demo.py --config.arms=grpo --config.alpharl.enabled=True \
         --config.alpharl.reference_run=runs/demo          # the full study of the same config
@@ -6,17 +6,35 @@
 What runs (config.alpharl; Cai et al. 2025, PAPERS.md section 3). With T = rl.steps
 planned and W = round(window * T):
   1. Training for W steps, checkpointing every fit_every steps (and step 0, the base W_0).
-  2. The fit, per attention/MLP kernel (cfrl_jax.dynamics.rank1's AlphaRL rule): the last
-     window checkpoint's top singular pair (u, v); every window checkpoint's rank-1 update
-     projected on u v^T; a least-squares line in step through those points and the origin
-     (t_0, 0); the update at T is rho * c(T) * u v^T, rho = ||dW_W||_F / s1(W). The origin
-     t_0 is step 0, or with CF-RL the start of stage 2 (the backbone is frozen before it,
-     so its update is exactly 0 there; window checkpoints before it are not fit points).
-  3. Models at step T: A (the paper: kernels extrapolated, embeddings, head, norms and
-     biases at base); B (A plus the window-end value of the `keep` groups, by default the
-     head, which CF-RL trains first); ExPO, theta_0 + (T / W)(theta_W - theta_0) on every
-     leaf, as a baseline. They, the base and the window end are evaluated with the run's
-     own eval (experiment.make_eval_fn: same problems, same sampling key).
+  2. This project's step-line fit, per attention/MLP kernel (cfrl_jax.dynamics.rank1): the
+     last window checkpoint's top singular pair (u, v); every window checkpoint's rank-1
+     update projected on u v^T; a least-squares line in step through those points and the
+     origin (t_0, 0); the update at T is rho * c(T) * u v^T, rho = ||dW_W||_F / s1(W). The
+     origin t_0 is step 0, or with CF-RL the start of stage 2 (the backbone is frozen before
+     it, so its update is exactly 0 there; window checkpoints before it are not fit points).
+  3. Models at step T. A: the step line in the rank-1 sufficiency convention of the released
+     eval/upd_rank.py (kernels W_0 + predicted rank-1 update, embeddings, head, norms and
+     biases at base); B: A plus the window-end value of the `keep` groups (by default the
+     head, which CF-RL trains first). A and B are NOT the released AlphaRL predictor, which is:
+     released_oracle / released_window (config.alpharl.released): the procedure of
+     caiyuchen-ustc/AlphaRL (rank1.fit_released): per kernel the vectors s1 * (output-side
+     singular vector) of the window checkpoints after the origin, signs chained backwards
+     from the window end, a one-component PLS regression against the run's own eval metric
+     at those checkpoints (evaluated where the window run did not log it), inverted at a
+     target accuracy, and u1(W) pred^T added to the WINDOW-END checkpoint (its full-rank
+     update, head, embeddings and norms kept; no norm rescale, no origin point). Targets:
+     'oracle' = the reference run's final accuracy (an UPPER BOUND: it uses the answer),
+     'window' = the least-squares line of accuracy against step over the same checkpoints,
+     evaluated at T and clipped to [0, 1]. Fewer than 2 such checkpoints, or a constant
+     accuracy over them, leaves these variants out with the reason in the report.
+     ExPO: theta_0 + (T / W)(theta_W - theta_0) on every leaf (alpha = T/W - 1 in ExPO's
+     theta_W + alpha (theta_W - theta_0)); expo_tuned (config.alpharl.expo_alphas): alpha
+     picked from {expo_alphas} + {T/W - 1} by the metric on selection problems disjoint
+     from the reported ones (select_on: 'eval_rest' = task.eval rows after the reported
+     eval.num_problems, 'train' = training prompts the window never drew, 'auto' = the
+     first when there are enough rows), then evaluated on the reported problems. All models,
+     the base and the window end are evaluated with the run's own eval
+     (experiment.make_eval_fn: same problems, same sampling key).
   4. Optionally, continue_steps more steps of training from one extrapolated model, with
      the data order and randomness of the planned run from step W on (fresh optimizer;
      CF-RL's head-only stage is not repeated; a KL term stays anchored at the base).
@@ -28,7 +46,8 @@ the same config, checked field by field) the share of the RL gain,
 standard error that treats the evaluations as independent (it ignores their positive
 correlation over the same problems, so it overstates the noise of differences); the
 steps trained as a share of the planned ones; and the paper's target (>= 96% of the
-gain at <= 40% of the steps) as met / not met / within noise.
+gain at <= 40% of the steps) as met / not met / within noise. seeds_section pools the
+runs of several seeds: mean share +- its standard error across seeds, and the verdict.
 """
 from __future__ import annotations
 
@@ -57,12 +76,19 @@ CONTINUED_SUBDIR = 'continued'
 JSON_NAME, MD_NAME, PNG_NAME = 'alpharl.json', 'alpharl.md', 'alpharl.png'
 TARGET_SHARE, TARGET_STEP_FRACTION = 0.96, 0.4     # the paper's headline
 CONTINUE_FROM = ('A', 'B', 'expo')
+RELEASED = ('released_oracle', 'released_window')
+EXTRAPOLATED = ('alpharl_A', 'alpharl_B') + RELEASED + ('expo', 'expo_tuned')   # models at step T, W steps trained
+UPPER_BOUND = ('released_oracle',)     # use the reference's final accuracy: not a prediction
+SELECT_ON = ('auto', 'eval_rest', 'train')
 MODEL_LABELS = {
     'base': 'base (step 0)',
     'window': 'window end',
-    'alpharl_A': 'AlphaRL A: rank-1 kernels, rest at base',
-    'alpharl_B': 'AlphaRL B: rank-1 kernels + {keep} from the window end',
-    'expo': 'ExPO: theta_0 + (T/W)(theta_W - theta_0)',
+    'alpharl_A': 'A: rank-1 step line, upd_rank convention (rest at base)',
+    'alpharl_B': 'B: rank-1 step line, upd_rank convention + {keep} from the window end',
+    'released_oracle': 'released AlphaRL (PLS), target = reference final accuracy: upper bound',
+    'released_window': 'released AlphaRL (PLS), target from the window',
+    'expo': 'ExPO, fixed alpha = T/W - 1',
+    'expo_tuned': 'ExPO, alpha picked on selection problems',
     'continued': 'continued from {start}',
     'reference': 'reference: full run',
 }
@@ -84,6 +110,11 @@ class Settings:
   reference_run: str
   metric: str
   expo: bool
+  released: bool
+  pls_scale: bool
+  expo_alphas: tuple[float, ...]   # empty: no tuned ExPO; T/W - 1 is added to the grid
+  select_on: str
+  select_problems: int             # resolved (-1 -> eval.num_problems)
 
 
 def check_config(config) -> Settings:
@@ -125,13 +156,27 @@ def check_config(config) -> Settings:
   if (metric.startswith('pass@') or metric.startswith('majority@')) and int(config.eval.samples) < 1:
     raise ValueError(f'config.alpharl.metric={metric!r} needs sampled evaluation: set config.eval.samples >= 1 '
                      "or use config.alpharl.metric='greedy_accuracy'.")
+  try:
+    alphas = tuple(float(x) for x in parse_list(a.expo_alphas))
+  except ValueError:
+    raise ValueError(f'config.alpharl.expo_alphas={a.expo_alphas!r}; expected comma-separated numbers, e.g. '
+                     "'0.5,1,2,4' (T/W - 1 is always added), or '' for no tuned ExPO.") from None
+  if any(not math.isfinite(x) for x in alphas):
+    raise ValueError(f'config.alpharl.expo_alphas={a.expo_alphas!r} holds a non-finite number.')
+  if a.select_on not in SELECT_ON:
+    raise ValueError(f'config.alpharl.select_on={a.select_on!r}; expected one of {SELECT_ON}.')
+  k = int(config.eval.num_problems) if int(a.select_problems) == -1 else int(a.select_problems)
+  if k < 2:
+    raise ValueError(f'config.alpharl.select_problems={a.select_problems}; expected >= 2 problems, or -1 for '
+                     'as many as config.eval.num_problems.')
   if config.cfrl.enabled and config.cfrl.switch_on == 'steps' and int(config.cfrl.stage1_steps) >= W:
     raise ValueError(f'CF-RL trains the head alone for cfrl.stage1_steps={config.cfrl.stage1_steps} steps, '
                      f'which covers the whole AlphaRL window of {W} steps: the backbone never moves, so there '
                      'is nothing to fit. Raise config.alpharl.window or lower config.cfrl.stage1_steps.')
   return Settings(planned_steps=T, window_steps=W, fit_every=int(a.fit_every), continue_steps=cont,
                   continue_from=str(a.continue_from), keep=keep, reference_run=str(a.reference_run),
-                  metric=metric, expo=bool(a.expo))
+                  metric=metric, expo=bool(a.expo), released=bool(a.released), pls_scale=bool(a.pls_scale),
+                  expo_alphas=alphas, select_on=str(a.select_on), select_problems=k)
 
 
 def resolve_reference(path: str, arm: str | None, seed: int) -> str:
@@ -292,7 +337,9 @@ class WindowFit(NamedTuple):
 
   origin: the fit's (t_0, 0) point (0, or CF-RL's stage-2 start); fit_steps: window
   checkpoints used as points (> origin); models: {'alpharl_A', 'alpharl_B'[, 'expo']} at
-  target_step; fits: rank1.Rank1Extrapolation per kernel path; diagnostics: JSON-able.
+  target_step; fits: rank1.Rank1Extrapolation per kernel path; diagnostics: JSON-able;
+  factors: per kernel path the rank-1 factors of the fit_steps stacked (T, L, ...), for
+  the released procedure (fit_released_window).
   """
   base: Any
   window: Any
@@ -303,6 +350,7 @@ class WindowFit(NamedTuple):
   models: dict
   fits: dict
   diagnostics: dict
+  factors: dict | None = None
 
 
 def fit_window(run_dir: str, window_end: int, target_step: int, *, keep=rank1.VARIANT_B,
@@ -340,13 +388,78 @@ def fit_window(run_dir: str, window_end: int, target_step: int, *, keep=rank1.VA
       factors[p].append(f[p])
     if s == window_end:
       window = params
-  fits = {p: rank1.fit_rank1_extrapolation(fit_steps, rank1.stack_factors(factors[p]), origin) for p in paths}
+  stacked = {p: rank1.stack_factors(factors[p]) for p in paths}
+  fits = {p: rank1.fit_rank1_extrapolation(fit_steps, stacked[p], origin) for p in paths}
   models = {'alpharl_A': rank1.alpharl_params(base, fits, target_step),
             'alpharl_B': rank1.alpharl_params(base, fits, target_step, keep=keep, kept_from=window)}
   if expo:
     models['expo'] = rank1.expo_params(base, window, rank1.expo_alpha(0, window_end, target_step))
   return WindowFit(base, window, window_end, origin, fit_steps, target_step, models, fits,
-                   _fit_diagnostics(base, window, fits, target_step))
+                   _fit_diagnostics(base, window, fits, target_step), stacked)
+
+
+class ReleasedWindow(NamedTuple):
+  """The released AlphaRL fit of a window (fit_released_window).
+
+  fits: rank1.ReleasedFit per kernel path, or None when the procedure cannot run (reason says
+  why); steps, accuracy: the PLS points; targets: {name: target accuracy}; models: {'released_<name>':
+  params}; diagnostics: JSON-able.
+  """
+  fits: dict | None
+  reason: str
+  steps: list
+  accuracy: list
+  targets: dict
+  models: dict
+  diagnostics: dict
+
+
+def released_targets(steps, accuracy, target_step: int, oracle: float | None) -> dict[str, float]:
+  """{'oracle': the reference's final accuracy (when given), 'window': rank1.extrapolated_accuracy}."""
+  out = {}
+  if oracle is not None and math.isfinite(oracle):
+    out['oracle'] = float(oracle)
+  if len(steps) >= 2:
+    out['window'] = rank1.extrapolated_accuracy(steps, accuracy, target_step)
+  return out
+
+
+def fit_released_window(fit: WindowFit, accuracy: Mapping[int, float], *, oracle: float | None = None,
+                        scale: bool = True) -> ReleasedWindow:
+  """The released procedure on fit.fit_steps with `accuracy` {step: metric}; models at both targets.
+
+  Not an error when it cannot run (fewer than 2 points, constant accuracy): the mode reports the
+  other variants and this reason.
+  """
+  steps = list(fit.fit_steps)
+  missing = [s for s in steps if s not in accuracy]
+  if missing:
+    raise ValueError(f'fit_released_window needs the accuracy of every fit step; missing {missing}.')
+  acc = [float(accuracy[s]) for s in steps]
+  targets = released_targets(steps, acc, fit.target_step, oracle)
+  if fit.factors is None:
+    raise ValueError('fit_released_window needs a WindowFit from fit_window (it holds the stacked factors).')
+  if len(steps) < 2:
+    return ReleasedWindow(None, f'the PLS needs at least 2 window checkpoints after the fit origin (step {fit.origin}); '
+                          f'there is {len(steps)} ({steps}). Lower config.alpharl.fit_every or raise '
+                          'config.alpharl.window.', steps, acc, targets, {}, {})
+  try:
+    fits = {p: rank1.fit_released(steps, f, acc, scale=scale) for p, f in fit.factors.items()}
+  except ValueError as e:
+    return ReleasedWindow(None, f'{e} Raise config.eval.num_problems / eval.samples or the window.', steps, acc,
+                          targets, {}, {})
+  models = {f'released_{name}': rank1.released_params(fit.window, fits, t) for name, t in targets.items()}
+  r2 = np.concatenate([np.ravel(f.pls.r2) for f in fits.values()])
+  fb, fw = rank1.flatten(fit.base), rank1.flatten(fit.window)
+  win_sq = sum(float(np.sum((np.asarray(fw[p], np.float64) - np.asarray(fb[p], np.float64)) ** 2)) for p in fits)
+  added = {name: math.sqrt(sum(float(np.sum(rank1.released_update(f, t) ** 2)) for f in fits.values()) / win_sq)
+           if win_sq > 0 else float('nan') for name, t in targets.items()}
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', RuntimeWarning)
+    diag = {'pls_r2_median': float(np.nanmedian(r2)) if np.isfinite(r2).any() else float('nan'),
+            'flat_kernels': int(sum(int(np.sum(f.pls.flat)) for f in fits.values())),
+            'matrices': int(r2.size), 'added_norm_ratio': added, 'scale': bool(scale)}
+  return ReleasedWindow(fits, '', steps, acc, targets, models, diag)
 
 
 def _fit_diagnostics(base, window, fits, target_step) -> dict:
@@ -362,10 +475,10 @@ def _fit_diagnostics(base, window, fits, target_step) -> dict:
           'kernels': len(fits), 'norm_ratio': math.sqrt(pred_sq / win_sq) if win_sq > 0 else float('nan')}
 
 
-def weight_quality(fit: WindowFit, reference_run: str) -> dict | None:
+def weight_quality(fit: WindowFit, reference_run: str, extra: Mapping[str, Any] | None = None) -> dict | None:
   """Cosine and relative error of predicted kernel updates against the reference's at target_step.
 
-  None when the reference has no checkpoint at target_step, or its base (step 0, when
+  Models: the window end, fit.models and `extra` ({name: params}). None when the reference has no checkpoint at target_step, or its base (step 0, when
   saved) differs from this run's. Kernels only, all pooled.
   """
   if not reference_run or fit.target_step not in checkpoint.available_steps(reference_run):
@@ -379,7 +492,7 @@ def weight_quality(fit: WindowFit, reference_run: str) -> dict | None:
   actual = {p: np.asarray(ref[p], np.float64) - np.asarray(fb[p], np.float64) for p in fit.fits}
   act_sq = sum(float(np.sum(d * d)) for d in actual.values())
   out = {}
-  for name, params in [('window', fit.window)] + list(fit.models.items()):
+  for name, params in [('window', fit.window)] + list(fit.models.items()) + list((extra or {}).items()):
     if name == 'alpharl_B':
       continue   # its kernels are A's
     fp = rank1.flatten(params)
@@ -417,6 +530,36 @@ def prepare(config, run_dir: str) -> tuple[Settings, dict | None]:
   return settings, reference
 
 
+def selection_rows(config, task, settings: Settings, prompt_rows: Callable) -> tuple[list, str]:
+  """(rows, description) of the problems tuned ExPO's alpha is picked on, disjoint from the reported ones.
+
+  'eval_rest': task.eval[eval.num_problems : eval.num_problems + k] (held-out, never reported);
+  'train': the first k training rows that the window's steps never drew (prompt_rows(rows, step,
+  rl.prompts_per_step, seed) for step < W); 'auto': eval_rest when task.eval has k rows after the
+  reported ones, else train. ValueError naming the fix when the split is too small.
+  """
+  k, n = settings.select_problems, int(config.eval.num_problems)
+  rest = task.eval[n:n + k]
+  how = settings.select_on
+  if how == 'auto':
+    how = 'eval_rest' if len(rest) >= k else 'train'
+  if how == 'eval_rest':
+    if len(rest) < k:
+      raise ValueError(f"config.alpharl.select_on='eval_rest' needs {k} eval problems after the "
+                       f'{n} reported ones, but the task has {len(task.eval)} in all. Raise the task\'s eval set '
+                       "(e.g. task.num_eval), lower config.alpharl.select_problems, or use select_on='train'.")
+    return list(rest), f'eval problems {n}..{n + k - 1} (after the {n} reported ones)'
+  index = list(range(len(task.train)))
+  drawn = {i for step in range(settings.window_steps)
+           for i in prompt_rows(index, step, int(config.rl.prompts_per_step), int(config.seed))}
+  unseen = [i for i in index if i not in drawn][:k]
+  if len(unseen) < k:
+    raise ValueError(f"config.alpharl.select_on='{settings.select_on}' picks ExPO's alpha on {k} training prompts "
+                     f'the window never drew, but only {len(task.train) - len(drawn)} of {len(task.train)} are left. '
+                     'Lower config.alpharl.select_problems, or use eval_rest with a larger task eval set.')
+  return [task.train[i] for i in unseen], f'{k} training prompts not drawn in the window'
+
+
 def _as_device(tree):
   # Fresh device buffers: the learner donates its params argument.
   return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
@@ -441,6 +584,8 @@ def run_alpharl(config, run_dir: str, task=None, *, progress: bool | None = None
   writer = jax.process_index() == 0
   experiment.write_run_config(config, run_dir)
   eval_fn = experiment.make_eval_fn(config, policy, task)
+  # Checked before training: a selection split that is too small fails now, not after the window.
+  selection = selection_rows(config, task, settings, trainer.prompt_rows) if settings.expo_alphas else None
   probe_fn = experiment.make_probe_fn(config, policy, task)
   train_eval = eval_fn if config.eval.every > 0 else None
 
@@ -465,6 +610,47 @@ def run_alpharl(config, run_dir: str, task=None, *, progress: bool | None = None
     evals[name] = eval_fn(_as_device(model), T)
     log(f'AlphaRL: {name} {settings.metric} = {metric_value(evals[name], settings.metric, name)[0]:.4f}')
   seconds['evaluation'] = time.time() - t0
+
+  extra = {}
+  released = None
+  if settings.released:
+    t0 = time.time()
+    accuracy = {}
+    for s in fit.fit_steps:   # the PLS's y: the run's own metric at each fit checkpoint
+      record = recorded.get(s) or (evals['window'] if s == W else
+                                   eval_fn(_as_device(checkpoint.restore_params(run_dir, s)), s))
+      accuracy[s] = metric_value(record, settings.metric, f'window step {s}')[0]
+    released = fit_released_window(fit, accuracy, scale=settings.pls_scale,
+                                   oracle=None if reference is None else reference['accuracy'])
+    if released.fits is None:
+      log(f'AlphaRL: released AlphaRL (PLS) not fitted: {released.reason}')
+    for name, model in released.models.items():
+      evals[name] = eval_fn(_as_device(model), T)
+      extra[name] = model
+      log(f'AlphaRL: {name} (target {released.targets[name.split("_", 1)[1]]:.4f}) {settings.metric} = '
+          f'{metric_value(evals[name], settings.metric, name)[0]:.4f}')
+    seconds['released_fit_and_evaluation'] = time.time() - t0
+
+  expo_selection = None
+  if settings.expo_alphas:
+    t0 = time.time()
+    rows, split = selection
+    select_eval = experiment.make_eval_fn(config, policy, dataclasses.replace(task, eval=rows),
+                                          num_problems=len(rows))
+    grid = tuple(settings.expo_alphas) + (T / W - 1,)
+
+    def score(alpha):
+      model = rank1.expo_params(fit.base, fit.window, 1 + alpha)
+      return metric_value(select_eval(_as_device(model), T), settings.metric, f'ExPO alpha={alpha:g}')[0]
+
+    alpha, scores = rank1.select_expo_alpha(grid, score)
+    extra['expo_tuned'] = rank1.expo_params(fit.base, fit.window, 1 + alpha)
+    evals['expo_tuned'] = eval_fn(_as_device(extra['expo_tuned']), T)
+    expo_selection = {'alpha': alpha, 'scores': [[a, v] for a, v in scores.items()], 'split': split,
+                      'problems': len(rows), 'fixed_alpha': T / W - 1}
+    log(f'AlphaRL: ExPO alpha {alpha:g} picked on {split} ({len(rows)} problems); expo_tuned {settings.metric} = '
+        f'{metric_value(evals["expo_tuned"], settings.metric, "expo_tuned")[0]:.4f}')
+    seconds['expo_selection'] = time.time() - t0
 
   continued = None
   if settings.continue_steps > 0:
@@ -491,7 +677,8 @@ def run_alpharl(config, run_dir: str, task=None, *, progress: bool | None = None
     continued = {'start': start, 'steps': settings.continue_steps, 'final_step': int(res.step),
                  'curve': [(s, *metric_value(crec[s], settings.metric, f'continued step {s}')) for s in sorted(crec)]}
 
-  result = summarize(config, settings, run_dir, fit, evals, recorded, reference, continued, seconds)
+  result = summarize(config, settings, run_dir, fit, evals, recorded, reference, continued, seconds,
+                     released=released, expo_selection=expo_selection, extra=extra)
   if writer:
     paths = write_outputs(result, run_dir)
     log(f'AlphaRL: {paths["markdown"]}')
@@ -500,11 +687,12 @@ def run_alpharl(config, run_dir: str, task=None, *, progress: bool | None = None
 
 def summarize(config, settings: Settings, run_dir, fit: WindowFit, evals: Mapping[str, Mapping],
               window_records: Mapping[int, Mapping], reference: dict | None, continued: dict | None,
-              seconds: Mapping[str, float]) -> dict:
+              seconds: Mapping[str, float], *, released: ReleasedWindow | None = None,
+              expo_selection: dict | None = None, extra: Mapping[str, Any] | None = None) -> dict:
   """The JSON-able result: per model the metric, its s.e., steps trained and (with a reference) share of gain."""
   T, W, metric = settings.planned_steps, settings.window_steps, settings.metric
-  steps_trained = {'base': 0, 'window': W, 'alpharl_A': W, 'alpharl_B': W, 'expo': W}
-  at_step = {'base': 0, 'window': W, 'alpharl_A': T, 'alpharl_B': T, 'expo': T}
+  steps_trained = {'base': 0, 'window': W, **{name: W for name in EXTRAPOLATED}}
+  at_step = {'base': 0, 'window': W, **{name: T for name in EXTRAPOLATED}}
   if continued is not None:
     steps_trained['continued'] = W + settings.continue_steps
     at_step['continued'] = continued['final_step']
@@ -529,7 +717,7 @@ def summarize(config, settings: Settings, run_dir, fit: WindowFit, evals: Mappin
   for m in models.values():
     m['gain'] = m['accuracy'] - base['accuracy']
   verdicts = {}
-  for name in ('alpharl_A', 'alpharl_B', 'expo'):
+  for name in EXTRAPOLATED:
     if name in models and 'share' in models[name]:
       verdicts[name] = target_verdict(models[name]['share'], models[name]['share_stderr'],
                                       models[name]['steps_trained'] / T)
@@ -547,7 +735,13 @@ def summarize(config, settings: Settings, run_dir, fit: WindowFit, evals: Mappin
       'base_mismatch': (reference is not None and math.isfinite(reference['base_accuracy'])
                         and abs(reference['base_accuracy'] - base['accuracy']) > 1e-9),
       'target': {'share': TARGET_SHARE, 'step_fraction': TARGET_STEP_FRACTION, 'verdicts': verdicts},
-      'weight_quality': weight_quality(fit, reference['run']) if reference is not None else None,
+      'weight_quality': weight_quality(fit, reference['run'], extra) if reference is not None else None,
+      'released': None if released is None else {
+          'fitted': released.fits is not None, 'reason': released.reason, 'steps': released.steps,
+          'accuracy': released.accuracy, 'targets': released.targets, 'fit': released.diagnostics,
+          'target_rule': 'window: least-squares line of the metric against step over the PLS checkpoints, at '
+                         f'step {T}, clipped to [0, 1]; oracle: the reference run\'s final metric (upper bound)'},
+      'expo_selection': expo_selection, 'upper_bound': [n for n in UPPER_BOUND if n in models],
       'window_curve': window_curve, 'continued': continued, 'seconds': dict(seconds),
   }
 
@@ -571,12 +765,15 @@ def markdown_section(result: Mapping, image: str | None = PNG_NAME, heading_leve
             f'attention/MLP kernels on checkpoints {r["fit_steps"]} plus the origin (step {r["fit_origin"]}'
             f'{", the start of CF-RL stage 2" if r["fit_origin"] else ""}; median R^2 of the coefficient lines '
             f'{fmt(r["fit"]["r2_median"])}), and extrapolated the update to step {T} '
-            f'(predicted kernel update norm / window update norm: {fmt(r["fit"]["norm_ratio"], 2)}).', '']
+            f'(predicted kernel update norm / window update norm: {fmt(r["fit"]["norm_ratio"], 2)}). A and B are this '
+            'project\'s step line in the rank-1 sufficiency convention of the released eval/upd_rank.py '
+            '(W_0 + ||dW||_F u1 v1^T, the rest at base); the released AlphaRL predictor is the PLS procedure '
+            '(docs/alpharl.md).', '']
   head = ['model', 'steps trained', f'{metric} ± s.e.', 'gain over base']
   if has_share:
     head += ['share of the gain ± s.e.', f'target (≥{TARGET_SHARE:.0%} at ≤{TARGET_STEP_FRACTION:.0%} steps)']
   lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-  order = ['base', 'window', 'alpharl_A', 'alpharl_B', 'expo', 'continued', 'reference']
+  order = ['base', 'window', *EXTRAPOLATED, 'continued', 'reference']
   for name in order:
     m = r['models'].get(name)
     if m is None:
@@ -585,7 +782,8 @@ def markdown_section(result: Mapping, image: str | None = PNG_NAME, heading_leve
            f'{m["gain"]:+.3f}']
     if has_share:
       share = '—' if name == 'base' else f'{fmt(m["share"])} ± {fmt(m["share_stderr"])}'
-      row += [share, r['target']['verdicts'].get(name, '')]
+      verdict = r['target']['verdicts'].get(name, '')
+      row += [share, f'{verdict} (upper bound)' if verdict and name in UPPER_BOUND else verdict]
     lines.append('| ' + ' | '.join(row) + ' |')
   lines.append('')
   if has_share:
@@ -600,16 +798,58 @@ def markdown_section(result: Mapping, image: str | None = PNG_NAME, heading_leve
                 f'({fmt(r["models"]["base"]["accuracy"])}); the gain uses this run\'s base.', '']
   if r['share_note']:
     lines += [r['share_note'], '']
+  lines += _released_notes(r) + _expo_notes(r)
   wq = r.get('weight_quality')
   if wq:
     lines += [f'Predicted vs actual kernel update at step {T} (reference checkpoint, all kernels pooled): ' + '; '.join(
-        f'{name} cosine {fmt(q["cosine"])}, relative error {fmt(q["relative_error"])}, norm ratio '
+        f'{WQ_NAMES.get(name, name)} cosine {fmt(q["cosine"])}, relative error {fmt(q["relative_error"])}, norm ratio '
         f'{fmt(q["norm_ratio"], 2)}' for name, q in wq.items()) + '.', '']
   secs = r['seconds']
   lines += ['Wall time: ' + ', '.join(f'{k.replace("_", " ")} {v:.0f} s' for k, v in secs.items()) + '.', '']
   if image:
     lines += [f'![AlphaRL accuracy vs step]({image})', '']
   return '\n'.join(lines)
+
+
+SHORT_NAMES = {'alpharl_A': 'A (step line)', 'alpharl_B': 'B (step line + kept groups)',
+               'released_oracle': 'released, oracle target (upper bound)', 'released_window': 'released, window target',
+               'expo': 'ExPO fixed', 'expo_tuned': 'ExPO tuned'}
+WQ_NAMES = {**SHORT_NAMES, 'alpharl': SHORT_NAMES['alpharl_A']}
+
+
+def _released_notes(r: Mapping) -> list[str]:
+  rel = r.get('released')
+  if rel is None:
+    return []
+  if not rel['fitted']:
+    return [f'Released AlphaRL (PLS) not fitted: {rel["reason"]}', '']
+  t = rel['targets']
+  out = [f'Released AlphaRL (PLS): {rel["fit"]["matrices"]} kernel matrices, PLS of the sign-chained s1*u1 vectors '
+         f'against {r["metric"]} at checkpoints {rel["steps"]} ({", ".join(fmt(a) for a in rel["accuracy"])}); median '
+         f'R^2 {fmt(rel["fit"]["pls_r2_median"])}; coordinates {"standardised" if rel["fit"]["scale"] else "centred"}. '
+         'Each model is the window-end checkpoint plus u1 pred^T on every kernel, as released: pred is the '
+         'predicted rank-1 part of the whole update W_T - W_0, added on top of W_W, which already holds W_W - W_0.']
+  if 'oracle' in t:
+    out.append(f'Target (oracle, UPPER BOUND: it is the reference run\'s final {r["metric"]}): {fmt(t["oracle"])}.')
+  if 'window' in t:
+    out.append(f'Target from the window alone: {fmt(t["window"])} (least-squares line of {r["metric"]} against step '
+               f'over those checkpoints, at step {r["planned_steps"]}, clipped to [0, 1]).')
+  ratios = rel['fit'].get('added_norm_ratio', {})
+  if ratios:
+    out.append('Added kernel norm / window kernel update norm: ' +
+               ', '.join(f'{k} {fmt(v, 2)}' for k, v in ratios.items()) + '.')
+  return [' '.join(out), '']
+
+
+def _expo_notes(r: Mapping) -> list[str]:
+  sel = r.get('expo_selection')
+  if not sel:
+    return []
+  scores = ', '.join(f'{fmt(a, 2)}: {fmt(v)}' for a, v in sel['scores'])
+  return [f'ExPO tuned: theta_W + alpha (theta_W - theta_0) with alpha = {fmt(sel["alpha"], 2)}, the best '
+          f'{r["metric"]} on {sel["split"]} ({sel["problems"]} problems, disjoint from the reported ones; ties go to '
+          f'the smaller alpha) among {{{scores}}}; the fixed ExPO row is alpha = T/W - 1 = '
+          f'{fmt(sel["fixed_alpha"], 2)}. The table reports both on the reported problems.', '']
 
 
 def write_plot(result: Mapping, path: str) -> str:
@@ -629,11 +869,14 @@ def write_plot(result: Mapping, path: str) -> str:
     curve(r['reference']['curve'], color='gray', marker='o', ms=3, label='reference: full run')
   curve(r['window_curve'], color='C0', marker='o', ms=4, lw=2, label=f'window training ({W} steps)')
   models = r['models']
-  for i, (name, marker) in enumerate((('alpharl_A', 's'), ('alpharl_B', 'D'), ('expo', '^'))):
-    if name in models:
-      m = models[name]
-      ax.errorbar([T + (i - 1) * 0.01 * T], [m['accuracy']], yerr=[np.nan_to_num(m['stderr'])], fmt=marker,
-                  color=f'C{i + 1}', capsize=3, ms=7, label=f'{name.replace("_", " ")} at step {T}')
+  markers = {'alpharl_A': 's', 'alpharl_B': 'D', 'released_oracle': 'P', 'released_window': 'X', 'expo': '^',
+             'expo_tuned': 'v'}
+  shown = [n for n in EXTRAPOLATED if n in models]
+  for i, name in enumerate(shown):
+    m = models[name]
+    ax.errorbar([T + (i - (len(shown) - 1) / 2) * 0.01 * T], [m['accuracy']], yerr=[np.nan_to_num(m['stderr'])],
+                fmt=markers[name], color=f'C{i + 1}', capsize=3, ms=7,
+                label=f'{SHORT_NAMES[name]} at step {T}')
   if r['continued'] is not None:
     c = r['continued']
     start = models[c['start']]
@@ -646,7 +889,7 @@ def write_plot(result: Mapping, path: str) -> str:
     ax.axhline(b + TARGET_SHARE * (r['reference']['accuracy'] - b), color='gray', lw=0.8, ls='--',
                label=f'{TARGET_SHARE:.0%} of the reference gain')
   ax.set(xlabel='training step', ylabel=f'{metric} (± s.e.)',
-         title=f'AlphaRL: window {W}/{T} steps, rank-1 extrapolation to step {T}')
+         title=f'AlphaRL: window {W}/{T} steps, predicted models at step {T}')
   ax.legend(fontsize=7)
   fig.savefig(path, dpi=110)
   return path
@@ -663,3 +906,50 @@ def write_outputs(result: Mapping, run_dir: str) -> dict[str, str]:
   with open(paths['markdown'], 'w') as f:
     f.write(markdown_section(result) + '\n')
   return paths
+
+
+# --- across seeds ---------------------------------------------------------------------------
+def pooled_share(shares: list[float], stderrs: list[float]) -> tuple[float, float]:
+  """(mean share, its standard error): across seeds std(ddof=1) / sqrt(n) for n >= 2 (the seed-to-seed
+  spread, evaluation noise included); for one seed, that run's own s.e. NaN shares are left out."""
+  pairs = [(s, e) for s, e in zip(shares, stderrs) if math.isfinite(s)]
+  if not pairs:
+    return float('nan'), float('nan')
+  x = np.array([s for s, _ in pairs])
+  if len(x) == 1:
+    return float(x[0]), float(pairs[0][1])
+  return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x)))
+
+
+def seeds_section(results: list[tuple[str, Mapping]], heading_level: int = 3) -> str:
+  """Markdown: per arm and variant, the share of the gain +- s.e. across seeds and the verdict.
+
+  results: [(label 'arm/seed<k>' or a name, result of run_alpharl)]. Runs without a reference
+  have no share and are left out; '' when none has one.
+  """
+  arms: dict[str, list[Mapping]] = {}
+  for label, r in results:
+    if r.get('reference') is not None:
+      arms.setdefault(label.split('/')[0], []).append(r)
+  if not arms:
+    return ''
+  lines = ['#' * heading_level + ' AlphaRL verdicts across seeds', '',
+           f'Target: ≥{TARGET_SHARE:.0%} of the reference gain at ≤{TARGET_STEP_FRACTION:.0%} of the steps. Share: mean '
+           'over seeds ± its standard error (seed-to-seed spread / √n; one seed: that run\'s s.e.). "within noise": '
+           'within 2 s.e. of the target. The oracle-target row uses the reference\'s final accuracy: an upper bound, '
+           'not a prediction.', '',
+           '| arm | model | seeds | share of the gain ± s.e. | verdict |', '|---|---|---|---|---|']
+  for arm, runs in arms.items():
+    for name in EXTRAPOLATED + ('continued',):
+      have = [r['models'][name] for r in runs if name in r['models'] and 'share' in r['models'][name]]
+      if not have:
+        continue
+      share, se = pooled_share([m['share'] for m in have], [m['share_stderr'] for m in have])
+      fraction = max(m['steps_trained'] for m in have) / runs[0]['planned_steps']
+      verdict = target_verdict(share, se, fraction)
+      if name in UPPER_BOUND and verdict != 'n/a':
+        verdict += ' (upper bound)'
+      label = SHORT_NAMES.get(name, name)
+      lines.append(f'| {arm} | {label} | {len(have)} | {fmt(share)} ± {fmt(se)} | {verdict} |')
+  lines.append('')
+  return '\n'.join(lines)

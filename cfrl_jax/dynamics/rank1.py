@@ -1,4 +1,4 @@
-"""Weight-space dynamics of RL post-training: rank-1 dominance, linear dynamics, AlphaRL, ExPO, RELEX.
+"""Weight-space dynamics of RL post-training: rank-1 dominance, linear dynamics, extrapolation, ExPO, RELEX.
 
 What is analysed. The "2-D weights of the attention and MLP blocks" of a cfrl_jax
 parameter tree, i.e. backbone/layers/{q,k,v,o,gate,up,down}_proj/kernel, stored
@@ -10,7 +10,7 @@ reference of every update dW_t = W_t - W_0.
 Definitions (s_i, u_i, v_i: singular triplets of dW, descending):
   top-k share         sum_{i<=k} s_i^2 / sum_i s_i^2              (NaN when dW == 0)
   rank-k model        W_0 + ||dW||_F * P_k / ||P_k||_F, P_k = U_k S_k V_k^T
-                      (AlphaRL's rescaling to the full update's norm; rescale=False
+                      (the rescaling of the released eval/upd_rank.py; rescale=False
                       gives the plain truncated SVD W_0 + P_k)
   rank-1 coefficient  c_t = <s1_t u1_t v1_t^T, u_ref v_ref^T>_F = s1_t (u1_t.u_ref)(v1_t.v_ref):
                       the rank-1 update projected on a fixed unit direction (the final
@@ -22,7 +22,10 @@ Definitions (s_i, u_i, v_i: singular triplets of dW, descending):
                       fewer than 3 points (a line through 2 points proves nothing)
                       or when the target is constant.
 
-AlphaRL extrapolation rule (fit_rank1_extrapolation / predict_rank1_update). Given
+Rank-1 step-line extrapolation (fit_rank1_extrapolation / predict_rank1_update): this
+project's rule, in the rank-1 sufficiency convention of the released eval/upd_rank.py
+(W_0 + ||dW||_F u1 v1^T, everything else at base); it is NOT the released AlphaRL
+predictor, which is the PLS procedure further below. Given
 the base step t_0 and window checkpoints t_0 < t_1 < ... < t_m, for each matrix:
   1. (u, v) = top singular pair of dW_{t_m} (the last window checkpoint);
   2. c_i = s1(t_i) (u1(t_i).u) (v1(t_i).v): each window checkpoint's rank-1 update
@@ -35,7 +38,23 @@ the base step t_0 and window checkpoints t_0 < t_1 < ... < t_m, for each matrix:
 With only the window's last checkpoint and the origin, this is the line through
 both, i.e. the rescaled rank-1 model of dW_{t_m} multiplied by (tau-t_0)/(t_m-t_0).
 ExPO baseline: theta(tau) = theta_0 + alpha (theta_{t_m} - theta_0) on every leaf,
-alpha = (tau - t_0)/(t_m - t_0) by default.
+alpha = (tau - t_0)/(t_m - t_0) by default; select_expo_alpha picks ExPO's own
+extrapolation strength on held-out data instead.
+
+Released AlphaRL procedure (caiyuchen-ustc/AlphaRL; fit_released / released_params).
+Per matrix, with checkpoints t_1 < ... < t_m of the window (base excluded):
+  1. a_t = s1(t) * (output-side top singular vector of dW_t). The released code holds
+     torch (out, in) weights, whose u1 is the output side; a cfrl_jax kernel is (in, out),
+     so that side is our v1, and the input side kept fixed is our u1;
+  2. signs chained backwards from the window end: a_t is flipped when it has a negative
+     dot product with the already aligned a_{t+1} (a_{t_m} kept);
+  3. a one-component PLS regression (PLS1, sklearn PLSRegression's conventions:
+     coordinates centred and, with scale=True, divided by their standard deviation)
+     of the vectors a_t against held-out accuracy y_t, then y = mean(y) + b * score;
+  4. inverted at a target accuracy y*: score* = (y* - mean(y)) / b, mapped back to the
+     vector space (pls1_invert), giving pred_a;
+  5. the model: the WINDOW-END checkpoint (full-rank update, head, embeddings, norms
+     kept) plus u1(t_m) pred_a^T on every kernel. No norm rescale, no origin point.
 
 RELEX: per matrix, stack the T deltas as rows of D (T x numel), take the SVD over
 time D = A S B^T; the leading temporal coefficient a_t = A_{t1} S_1 (sign: a_T >= 0)
@@ -58,7 +77,7 @@ MATRIX_NAMES = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 
 # Groups of the remaining leaves that a rank-k / extrapolated model may keep updated
 # (instead of at base). 'head' is the output classifier: head/w, or backbone/embed when tied.
 KEEP_GROUPS = ('head', 'embed', 'norms', 'biases', 'other')
-VARIANT_A = ()           # the paper: embeddings, head, norms and biases at base
+VARIANT_A = ()           # eval/upd_rank.py's convention: embeddings, head, norms and biases at base
 VARIANT_B = ('head',)    # CF-RL moves the head first: keep its full update
 
 Path = tuple[str, ...]
@@ -258,7 +277,7 @@ def rank_k_params(base: Mapping, final: Mapping, k: int | None, *, keep: Iterabl
   """The rank-k model: every analysed kernel W_0 + rescaled rank-k part of its update.
 
   k=None is the full update (the final kernels). Leaves outside the kernels stay at
-  base unless their group is in `keep` (KEEP_GROUPS; VARIANT_A = () as the paper,
+  base unless their group is in `keep` (KEEP_GROUPS; VARIANT_A = () as eval/upd_rank.py,
   VARIANT_B = ('head',)), then they take the final value. `factors` (from
   update_factors with rank >= k) avoids recomputing the SVDs. Dtypes follow `base`.
   """
@@ -523,7 +542,7 @@ def relex(gram, steps) -> RelexFit:
   return RelexFit(np.moveaxis(lead, 0, -1), comps.share[..., 0], linear_fit(steps, lead))
 
 
-# --- AlphaRL and ExPO extrapolation ------------------------------------------------------
+# --- rank-1 step-line extrapolation and ExPO ----------------------------------------------
 class Rank1Extrapolation(NamedTuple):
   """Per matrix (...): W(t) = W_0 + scale * (intercept + slope * t) * u v^T (see module docstring).
 
@@ -543,7 +562,7 @@ class Rank1Extrapolation(NamedTuple):
 
 def fit_rank1_extrapolation(window_steps, factors: UpdateFactors, base_step: float, *,
                             include_origin: bool = True, rescale: bool = True) -> Rank1Extrapolation:
-  """Fits AlphaRL's rank-1 line on window checkpoints (factors stacked (m, ...), steps (m,))."""
+  """Fits the rank-1 step line on window checkpoints (factors stacked (m, ...), steps (m,))."""
   steps = np.asarray(window_steps, np.float64)
   if steps.ndim != 1 or factors.s.shape[0] != len(steps):
     raise ValueError(f'window_steps {steps.shape} must match the factors\' time axis {factors.s.shape[:1]}.')
@@ -589,7 +608,7 @@ def fit_params_extrapolation(base: Mapping, window: Sequence[tuple[int, Mapping]
 
 def alpharl_params(base: Mapping, fits: Mapping[Path, Rank1Extrapolation], step: float, *,
                    keep: Iterable[str] = VARIANT_A, kept_from: Mapping | None = None) -> Params:
-  """The AlphaRL model at `step`: every analysed kernel W_0 + predicted rank-1 update.
+  """The rank-1 step-line model at `step`: every analysed kernel W_0 + predicted rank-1 update.
 
   Leaves in the `keep` groups take their value in `kept_from` (e.g. the last window
   checkpoint; required when keep is non-empty), all others stay at base.
@@ -628,6 +647,194 @@ def expo_params(base: Mapping, params: Mapping, alpha: float) -> Params:
   out = {p: (np.asarray(w0, np.float64) + alpha * (np.asarray(fp[p], np.float64) - np.asarray(w0, np.float64))
              ).astype(np.asarray(w0).dtype) for p, w0 in fb.items()}
   return unflatten(out, base)
+
+
+def select_expo_alpha(alphas: Iterable[float], score: Callable[[float], float]) -> tuple[float, dict[float, float]]:
+  """(alpha with the highest score(alpha), {alpha: score}) over the grid; ties go to the smaller alpha.
+
+  ExPO's own parameterisation: theta = theta_W + alpha (theta_W - theta_0) =
+  expo_params(base, window, 1 + alpha). `score` should be held-out accuracy on problems
+  disjoint from those reported (picking on the reported ones would tune on the test).
+  """
+  grid = sorted({float(a) for a in alphas})
+  if not grid:
+    raise ValueError('select_expo_alpha needs at least one candidate alpha.')
+  bad = [a for a in grid if not math.isfinite(a)]
+  if bad:
+    raise ValueError(f'ExPO alphas must be finite numbers; got {bad}.')
+  scores = {}
+  for a in grid:
+    value = score(a)
+    try:
+      scores[a] = float(value)
+    except (TypeError, ValueError):
+      raise TypeError(f'score(alpha) must return a float; got {value!r} for alpha={a}.') from None
+  if not any(math.isfinite(v) for v in scores.values()):
+    raise ValueError(f'Every ExPO candidate scored NaN ({scores}); the selection problems gave no metric.')
+  best = max((v, -a) for a, v in scores.items() if math.isfinite(v))
+  return -best[1], scores
+
+
+# --- the released AlphaRL procedure (module docstring) ------------------------------------------
+def chain_signs_backward(x) -> tuple[np.ndarray, np.ndarray]:
+  """Aligns vectors x (T, ..., n) backwards in time: x_{T-1} kept, then each x_t flipped when
+  <x_t, aligned x_{t+1}> < 0 (a zero dot product keeps the sign). Returns (aligned, signs (T, ...))."""
+  x = np.asarray(x, np.float64)
+  if x.ndim < 2 or len(x) < 1:
+    raise ValueError(f'chain_signs_backward needs vectors (T, ..., n) with T >= 1; got shape {x.shape}.')
+  signs = np.ones(x.shape[:-1])
+  for t in range(len(x) - 2, -1, -1):
+    dot = np.sum(x[t] * x[t + 1] * signs[t + 1][..., None], -1)
+    signs[t] = np.where(dot < 0, -1.0, 1.0)
+  return x * signs[..., None], signs
+
+
+class PLS1(NamedTuple):
+  """One-component PLS regression of vectors X (T, ..., n) on a scalar y (T,), batched over (...).
+
+  x_mean, x_scale (..., n): the centring and scaling of the coordinates (x_scale = 1 without
+  scaling, and where a coordinate is constant); weights (..., n): unit PLS direction w in the
+  scaled space; loadings (..., n): p = Xs^T t / t^T t; scores (T, ...): t = Xs w;
+  y_mean; slope (...): b of y ~ y_mean + b t (t is centred); r2 (...): of that line;
+  flat (...): True where X^T y = 0 (the vectors do not vary with y; inversion returns x_mean).
+  """
+  x_mean: np.ndarray
+  x_scale: np.ndarray
+  weights: np.ndarray
+  loadings: np.ndarray
+  scores: np.ndarray
+  y_mean: float
+  slope: np.ndarray
+  r2: np.ndarray
+  flat: np.ndarray
+
+
+def pls1(x, y, *, scale: bool = True) -> PLS1:
+  """PLS1 by NIPALS for one component (which converges in one pass for a single response).
+
+  scale=True follows sklearn's PLSRegression default (coordinates divided by their
+  standard deviation, ddof=1; a constant coordinate by 1). ValueError with fewer than 2
+  points or a constant y (nothing to regress on).
+  """
+  x = np.asarray(x, np.float64)
+  y = np.asarray(y, np.float64)
+  if y.ndim != 1 or x.ndim < 2 or x.shape[0] != y.shape[0]:
+    raise ValueError(f'pls1 needs vectors x (T, ..., n) and targets y (T,); got {x.shape} and {y.shape}.')
+  if len(y) < 2:
+    raise ValueError(f'PLS needs at least 2 points (checkpoints); got {len(y)}.')
+  if not np.all(np.isfinite(y)) or not np.all(np.isfinite(x)):
+    raise ValueError('pls1 got non-finite vectors or targets.')
+  yc = y - y.mean()
+  if np.all(np.abs(yc) <= 1e-12 * max(1.0, float(np.max(np.abs(y))))):
+    raise ValueError(f'PLS against a constant target y={y.tolist()} is undefined: the held-out accuracy did '
+                     'not change over the fitted checkpoints.')
+  mean = x.mean(0)
+  xc = x - mean
+  if scale:
+    sd = xc.std(0, ddof=1)
+    sd = np.where(sd > 0, sd, 1.0)
+  else:
+    sd = np.ones_like(mean)
+  xs = xc / sd
+  cov = np.tensordot(yc, xs, axes=(0, 0))                      # X^T y, (..., n)
+  norm = np.linalg.norm(cov, axis=-1, keepdims=True)
+  flat = norm[..., 0] <= 0
+  w = cov / np.where(norm > 0, norm, 1.0)
+  t = np.sum(xs * w, -1)                                        # (T, ...)
+  tt = np.sum(t * t, 0)
+  safe = np.where(tt > 0, tt, 1.0)
+  p = np.tensordot(t, xs, axes=(0, 0)) if t.ndim == 1 else np.einsum('t...,t...n->...n', t, xs)
+  p = p / safe[..., None]
+  b = np.tensordot(yc, t, axes=(0, 0)) / safe
+  resid = yc.reshape((-1,) + (1,) * (t.ndim - 1)) - b * t
+  ss_tot = float(np.sum(yc * yc))
+  r2 = np.where(flat, np.nan, 1.0 - np.sum(resid * resid, 0) / ss_tot)
+  return PLS1(mean, sd, w, p, t, float(y.mean()), np.where(flat, 0.0, b), r2, flat)
+
+
+def pls1_invert(fit: PLS1, y_target: float) -> np.ndarray:
+  """The vector (..., n) whose predicted y is y_target: x_mean + x_scale p (y_target - y_mean) / b.
+
+  This is sklearn's inverse_transform of the score that LinearRegression(score -> y) maps to
+  y_target; where fit.flat, x_mean.
+  """
+  b = np.where(fit.flat, 1.0, fit.slope)
+  score = np.where(fit.flat, 0.0, (float(y_target) - fit.y_mean) / b)
+  return fit.x_mean + fit.x_scale * fit.loadings * score[..., None]
+
+
+def extrapolated_accuracy(steps, accuracy, step: float, *, cap: float = 1.0) -> float:
+  """The least-squares line of accuracy against step, evaluated at `step`, clipped to [0, cap].
+
+  The rule for a target accuracy chosen from the window alone.
+  """
+  fit = linear_fit(np.asarray(steps, np.float64), np.asarray(accuracy, np.float64))
+  return float(min(max(float(fit.intercept + fit.slope * float(step)), 0.0), cap))
+
+
+class ReleasedFit(NamedTuple):
+  """The released AlphaRL fit of one stacked kernel (...) = layers, over window checkpoints `steps` (T,).
+
+  u (..., m): input-side top singular vector of the window end's update (the fixed factor);
+  vectors (T, ..., n): sign-chained a_t = s1 * output-side vector; signs (T, ...); pls: PLS1
+  of the vectors against `accuracy` (T,).
+  """
+  u: np.ndarray
+  vectors: np.ndarray
+  signs: np.ndarray
+  pls: PLS1
+  steps: np.ndarray
+  accuracy: np.ndarray
+
+
+def fit_released(steps, factors: UpdateFactors, accuracy, *, scale: bool = True) -> ReleasedFit:
+  """The released procedure's fit from stacked rank-1 factors (T, ...) of the window checkpoints.
+
+  steps (T,) increasing, the last being the window end; accuracy (T,) held-out accuracy of each.
+  """
+  steps = np.asarray(steps, np.float64)
+  acc = np.asarray(accuracy, np.float64)
+  if steps.ndim != 1 or factors.s.shape[0] != len(steps) or acc.shape != steps.shape:
+    raise ValueError(f'steps {steps.shape}, accuracy {acc.shape} and the factors\' time axis '
+                     f'{factors.s.shape[:1]} must agree.')
+  if np.any(np.diff(steps) <= 0):
+    raise ValueError(f'Window steps must be increasing; got {steps.tolist()}.')
+  s1, u1, v1 = top_pair(factors)
+  vectors, signs = chain_signs_backward(s1[..., None] * v1)
+  return ReleasedFit(u1[-1], vectors, signs, pls1(vectors, acc, scale=scale), steps, acc)
+
+
+def fit_params_released(base: Mapping, window: Sequence[tuple[int, Mapping]], accuracy, *, scale: bool = True,
+                        dtype=np.float64, method: str = 'gram') -> dict[Path, ReleasedFit]:
+  """{path: ReleasedFit} for every analysed kernel from window checkpoints [(step, params)] (last = window end)."""
+  if not window:
+    raise ValueError('The released AlphaRL fit needs window checkpoints after the base.')
+  per_step = [update_factors(base, p, 1, dtype, method) for _, p in window]
+  steps = [s for s, _ in window]
+  return {path: fit_released(steps, stack_factors([f[path] for f in per_step]), accuracy, scale=scale)
+          for path in matrix_paths(base)}
+
+
+def released_update(fit: ReleasedFit, target: float) -> np.ndarray:
+  """u1(window end) pred_a^T, (..., m, n): the increment added to the window-end kernel."""
+  return fit.u[..., :, None] * pls1_invert(fit.pls, target)[..., None, :]
+
+
+def released_params(window_params: Mapping, fits: Mapping[Path, ReleasedFit], target: float) -> Params:
+  """The released AlphaRL model: the window-end checkpoint, each analysed kernel plus released_update.
+
+  Every other leaf (head, embeddings, norms, biases) keeps its window-end value; dtypes follow it.
+  """
+  fw = flatten(window_params)
+  missing = [path_name(p) for p in matrix_paths(window_params) if p not in fits]
+  if missing:
+    raise ValueError(f'No released AlphaRL fit for {missing}.')
+  out = {}
+  for p, w in fw.items():
+    dt = np.asarray(w).dtype
+    out[p] = (np.asarray(w, np.float64) + released_update(fits[p], target)).astype(dt) if p in fits \
+        else np.asarray(w)
+  return unflatten(out, window_params)
 
 
 # --- evaluation --------------------------------------------------------------------------
