@@ -126,7 +126,7 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
   c.checkpoint.max_to_keep = 0   # 0: keep all (the rank-1 analysis reads them)
 
   c.alpharl = mc.ConfigDict()     # AlphaRL run mode (cfrl_jax/alpharl.py); output in <run_dir>/alpharl/
-  c.alpharl.enabled = False       # True: train an early window, extrapolate its rank-1 dynamics, evaluate
+  c.alpharl.enabled = False       # True: train an early window, predict the end from its rank-1 dynamics, evaluate
   c.alpharl.window = 0.4          # fraction of rl.steps trained before the fit, in (0, 1]
   c.alpharl.fit_every = 5         # checkpoint interval in the window: the fit's points (step 0 is the base)
   c.alpharl.continue_steps = 0    # then train this many steps from the extrapolated model; -1: the rest of rl.steps
@@ -151,6 +151,11 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
 def check_against_schema(config: mc.ConfigDict, schema: mc.ConfigDict | None = None, prefix: str = '') -> None:
   """Every key of `config` must exist in the schema (catches a misspelt field in a config file)."""
   schema = base_config(config.task.name) if schema is None else schema
+  c.alpharl.released = True       # also the released AlphaRL predictor (PLS of s1*u1 vs accuracy; docs/alpharl.md)
+  c.alpharl.pls_scale = True      # its PLS standardises coordinates (sklearn PLSRegression's default, as released)
+  c.alpharl.expo_alphas = '0.5,1,2,4'  # tuned ExPO: alpha grid (T/W - 1 added), picked on selection problems; '': off
+  c.alpharl.select_on = 'auto'    # selection problems: 'eval_rest' (eval rows after eval.num_problems) | 'train' | 'auto'
+  c.alpharl.select_problems = -1  # how many; -1: eval.num_problems
   for key in config.keys():
     if key not in schema:
       raise ValueError(f'Unknown config key {prefix + key!r}. Valid keys here: {sorted(schema.keys())}.')
