@@ -135,6 +135,11 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
   c.alpharl.reference_run = ''    # full run of the same config (or its study dir; '{arm}', '{seed}' are filled in)
   c.alpharl.metric = 'pass@1'     # the eval metric reported (any key of the eval records)
   c.alpharl.expo = True           # also evaluate ExPO, theta_0 + (T / W) (theta_W - theta_0), as a baseline
+  c.alpharl.released = True       # also the released AlphaRL predictor (PLS of s1*u1 vs accuracy; docs/alpharl.md)
+  c.alpharl.pls_scale = True      # its PLS standardises coordinates (sklearn PLSRegression's default, as released)
+  c.alpharl.expo_alphas = '0.5,1,2,4'  # tuned ExPO: alpha grid (T/W - 1 added), picked on selection problems; '': off
+  c.alpharl.select_on = 'auto'    # selection problems: 'eval_rest' (eval rows after eval.num_problems) | 'train' | 'auto'
+  c.alpharl.select_problems = -1  # how many; -1: eval.num_problems
 
   c.mesh = mc.ConfigDict()        # device mesh for the learner and sampler (cfrl_jax/parallel.py)
   c.mesh.shape = (1, -1, 1)       # (data, fsdp, tensor); -1 takes the remaining devices
@@ -151,11 +156,6 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
 def check_against_schema(config: mc.ConfigDict, schema: mc.ConfigDict | None = None, prefix: str = '') -> None:
   """Every key of `config` must exist in the schema (catches a misspelt field in a config file)."""
   schema = base_config(config.task.name) if schema is None else schema
-  c.alpharl.released = True       # also the released AlphaRL predictor (PLS of s1*u1 vs accuracy; docs/alpharl.md)
-  c.alpharl.pls_scale = True      # its PLS standardises coordinates (sklearn PLSRegression's default, as released)
-  c.alpharl.expo_alphas = '0.5,1,2,4'  # tuned ExPO: alpha grid (T/W - 1 added), picked on selection problems; '': off
-  c.alpharl.select_on = 'auto'    # selection problems: 'eval_rest' (eval rows after eval.num_problems) | 'train' | 'auto'
-  c.alpharl.select_problems = -1  # how many; -1: eval.num_problems
   for key in config.keys():
     if key not in schema:
       raise ValueError(f'Unknown config key {prefix + key!r}. Valid keys here: {sorted(schema.keys())}.')
