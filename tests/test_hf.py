@@ -209,3 +209,184 @@ def test_save_rejects_params_that_do_not_match_the_config(tiny_qwen2_dir, tmp_pa
     hf.save_pretrained(cfg.replace(intermediate_size=48), params, tmp_path)
   with pytest.raises(ValueError, match='tied'):
     hf.save_pretrained(cfg.replace(tie='tied'), params, tmp_path)
+
+
+# --- atomic save: an error or a kill leaves the old checkpoint as it was ---------------------
+def _tree_bytes(path):
+  """relative file path -> bytes, for every file under path."""
+  out = {}
+  for root, _, files in os.walk(path):
+    for f in files:
+      full = os.path.join(root, f)
+      out[os.path.relpath(full, path)] = open(full, 'rb').read()
+  return out
+
+
+def _siblings(path):
+  return sorted(f for f in os.listdir(os.path.dirname(path)) if f != os.path.basename(path))
+
+
+def test_failed_save_leaves_the_old_checkpoint_untouched(tiny_qwen2_dir, tmp_path):
+  target = _copy_checkpoint(tiny_qwen2_dir, tmp_path / 'ck')
+  before = _tree_bytes(target)
+  cfg, params = hf.load_pretrained(target)
+  with pytest.raises(ValueError, match="'model.layers.0.mlp.gate_proj.weight' shape"):
+    hf.save_pretrained(cfg.replace(intermediate_size=48), params, target)
+  # The last shard is the one that fails: the earlier shards were written, into the temporary.
+  short_head = {'backbone': params['backbone'], 'head': {'w': params['head']['w'][:-1]}}
+  with pytest.raises(ValueError, match="'lm_head.weight' shape"):
+    hf.save_pretrained(cfg, short_head, target, max_shard_bytes=40_000)
+  assert _tree_bytes(target) == before and _siblings(target) == []
+  raw = load_file(os.path.join(tiny_qwen2_dir, 'model.safetensors'))
+  _, again = hf.load_pretrained(target)
+  np.testing.assert_array_equal(again['backbone']['layers']['up_proj']['kernel'][1],
+                                raw['model.layers.1.mlp.up_proj.weight'].T)
+
+
+def test_save_replaces_weights_and_keeps_the_other_files(tiny_qwen2_dir, tmp_path):
+  target = _copy_checkpoint(tiny_qwen2_dir, tmp_path / 'ck')
+  before = _tree_bytes(target)
+  others = {f for f in before if f not in ('config.json', 'model.safetensors')}
+  assert 'tokenizer.json' in others
+  mode = os.stat(target).st_mode
+  cfg, params = hf.load_pretrained(target)
+  doubled = jax.tree_util.tree_map(lambda x: np.asarray(x) * 2, params)
+  hf.save_pretrained(cfg, doubled, target, max_shard_bytes=40_000)
+  after = _tree_bytes(target)
+  assert {f: after[f] for f in others} == {f: before[f] for f in others}
+  assert 'model.safetensors' not in after and hf.INDEX_FILE in after
+  assert os.stat(target).st_mode == mode and _siblings(target) == []
+  raw = load_file(os.path.join(tiny_qwen2_dir, 'model.safetensors'))
+  _, loaded = hf.load_pretrained(target)
+  np.testing.assert_array_equal(loaded['head']['w'], raw['lm_head.weight'] * 2)
+
+
+_KILLED_SAVE = r'''
+import os, signal, sys, time
+import jax, numpy as np
+from cfrl_jax.models import hf
+mode, target = sys.argv[1:]
+cfg, params = hf.load_pretrained(target)
+doubled = jax.tree_util.tree_map(lambda x: np.asarray(x) * 2, params)
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if mode == 'during_write':    # the parent kills us once the first shard is in the temporary directory
+  write = hf._write_tensors
+  def slow(*a):
+    write(*a)
+    print('wrote', flush=True)
+    time.sleep(120)
+  hf._write_tensors = slow
+elif mode == 'after_exchange':   # new checkpoint in place, old one not yet deleted
+  exchange = hf._exchange
+  def exchange_then_die(a, b):
+    assert exchange(a, b)
+    die()
+  hf._exchange = exchange_then_die
+elif mode == 'between_renames':   # the fallback swap: old taken aside, new not yet in place
+  hf._exchange = lambda a, b: False
+  rename, calls = os.rename, []
+  def rename_then_die(a, b):
+    calls.append(a)
+    if len(calls) == 2:
+      die()
+    rename(a, b)
+  os.rename = rename_then_die
+print('saving', flush=True)
+hf.save_pretrained(cfg, doubled, target, max_shard_bytes=40_000)
+'''
+
+
+def test_killed_save_leaves_a_loadable_checkpoint(tiny_qwen2_dir, tmp_path):
+  """SIGKILL during the write or the swap: the old checkpoint (or, after the swap, the new one) loads."""
+  import signal
+  import subprocess
+  import sys
+  script = tmp_path / 'killed_save.py'
+  script.write_text(_KILLED_SAVE)
+  modes = ('during_write', 'after_exchange', 'between_renames')
+  targets = {m: _copy_checkpoint(tiny_qwen2_dir, tmp_path / m / 'ck') for m in modes}
+  before = _tree_bytes(targets['during_write'])
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get('PYTHONPATH', ''),
+             JAX_PLATFORMS='cpu')
+  procs = {m: subprocess.Popen([sys.executable, str(script), m, targets[m]], stdout=subprocess.PIPE,
+                               text=True, env=env) for m in modes}
+  assert procs['during_write'].stdout.readline() == 'saving\n'
+  assert procs['during_write'].stdout.readline() == 'wrote\n'
+  assert os.listdir(targets['during_write'] + '/..') != ['ck']   # the temporary directory exists
+  procs['during_write'].kill()
+  for m, p in procs.items():
+    p.communicate(timeout=120)
+    assert p.returncode == -signal.SIGKILL, m
+
+  raw = load_file(os.path.join(tiny_qwen2_dir, 'model.safetensors'))
+  embed = raw['model.embed_tokens.weight']
+  # Killed while writing: the old checkpoint, byte for byte; the next save clears the leftover.
+  target = targets['during_write']
+  assert _tree_bytes(target) == before
+  assert [f.split('.tmp-')[0] for f in _siblings(target)] == ['ck']
+  np.testing.assert_array_equal(hf.load_pretrained(target)[1]['backbone']['embed'], embed)
+  # Killed after the exchange: the new checkpoint is complete; the old one waits in the temporary.
+  target = targets['after_exchange']
+  np.testing.assert_array_equal(hf.load_pretrained(target)[1]['backbone']['embed'], embed * 2)
+  assert _tree_bytes(target)['tokenizer.json'] == before['tokenizer.json']
+  # Killed between the fallback's two renames: no `ck`, the old checkpoint whole in ck.old-<hex>.
+  target = targets['between_renames']
+  assert not os.path.exists(target)
+  with pytest.raises(FileNotFoundError, match=r'ck\.old-[0-9a-f]{8} is the complete previous checkpoint'):
+    hf.load_pretrained(target)
+  (aside,) = [os.path.join(os.path.dirname(target), f) for f in _siblings(target) if '.old-' in f]
+  assert _tree_bytes(aside) == before
+  # The next save puts the old one back first, then replaces it; nothing is left beside it.
+  cfg, params = hf.load_pretrained(aside)
+  for target in targets.values():
+    hf.save_pretrained(cfg, jax.tree_util.tree_map(lambda x: np.asarray(x) * 3, params), target)
+    assert _siblings(target) == []
+    np.testing.assert_array_equal(hf.load_pretrained(target)[1]['backbone']['embed'], embed * 3)
+    assert _tree_bytes(target)['tokenizer.json'] == before['tokenizer.json']
+
+
+# --- unreadable files are errors that name the file -----------------------------------------
+@pytest.mark.parametrize('keep', [0, 20, 0.5])
+def test_truncated_or_empty_safetensors_names_the_file(keep, tiny_qwen2_dir, tmp_path):
+  path = _copy_checkpoint(tiny_qwen2_dir, tmp_path / 'ck')
+  f = os.path.join(path, 'model.safetensors')
+  data = open(f, 'rb').read()
+  open(f, 'wb').write(data[:int(keep * len(data)) if isinstance(keep, float) else keep])
+  with pytest.raises(ValueError, match=rf'{f} \(\d+ bytes\) is not a readable safetensors file.*truncated'):
+    hf.load_pretrained(path)
+
+
+def test_truncated_shard_names_the_shard(tiny_qwen2_dir, tmp_path):
+  cfg, params = hf.load_pretrained(tiny_qwen2_dir)
+  hf.save_pretrained(cfg, params, tmp_path, max_shard_bytes=40_000)
+  shard = str(tmp_path / 'model-00002-of-00004.safetensors')
+  data = open(shard, 'rb').read()
+  open(shard, 'wb').write(data[:-100])
+  with pytest.raises(ValueError, match=rf'{shard} .* not a readable safetensors file'):
+    hf.load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize('fname', ['config.json', hf.INDEX_FILE])
+def test_invalid_json_names_the_file(fname, tiny_qwen2_dir, tmp_path):
+  cfg, params = hf.load_pretrained(tiny_qwen2_dir)
+  hf.save_pretrained(cfg, params, tmp_path, max_shard_bytes=40_000)
+  f = str(tmp_path / fname)
+  text = open(f).read()
+  open(f, 'w').write(text[:len(text) // 2])
+  with pytest.raises(ValueError, match=rf'{f} is not valid JSON \(.*line \d+'):
+    hf.load_pretrained(tmp_path)
+
+
+def test_config_without_a_needed_field_names_field_and_file(tiny_qwen2_dir, tmp_path):
+  path = _copy_checkpoint(tiny_qwen2_dir, tmp_path / 'ck')
+  config = os.path.join(path, 'config.json')
+  d = json.load(open(config))
+  del d['num_attention_heads']
+  json.dump(d, open(config, 'w'))
+  with pytest.raises(ValueError, match=rf"{config} has no 'num_attention_heads' field"):
+    hf.load_pretrained(path)
+  d['num_attention_heads'] = 'four'
+  json.dump(d, open(config, 'w'))
+  with pytest.raises(ValueError, match=rf'{config} has a field of the wrong type'):
+    hf.load_pretrained(path)
