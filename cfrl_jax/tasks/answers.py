@@ -18,9 +18,9 @@ Extractors (names usable in configs):
 Rules for edge cases (docs/answers.md has the full list):
 
   * An unclosed box ends the search. A '\\boxed{' whose brace never closes swallows the
-    rest of the text: the completion was cut off inside its answer. With occurrence='last'
-    (the default) that is "no answer" (None), never an earlier, superseded box; with
-    'first', a complete box before it still counts. Escaped braces '\\{' '\\}' are
+    rest of the text: the completion was cut off inside its answer. When the last box is
+    asked for (boxed_occurrence='last', the default) that is "no answer" (None), never an
+    earlier, superseded box; with 'first', a complete box before it still counts. Escaped braces '\\{' '\\}' are
     literal characters in LaTeX and do not open or close anything.
   * Reference numbers: leading_number('1,000.5 dollars') -> '1000.5'. A reference is the
     number that starts it (an optional sign and currency, thousands commas dropped, a
