@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import ml_collections as mc
 
+from cfrl_jax.rl.aggregate import AGGREGATION_MODES
+from cfrl_jax.rl.algorithms import ALGORITHMS, GROUP_ALGORITHMS
+from cfrl_jax.rl.kl import KL_ESTIMATORS
+from cfrl_jax.rl.reinforce import BASELINES
 from cfrl_jax.tasks import task_config
+
+# Fields that a config file's get_config(arg) reads while building the config: a command-line value
+# would be set after they took effect, so the command line refuses them (main.py).
+GET_CONFIG_FIELDS = ('smoke',)
 
 
 def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
@@ -19,9 +27,14 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
   c.run_dir = ''            # default: runs/<name>
   c.resume = False          # continue from the latest checkpoint in run_dir
   c.smoke = False           # a tiny, fast variant of the same experiment (tests, CI)
-  c.arms = ''               # study mode: comma-separated arms, e.g. 'grpo,cfgrpo' (see cfrl_jax/study.py)
+  c.arms = ''               # study mode: comma-separated arms, e.g. 'grpo,cfgrpo' (cfrl_jax/arms.py)
   c.report = True           # write report.md + PNGs into run_dir at the end
   c.compile_cache_dir = 'cache/jax'  # JAX persistent compilation cache (later runs skip compiles); '' disables
+
+  c.study = mc.ConfigDict()
+  c.study.arms = mc.ConfigDict()  # config-defined arms: {name: {section: {field: value}}} (cfrl_jax/arms.py)
+  c.study.vary_base = False       # True: each RL seed pretrains its own base (pretrain.seed + seed), so the
+                                  # spread over seeds includes the base; False: one shared base for all runs
 
   c.model = mc.ConfigDict()
   c.model.source = 'pretrained'  # 'pretrained' (HF dir / hub id) | 'pretrain' (from scratch) | 'init' (random)
@@ -60,6 +73,7 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
   c.pretrain.loss_on_prompt = True  # next-token loss on prompt + completion (False: completion only)
   c.pretrain.length_bucket = 8    # completion lengths are padded to multiples of this (one compile per bucket)
   c.pretrain.cache_dir = 'cache'  # cached bases: <cache_dir>/base-<hash of the pretraining config>
+  c.pretrain.seed = 0             # the base's own seed: RL seeds (config.seed) do not change the base
 
   c.rl = mc.ConfigDict()
   c.rl.algorithm = 'grpo'        # grpo | reinforce | rloo | ppo | expert_iteration | sft (with cfrl: LP-FT)
@@ -82,7 +96,9 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
   c.rl.baseline = 'batch_mean'   # REINFORCE: none | batch_mean | group_mean | rloo
   c.rl.recompute_old_logp = False  # True: old log-probs from a learner forward pass instead of the sampler's
   c.rl.lr = 1e-6                 # backbone (and head, unless head_lr > 0) in stage two / plain RL
-  c.rl.head_lr = 0.0
+  c.rl.head_lr = 0.0              # 0: rl.lr
+  c.rl.head_lr_schedule = 'constant'  # 'cfrl_stage1': without CF-RL, the head's lr follows CF-RL's head schedule
+                                      # (cfrl.stage1_head_lr for cfrl.stage1_steps steps, then rl.head_lr)
   c.rl.warmup_steps = 0
   c.rl.weight_decay = 0.0
   c.rl.grad_clip = 1.0
@@ -101,9 +117,9 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
   c.rl.ei.batch_size = 32
 
   c.cfrl = mc.ConfigDict()
-  c.cfrl.enabled = True
+  c.cfrl.enabled = False         # True: stage one trains only the head (a config asks for CF-RL explicitly)
   c.cfrl.stage1_steps = 10
-  c.cfrl.stage1_head_lr = 1e-5
+  c.cfrl.stage1_head_lr = 1e-5   # < 0: the stage-two head lr (rl.head_lr, or rl.lr when that is 0)
   c.cfrl.switch_on = 'steps'     # steps | reward | entropy
   c.cfrl.switch_threshold = 0.0
   c.cfrl.max_stage1_steps = 1000
@@ -159,8 +175,162 @@ def check_against_schema(config: mc.ConfigDict, schema: mc.ConfigDict | None = N
   for key in config.keys():
     if key not in schema:
       raise ValueError(f'Unknown config key {prefix + key!r}. Valid keys here: {sorted(schema.keys())}.')
-    if isinstance(config[key], mc.ConfigDict) and key != 'task':
+    # task: its own schema per task; study.arms: names chosen by the config (checked by arms.py).
+    if isinstance(config[key], mc.ConfigDict) and key != 'task' and prefix + key != 'study.arms':
       check_against_schema(config[key], schema[key], f'{prefix}{key}.')
+
+
+def _fail(field: str, value, need: str):
+  raise ValueError(f'config.{field}={value!r}: {need}. Set it with --config.{field}=... or in the config file.')
+
+
+def _one_of(c, field: str, choices):
+  value = _get(c, field)
+  if value not in choices:
+    _fail(field, value, f'expected one of {tuple(choices)}')
+
+
+def _at_least(c, field: str, low, *, strict: bool = False, why: str = ''):
+  value = _get(c, field)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > low if strict else value >= low):
+    _fail(field, value, f'it must be {">" if strict else ">="} {low}' + (f' ({why})' if why else ''))
+
+
+def _within(c, field: str, low, high, *, open_low: bool = False, open_high: bool = False):
+  value = _get(c, field)
+  ok_low = value > low if open_low else value >= low
+  ok_high = value < high if open_high else value <= high
+  if not (ok_low and ok_high):
+    _fail(field, value, f'it must lie in {"(" if open_low else "["}{low}, {high}{")" if open_high else "]"}')
+
+
+def _get(c, field: str):
+  for part in field.split('.'):
+    c = c[part]
+  return c
+
+
+def validate(c: mc.ConfigDict) -> None:
+  """Checks every field's type-independent range (types are checked by ml_collections) at load time.
+
+  Raises a ValueError naming the field, its value and what it must be, so a bad value stops a run
+  before the model loads or a base pretrains, not at the first rollout.
+  """
+  _at_least(c, 'seed', 0)
+  try:
+    seeds = parse_list(c.seeds, int)
+  except ValueError:
+    _fail('seeds', c.seeds, "expected comma-separated integers, e.g. '0,1,2'")
+  if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+    _fail('seeds', c.seeds, 'seeds must be distinct integers >= 0')
+  if not c.name:
+    _fail('name', c.name, 'a run needs a name')
+
+  _one_of(c, 'model.source', ('pretrained', 'pretrain', 'init'))
+  _one_of(c, 'model.tie', ('auto', 'tied', 'untie'))
+  for f in ('model.dtype', 'model.param_dtype'):
+    _one_of(c, f, ('float32', 'bfloat16', 'float16', 'float64'))
+  _one_of(c, 'model.arch.model_type', ('qwen2', 'qwen3'))
+  for f in ('hidden_size', 'intermediate_size', 'num_layers', 'num_heads', 'num_kv_heads', 'max_position_embeddings'):
+    _at_least(c, f'model.arch.{f}', 1)
+  _at_least(c, 'model.arch.head_dim', 0)
+  a = c.model.arch
+  if a.num_heads % a.num_kv_heads:
+    _fail('model.arch.num_kv_heads', a.num_kv_heads, f'it must divide model.arch.num_heads={a.num_heads}')
+  if not a.head_dim and a.hidden_size % a.num_heads:
+    _fail('model.arch.head_dim', a.head_dim, f'0 means hidden_size // num_heads, but num_heads={a.num_heads} '
+          f'does not divide hidden_size={a.hidden_size}; set head_dim explicitly')
+  _at_least(c, 'model.arch.rope_theta', 0, strict=True)
+  _at_least(c, 'tokenizer.vocab_size', 1)
+
+  p = 'pretrain'
+  for f in ('steps', 'warmup_steps', 'seed'):
+    _at_least(c, f'{p}.{f}', 0)
+  for f in ('batch_size', 'num_examples', 'length_bucket'):
+    _at_least(c, f'{p}.{f}', 1)
+  _at_least(c, f'{p}.lr', 0, strict=True)
+  _at_least(c, f'{p}.weight_decay', 0)
+  _within(c, f'{p}.b2', 0, 1, open_high=True)
+  _one_of(c, f'{p}.batching', ('random', 'length_sorted'))
+
+  rl = c.rl
+  _one_of(c, 'rl.algorithm', ALGORITHMS)
+  _at_least(c, 'rl.steps', 0)
+  _at_least(c, 'rl.prompts_per_step', 1)
+  if rl.algorithm in GROUP_ALGORITHMS or (rl.algorithm == 'reinforce' and rl.baseline in ('group_mean', 'rloo')):
+    _at_least(c, 'rl.group_size', 2, why=f'{rl.algorithm} takes its baseline from the other samples of a '
+              "prompt's group; a group of one has none")
+  _at_least(c, 'rl.group_size', 1)
+  _at_least(c, 'rl.temperature', 0, strict=True)
+  _within(c, 'rl.top_p', 0, 1, open_low=True)
+  _at_least(c, 'rl.top_k', 0)
+  _at_least(c, 'rl.max_new_tokens', 1)
+  _at_least(c, 'rl.epochs', 1)
+  _at_least(c, 'rl.minibatches', 1)
+  if (rl.prompts_per_step * rl.group_size) % rl.minibatches:
+    _fail('rl.minibatches', rl.minibatches, f'it must divide the rollout batch of rl.prompts_per_step x '
+          f'rl.group_size = {rl.prompts_per_step * rl.group_size} rows')
+  _within(c, 'rl.clip_low', 0, 1, open_high=True)
+  _at_least(c, 'rl.clip_high', 0)
+  _at_least(c, 'rl.kl_coef', 0)
+  _one_of(c, 'rl.kl_estimator', KL_ESTIMATORS)
+  _one_of(c, 'rl.aggregation', AGGREGATION_MODES)
+  _one_of(c, 'rl.baseline', BASELINES)
+  for f in ('lr', 'head_lr', 'warmup_steps', 'weight_decay', 'grad_clip'):
+    _at_least(c, f'rl.{f}', 0)
+  _one_of(c, 'rl.head_lr_schedule', ('constant', 'cfrl_stage1'))
+  for f in ('b1', 'b2'):
+    _within(c, f'rl.{f}', 0, 1, open_high=True)
+  _at_least(c, 'rl.eps', 0, strict=True)
+  _within(c, 'rl.ppo.gamma', 0, 1)
+  _within(c, 'rl.ppo.lam', 0, 1)
+  _at_least(c, 'rl.ppo.value_clip', 0)
+  _at_least(c, 'rl.ppo.critic_lr', 0)
+  for f in ('samples_per_prompt', 'sft_epochs', 'batch_size'):
+    _at_least(c, f'rl.ei.{f}', 1)
+
+  _at_least(c, 'cfrl.stage1_steps', 1 if c.cfrl.enabled and c.cfrl.switch_on == 'steps' else 0)
+  if c.cfrl.stage1_head_lr == 0:
+    _fail('cfrl.stage1_head_lr', 0.0, 'stage one trains only the head, so its lr must be > 0 '
+          '(or < 0 for the stage-two head lr)')
+  _one_of(c, 'cfrl.switch_on', ('steps', 'reward', 'entropy'))
+  _at_least(c, 'cfrl.max_stage1_steps', 1)
+  if rl.head_lr_schedule == 'cfrl_stage1':
+    if c.cfrl.enabled:
+      _fail('rl.head_lr_schedule', rl.head_lr_schedule, "it imitates CF-RL's head schedule without CF-RL; "
+            'with cfrl.enabled=True the stages already set it (use constant)')
+    if c.cfrl.switch_on != 'steps':
+      _fail('rl.head_lr_schedule', rl.head_lr_schedule, "it follows a stage one of cfrl.stage1_steps steps, "
+            f"which needs cfrl.switch_on='steps' (got {c.cfrl.switch_on!r})")
+
+  _at_least(c, 'eval.every', 0)
+  _at_least(c, 'eval.num_problems', 1)
+  _at_least(c, 'eval.samples', 0)
+  _at_least(c, 'eval.batch_size', 1)
+  if c.eval.temperature == 0:
+    _fail('eval.temperature', 0.0, 'sampled evaluation needs a temperature > 0 (< 0: the training '
+          'temperature; greedy accuracy is always measured)')
+  try:
+    pass_k = parse_list(c.eval.pass_k, int)
+  except ValueError:
+    _fail('eval.pass_k', c.eval.pass_k, "expected comma-separated integers, e.g. '1,4'")
+  if c.eval.samples and any(not 1 <= k <= c.eval.samples for k in pass_k):
+    _fail('eval.pass_k', c.eval.pass_k, f'every k must lie in [1, eval.samples={c.eval.samples}]')
+  _at_least(c, 'probe.every', 0)
+  _at_least(c, 'probe.num_sequences', 1)
+  _at_least(c, 'probe.positions', 1)
+  _at_least(c, 'checkpoint.every', 0)
+  _at_least(c, 'checkpoint.max_to_keep', 0)
+
+  _within(c, 'alpharl.window', 0, 1, open_low=True)
+  _at_least(c, 'alpharl.fit_every', 1)
+  _at_least(c, 'alpharl.continue_steps', -1)
+
+  shape = tuple(c.mesh.shape)
+  if len(shape) != 3 or any(not isinstance(n, int) or (n < 1 and n != -1) for n in shape) or shape.count(-1) > 1:
+    _fail('mesh.shape', shape, 'expected (data, fsdp, tensor): three integers >= 1, at most one -1 '
+          '(the remaining devices)')
+  _one_of(c, 'mesh.data_loading', ('per_host', 'global'))
 
 
 def parse_list(s: str, cast=str) -> list:

@@ -1,8 +1,9 @@
 """An experiment: one training run, or a study of arms x seeds from the same base, then a report.
 
-Arms are named variations of the config (below). Every arm of a study starts
-from the same base weights with the same seeds and rollout budget, so their
-curves differ only by the algorithm.
+Arms are named variations of the config (cfrl_jax/arms.py). Every arm of a study
+starts from the same base weights (one base per study; per seed with
+config.study.vary_base) with the same seeds and rollout budget, so runs of one
+seed differ only by their arm and are paired by seed.
 """
 from __future__ import annotations
 
@@ -16,38 +17,11 @@ import jax
 import numpy as np
 
 from cfrl_jax import evaluate as evaluate_lib
-from cfrl_jax.config import parse_list
+from cfrl_jax.arms import arm_config, check_explicit_overrides
+from cfrl_jax.config import parse_list, validate
 from cfrl_jax.policy import load_policy
 from cfrl_jax.tasks import build_task
 from cfrl_jax.train import trainer
-
-# arm name -> overrides of the study config
-ARMS = {
-    'grpo': {'rl.algorithm': 'grpo', 'cfrl.enabled': False},
-    'cfgrpo': {'rl.algorithm': 'grpo', 'cfrl.enabled': True},
-    'ppo': {'rl.algorithm': 'ppo', 'cfrl.enabled': False},
-    'cfppo': {'rl.algorithm': 'ppo', 'cfrl.enabled': True},
-    'rloo': {'rl.algorithm': 'rloo', 'cfrl.enabled': False},
-    'cfrloo': {'rl.algorithm': 'rloo', 'cfrl.enabled': True},
-    'reinforce': {'rl.algorithm': 'reinforce', 'cfrl.enabled': False},
-    'expert_iteration': {'rl.algorithm': 'expert_iteration', 'cfrl.enabled': False},
-    'sft': {'rl.algorithm': 'sft', 'cfrl.enabled': False},
-    'lpft': {'rl.algorithm': 'sft', 'cfrl.enabled': True},   # linear probing, then full fine-tuning
-}
-
-
-def arm_config(config, arm: str, seed: int):
-  if arm not in ARMS:
-    raise ValueError(f'Unknown arm {arm!r} in config.arms; valid arms: {sorted(ARMS)}.')
-  c = copy.deepcopy(config)
-  with c.unlocked():
-    for path, value in ARMS[arm].items():
-      section, field = path.split('.')
-      c[section][field] = value
-    c.seed = seed
-    c.arms = ''
-  return c
-
 
 def make_eval_fn(config, policy, task, *, num_problems: int | None = None, greedy: bool = True,
                  sampled: bool = True):
@@ -101,12 +75,35 @@ def run_single(config, run_dir: str, task=None, *, progress: bool | None = None)
   return trainer.train(config, policy, params, task, run_dir, eval_fn=eval_fn, probe_fn=probe_fn, progress=progress)
 
 
-def run(config) -> str:
-  """Runs the experiment the config describes; returns the run (or study) directory."""
+def study_jobs(config, explicit: frozenset[str] = frozenset()) -> list[tuple[str, int, object]]:
+  """[(arm, seed, arm config)] of a study, every one checked before any work (unknown arm or
+  override key, an arm overwriting an explicit setting, an out-of-range value)."""
+  arms = parse_list(config.arms)
+  seeds = parse_list(config.seeds, int) or [config.seed]
+  check_explicit_overrides(config, arms, explicit)
+  jobs = []
+  for seed in seeds:
+    for arm in arms:
+      c = arm_config(config, arm, seed)
+      try:
+        validate(c)
+      except ValueError as e:
+        raise ValueError(f'Arm {arm!r} (seed {seed}): {e}') from None
+      jobs.append((arm, seed, c))
+  return jobs
+
+
+def run(config, explicit: frozenset[str] = frozenset()) -> str:
+  """Runs the experiment the config describes; returns the run (or study) directory.
+
+  explicit: dotted config paths the user set on the command line; an arm that would overwrite
+  one is an error (arms.check_explicit_overrides).
+  """
+  validate(config)
   run_dir = config.run_dir or os.path.join('runs', config.name)
   task = build_task(config.task)
   if config.alpharl.enabled:
-    return run_alpharl_mode(config, run_dir, task)
+    return run_alpharl_mode(config, run_dir, task, explicit)
   t0 = time.time()
   if not config.arms:
     run_single(config, run_dir, task)
@@ -114,37 +111,42 @@ def run(config) -> str:
       from cfrl_jax import report
       print(f'Report: {report.write_report(run_dir, title=config.name)}')
     return run_dir
-  arms = parse_list(config.arms)
-  seeds = parse_list(config.seeds, int) or [config.seed]
-  for arm in arms:
-    arm_config(config, arm, seeds[0])   # fail on a bad arm name before any work
-  base_summary = {}
+  jobs = study_jobs(config, explicit)
+  arms = list(dict.fromkeys(arm for arm, _, _ in jobs))
+  seeds = list(dict.fromkeys(seed for _, seed, _ in jobs))
+  bases = {}
   if config.model.source == 'pretrain':
     from cfrl_jax.train import pretrain
-    t_base = time.time()
-    path = pretrain.pretrained_base(config, task)
-    with open(os.path.join(path, 'pretrain.json')) as f:
-      base_summary = dict(json.load(f), path=path, seconds_this_run=time.time() - t_base)
+    # Only the bases the runs use: one per study, or one per seed with study.vary_base.
+    for arm, seed, c in jobs:
+      key = pretrain.cache_key(c)
+      if key not in bases:
+        t_base = time.time()
+        path = pretrain.pretrained_base(c, task)
+        with open(os.path.join(path, 'pretrain.json')) as f:
+          bases[key] = dict(json.load(f), path=path, seconds_this_run=time.time() - t_base,
+                            pretrain_seed=c.pretrain.seed, seeds=[])
+      bases[key]['seeds'] = sorted(set(bases[key]['seeds']) | {seed})
   timings = {}
-  for seed in seeds:
-    for arm in arms:
-      c = arm_config(config, arm, seed)
-      t_arm = time.time()
-      print(f'== arm {arm}, seed {seed}')
-      run_single(c, os.path.join(run_dir, arm, f'seed{seed}'), task)
-      timings[f'{arm}/seed{seed}'] = time.time() - t_arm
+  for arm, seed, c in jobs:
+    t_arm = time.time()
+    print(f'== arm {arm}, seed {seed}')
+    run_single(c, os.path.join(run_dir, arm, f'seed{seed}'), task)
+    timings[f'{arm}/seed{seed}'] = time.time() - t_arm
   timings['total'] = time.time() - t0
   if jax.process_index() == 0:
+    base_list = list(bases.values())
     with open(os.path.join(run_dir, 'study.json'), 'w') as f:
       json.dump({'arms': arms, 'seeds': seeds, 'config': json.loads(config.to_json_best_effort()),
-                 'base': base_summary, 'timings': timings}, f, indent=1)
+                 'base': base_list[0] if len(base_list) == 1 else {}, 'bases': base_list,
+                 'base_varies_with_seed': bool(config.study.vary_base), 'timings': timings}, f, indent=1)
   if config.report and jax.process_index() == 0:
     from cfrl_jax import report
     print(f'Report: {report.write_report(run_dir, title=config.name)}')
   return run_dir
 
 
-def run_alpharl_mode(config, run_dir: str, task) -> str:
+def run_alpharl_mode(config, run_dir: str, task, explicit: frozenset[str] = frozenset()) -> str:
   """AlphaRL (config.alpharl.enabled) for the single run or every arm x seed; returns <run_dir>/alpharl.
 
   Output: a single run in <run_dir>/alpharl/, a study's runs in <run_dir>/alpharl/<arm>/seed<k>/ with
@@ -160,12 +162,10 @@ def run_alpharl_mode(config, run_dir: str, task) -> str:
     jobs = [(None, c, out_dir)]
   else:
     jobs = []
-    for seed in parse_list(config.seeds, int) or [config.seed]:
-      for arm in parse_list(config.arms):
-        c = arm_config(config, arm, seed)
-        with c.unlocked():
-          c.alpharl.reference_run = alpharl.resolve_reference(config.alpharl.reference_run, arm, seed)
-        jobs.append((f'{arm}/seed{seed}', c, os.path.join(out_dir, arm, f'seed{seed}')))
+    for arm, seed, c in study_jobs(config, explicit):
+      with c.unlocked():
+        c.alpharl.reference_run = alpharl.resolve_reference(config.alpharl.reference_run, arm, seed)
+      jobs.append((f'{arm}/seed{seed}', c, os.path.join(out_dir, arm, f'seed{seed}')))
   for label, c, d in jobs:
     try:
       alpharl.prepare(c, d)

@@ -23,7 +23,13 @@ steps, greedy 0.27) and RL lr 1e-4, GRPO made the model worse (pass@1 0.17 -> 0.
 from cfrl_jax.config import base_config
 
 
+ARGS = ('', 'smoke')   # the values of configs/demo.py:<arg>
+
+
 def get_config(arg: str = ''):
+  if arg not in ARGS:
+    raise ValueError(f'configs/demo.py:{arg} is not a variant of this config; valid: '
+                     f'{", ".join("configs/demo.py" + (":" + a if a else "") for a in ARGS)}.')
   c = base_config('arithmetic')
   c.name = 'demo'
   c.run_dir = 'runs/demo'
@@ -70,7 +76,7 @@ def get_config(arg: str = ''):
   c.probe.every = 10
   c.checkpoint.every = 20
 
-  if arg == 'smoke' or c.smoke:
+  if arg == 'smoke':
     apply_smoke(c)
   c.lock()
   return c

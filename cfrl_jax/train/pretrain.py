@@ -6,7 +6,7 @@ seen to select among them. The result is a real HF checkpoint directory
 (config.json, model.safetensors, tokenizer files) cached under
 `config.pretrain.cache_dir/base-<hash>`, the hash covering everything that
 changes the base (task, mixture, architecture, tokenizer size, pretraining
-settings, seed), so only the first run pays for it.
+settings, config.pretrain.seed), so only the first run pays for it.
 """
 from __future__ import annotations
 
@@ -32,8 +32,10 @@ from cfrl_jax.train import learner, objectives, sft_data
 def cache_key(config) -> str:
   parts = {
       'task': config.task.to_dict(), 'arch': config.model.arch.to_dict(),
-      'vocab': config.tokenizer.vocab_size, 'seed': config.seed,
-      'pretrain': {k: v for k, v in config.pretrain.to_dict().items() if k != 'cache_dir'},
+      # The base's seed is pretrain.seed alone: RL seeds share one base. Kept under the old 'seed' key
+      # (out of the pretrain section) so that bases cached before pretrain.seed existed stay valid.
+      'vocab': config.tokenizer.vocab_size, 'seed': config.pretrain.seed,
+      'pretrain': {k: v for k, v in config.pretrain.to_dict().items() if k not in ('cache_dir', 'seed')},
       'version': 1,
   }
   return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -94,16 +96,16 @@ def pretrain(config, task, out_dir: str, *, progress: bool = True) -> dict:
   from cfrl_jax.policy import arch_config, make_policy
   pc = config.pretrain
   t0 = time.time()
-  pairs = task.pretraining_corpus(pc.num_examples, config.seed)   # errors for tasks without a corpus
+  pairs = task.pretraining_corpus(pc.num_examples, pc.seed)   # errors for tasks without a corpus
   texts = [p + c for p, c in pairs]
   task_tokenizer.train_tokenizer(texts, out_dir, vocab_size=config.tokenizer.vocab_size)
   tok = tokenization.load_tokenizer(out_dir)   # through transformers, exactly as a user loads it
   cfg = arch_config(config, len(tok), tokenization.stop_ids(tok), tokenization.pad_id(tok))
-  params = qwen.init_params(cfg, jax.random.PRNGKey(config.seed))
+  params = qwen.init_params(cfg, jax.random.PRNGKey(pc.seed))
   policy = make_policy(cfg, tok, None)   # pretraining text is plain, never chat-formatted
 
   completion_lengths = np.array([len(tok(c, add_special_tokens=False)['input_ids']) + 1 for _, c in pairs])
-  rng = np.random.RandomState(config.seed)
+  rng = np.random.RandomState(pc.seed)
   batches = []
   if pc.batching not in ('random', 'length_sorted'):
     raise ValueError(f"config.pretrain.batching={pc.batching!r}; expected 'random' or 'length_sorted'.")

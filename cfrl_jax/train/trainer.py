@@ -23,13 +23,10 @@ from cfrl_jax import metrics as metrics_lib
 from cfrl_jax.models import qwen
 from cfrl_jax.rl import advantages as adv_lib
 from cfrl_jax.rl import expert_iteration, ppo
+from cfrl_jax.rl.algorithms import ALGORITHMS, PER_HOST_ALGORITHMS
 from cfrl_jax.train import checkpoint as ckpt_lib
 from cfrl_jax.train import learner, objectives, placement, rollout, sft_data
 
-ALGORITHMS = ('grpo', 'reinforce', 'rloo', 'ppo', 'expert_iteration', 'sft')
-# With several processes and config.mesh.data_loading='per_host', these load, sample and score only
-# each process's share of the prompts; Expert Iteration and SFT build the whole batch on every process.
-PER_HOST_ALGORITHMS = ('grpo', 'reinforce', 'rloo', 'ppo')
 PROMPT_BUCKET = 16
 
 
@@ -84,6 +81,27 @@ def learning_rate(base: float, step: int, start: int, warmup: int) -> float:
   if warmup <= 0:
     return base
   return base * min(1.0, (step - start + 1) / warmup)
+
+
+def learning_rates(rl, cfrl, stage: int, step: int, stage_start: int) -> dict[str, float]:
+  """{'head', 'backbone'} learning rates of one step.
+
+  stage 1 (CF-RL, head only): the stage-one head lr, warmed up from step 0. Stage 2 and plain RL
+  (stage 0): rl.head_lr (rl.lr when 0) and rl.lr, warmed up from stage_start. With
+  rl.head_lr_schedule='cfrl_stage1', plain RL's head follows exactly the head schedule CF-RL would
+  have had (stage one of cfrl.stage1_steps, then stage two) while the backbone trains from step 0.
+  """
+  head_lr = rl.head_lr if rl.head_lr > 0 else rl.lr
+  stage1_head_lr = cfrl.stage1_head_lr if cfrl.stage1_head_lr > 0 else head_lr
+  if stage == 1:
+    return {'head': learning_rate(stage1_head_lr, step, 0, rl.warmup_steps), 'backbone': 0.0}
+  if stage == 0 and rl.head_lr_schedule == 'cfrl_stage1':
+    switch = min(cfrl.stage1_steps, cfrl.max_stage1_steps)
+    head = (learning_rate(stage1_head_lr, step, 0, rl.warmup_steps) if step < switch else
+            learning_rate(head_lr, step, switch, rl.warmup_steps))
+    return {'head': head, 'backbone': learning_rate(rl.lr, step, stage_start, rl.warmup_steps)}
+  return {'head': learning_rate(head_lr, step, stage_start, rl.warmup_steps),
+          'backbone': learning_rate(rl.lr, step, stage_start, rl.warmup_steps)}
 
 
 def head_norm(cfg: qwen.QwenConfig, params) -> float:
@@ -258,12 +276,7 @@ class Trainer:
     return self._jitted[k]
 
   def _lrs(self) -> dict:
-    rl, cfrl = self.rl, self.config.cfrl
-    if self.stage == 1:
-      return {'head': learning_rate(cfrl.stage1_head_lr, self.step, 0, rl.warmup_steps), 'backbone': 0.0}
-    head_lr = rl.head_lr if rl.head_lr > 0 else rl.lr
-    return {'head': learning_rate(head_lr, self.step, self.stage_start, rl.warmup_steps),
-            'backbone': learning_rate(rl.lr, self.step, self.stage_start, rl.warmup_steps)}
+    return learning_rates(self.rl, self.config.cfrl, self.stage, self.step, self.stage_start)
 
   def _apply(self, kind, prompt_len, batch: dict):
     update = self._update_fn(kind, prompt_len)
