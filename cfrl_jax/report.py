@@ -7,19 +7,25 @@ Layouts read (see cfrl_jax/experiment.py, which writes them):
                study still in progress works too). <study>/<arm>/metrics.jsonl counts as one seed.
 
 Conventions (stated in the report too):
-  - An arm's curve is the mean over its seeds at the steps every seed has logged; the
-    shaded band is the min-max over seeds (drawn with > 1 seed).
+  - An arm's curve is the mean over its seeds at the steps every seed has logged. The band of the
+    held-out pass@1 is the min-max over seeds (several seeds) or pass@1 +- the eval's own standard
+    error (one seed); training curves are drawn as a centered moving average over SMOOTH_WINDOW
+    steps over the raw curve, faint.
   - "base" is the eval at step 0 (the model before RL); "final" is each seed's last eval.
   - Training-step metrics are noisy per step, so "first"/"last" are means over the first/last
     TRAIN_WINDOW training steps.
   - Plus-minus on a single run is the eval's standard error over problems (pass@1_stderr); on
     several seeds it is the standard deviation of the seed values.
-  - A difference counts as real only beyond 2 standard errors; the standard error of a seed
-    mean is the larger of the eval standard error (sqrt(mean se_i^2 / S)) and the seed
+  - An arm's change from its base counts as real only beyond 2 standard errors; the standard error of
+    a seed mean is the larger of the eval standard error (sqrt(mean se_i^2 / S)) and the seed
     standard error (sd / sqrt(S)); otherwise the report says "within noise".
-  - Steps to target: the first eval step at which the seed-mean pass@1 >= target, so it is
-    resolved only to the eval interval. Default target: the best arm's base pass@1 plus half
-    of its gain (the midpoint of the best improvement).
+  - Arms are compared with each other per RL seed (paired), with the statistics of
+    cfrl_jax.study_stats: per seed steps to target (censored at the last eval when never reached)
+    and the AUC of held-out pass@1; across seeds the paired difference with a 95% Student t
+    interval. A comparison says "faster"/"higher" only when that interval excludes 0.
+  - Steps to target: the first eval step at which pass@1 >= target, so it is resolved only to the
+    eval interval. Default target: the best arm's base pass@1 plus half of its gain (the midpoint of
+    the best improvement).
   - One record per (kind, step): when a step was logged twice (a resumed run), the last wins.
 
 Figures are drawn on matplotlib Figure objects with the Agg canvas (no pyplot, no global
@@ -38,12 +44,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from cfrl_jax import metrics as metrics_lib
+from cfrl_jax import study_stats
 
 TRAIN_WINDOW = 5
 DPI = 120
 PANEL_SIZE = (4.6, 3.9)     # inches per subplot; a single-panel figure is 7 x 4
 NOISE_SIGMAS = 2.0
 LOG_SCALE_SPAN = 20.0       # positive panels spanning more than this ratio get a log y axis
+SMOOTH_WINDOW = 9           # steps in the centered moving average of training curves
 
 ARM_LABELS = {
     'grpo': 'GRPO', 'cfgrpo': 'CF-GRPO', 'ppo': 'PPO', 'cfppo': 'CF-PPO', 'rloo': 'RLOO',
@@ -56,8 +64,17 @@ SEED_DIR = re.compile(r'^seed(\d+)$')
 FIGURES = ('accuracy', 'confidence', 'passk', 'formats', 'ntk', 'norms')
 
 
+# Control arms are '<arm>_<variant>' (cfrl_jax.study_stats.COMPARISONS names them).
+VARIANT_LABELS = {'headlr': 'head lr as CF', 'samelr': 'same lr', 'adaptive': 'adaptive switch'}
+
+
 def arm_label(arm: str) -> str:
-  return ARM_LABELS.get(arm, arm)
+  if arm in ARM_LABELS:
+    return ARM_LABELS[arm]
+  base, _, variant = arm.rpartition('_')
+  if base in ARM_LABELS and variant in VARIANT_LABELS:
+    return f'{ARM_LABELS[base]} ({VARIANT_LABELS[variant]})'
+  return arm
 
 
 # -- loading ------------------------------------------------------------------------
@@ -130,7 +147,7 @@ def load_run(path: str, arm: str, seed: int | None) -> RunMetrics:
   """Reads and validates one metrics.jsonl (a run dir or the file itself)."""
   file = os.path.join(path, 'metrics.jsonl') if os.path.isdir(path) else path
   by_kind: dict[str, dict[int, dict]] = {}
-  for i, rec in enumerate(metrics_lib.read_metrics(file)):
+  for i, rec in enumerate(metrics_lib.dedupe(metrics_lib.read_metrics(file))):
     if not isinstance(rec, dict):
       raise ValueError(f'{file}: record {i + 1} is {type(rec).__name__}, not a JSON object; every line must be '
                        '{"step": int, "kind": str, ...} as written by cfrl_jax.metrics.MetricsWriter.')
@@ -218,12 +235,14 @@ def load_study(path: str) -> Study:
 
 @dataclasses.dataclass(frozen=True)
 class Curve:
-  """One metric of one arm over steps. steps, mean, low, high: (n,); low/high: min/max over seeds."""
+  """One metric of one arm over steps. steps, mean, low, high: (n,); low/high: min/max over seeds, or
+  mean -+ the logged standard error when se_band (with_se_band)."""
   steps: np.ndarray
   mean: np.ndarray
   low: np.ndarray
   high: np.ndarray
   num_seeds: int
+  se_band: bool = False    # low/high are mean -+ a logged standard error (one seed), not a seed range
 
 
 def arm_curve(runs: Sequence[RunMetrics], kind: str, key: str) -> Curve | None:
@@ -448,14 +467,114 @@ def compare_steps(cf: ArmSummary, rl: ArmSummary) -> TargetComparison:
                           else 'n/a')
 
 
+@dataclasses.dataclass(frozen=True)
+class SeedStats:
+  """The numbers of one seed of one arm.
+
+  auc: mean held-out pass@1 over the run's own eval span (study_stats.mean_pass1_auc); steps: steps to
+  target (None without a target or an eval), censored at the last eval; stage2_step: the first CF-RL
+  stage-2 training step (None: never switched, or not a CF-RL run).
+  """
+  arm: str
+  seed: int | None
+  base_pass1: float | None
+  final_pass1: float | None
+  last_eval_step: int | None
+  auc: float | None
+  steps: study_stats.StepsToTarget | None
+  stage2_step: int | None
+
+
+def seed_stats(run: RunMetrics, target: float | None) -> SeedStats:
+  s, v = run.series('eval', 'pass@1')
+  stage2 = stage2_starts([run])
+  return SeedStats(
+      arm=run.arm, seed=run.seed,
+      base_pass1=float(v[0]) if len(s) and s[0] == 0 else None,
+      final_pass1=float(v[-1]) if len(s) else None,
+      last_eval_step=int(s[-1]) if len(s) else None,
+      auc=study_stats.mean_pass1_auc(s, v),
+      steps=None if target is None else study_stats.steps_to_target(s, v, target),
+      stage2_step=stage2[0] if stage2 else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedResult:
+  """One metric of one comparison over the seeds both arms ran.
+
+  metric: 'steps' (steps to target), 'auc' or 'final' (final pass@1); seeds, treatment, control: (n,)
+  the paired seeds and their values; censored: paired seeds whose steps to target is a bound in
+  at least one arm; dropped: seeds left out because neither arm reached the target.
+  """
+  comparison: study_stats.Comparison
+  metric: str
+  seeds: list[int | None]
+  treatment: list[float]
+  control: list[float]
+  interval: study_stats.PairedInterval
+  censored: int = 0
+  dropped: int = 0
+
+  @property
+  def verdict(self) -> str | None:
+    """'better' / 'worse' for the treatment when the interval excludes 0 (fewer steps is better), else None."""
+    if not self.interval.excludes_zero:
+      return None
+    lower_is_better = self.metric == 'steps'
+    return 'better' if (self.interval.mean < 0) == lower_is_better else 'worse'
+
+
+def paired_results(study: Study, per_seed: dict[str, list[SeedStats]],
+                   target: float | None) -> list[PairedResult]:
+  """Steps to target, AUC and final pass@1 of every comparison (study_stats.comparisons), paired by seed."""
+  out = []
+  for comp in study_stats.comparisons(list(study.arms)):
+    t_by = {x.seed: x for x in per_seed[comp.treatment]}
+    c_by = {x.seed: x for x in per_seed[comp.control]}
+    seeds = [x.seed for x in per_seed[comp.treatment] if x.seed in c_by]
+    runs_t = {r.seed: r for r in study.arms[comp.treatment]}
+    runs_c = {r.seed: r for r in study.arms[comp.control]}
+    if target is not None:
+      both = [k for k in seeds if t_by[k].steps is not None and c_by[k].steps is not None]
+      kept = [k for k in both if not (t_by[k].steps.censored and c_by[k].steps.censored)]
+      if kept:
+        out.append(PairedResult(
+            comp, 'steps', kept, [t_by[k].steps.steps for k in kept], [c_by[k].steps.steps for k in kept],
+            study_stats.paired_interval([t_by[k].steps.steps for k in kept], [c_by[k].steps.steps for k in kept]),
+            censored=sum(t_by[k].steps.censored or c_by[k].steps.censored for k in kept),
+            dropped=len(both) - len(kept)))
+    # Each pair's AUC over the step span both seeds logged, so a run that stopped early is not compared
+    # on a longer span than it has.
+    aucs = {}
+    for k in seeds:
+      (st, vt), (sc, vc) = runs_t[k].series('eval', 'pass@1'), runs_c[k].series('eval', 'pass@1')
+      if len(st) > 1 and len(sc) > 1:
+        span = max(st[0], sc[0]), min(st[-1], sc[-1])
+        a_t, a_c = study_stats.mean_pass1_auc(st, vt, *span), study_stats.mean_pass1_auc(sc, vc, *span)
+        if a_t is not None and a_c is not None:
+          aucs[k] = (a_t, a_c)
+    if aucs:
+      ks = list(aucs)
+      out.append(PairedResult(comp, 'auc', ks, [aucs[k][0] for k in ks], [aucs[k][1] for k in ks],
+                              study_stats.paired_interval([aucs[k][0] for k in ks], [aucs[k][1] for k in ks])))
+    ks = [k for k in seeds if t_by[k].final_pass1 is not None and c_by[k].final_pass1 is not None]
+    if ks:
+      t, c = [t_by[k].final_pass1 for k in ks], [c_by[k].final_pass1 for k in ks]
+      out.append(PairedResult(comp, 'final', ks, t, c, study_stats.paired_interval(t, c)))
+  return out
+
+
 @dataclasses.dataclass
 class ReportNumbers:
-  """Everything the tables and findings print. target_note says where the target came from."""
+  """Everything the tables and findings print. target_note says where the target came from;
+  per_seed: arm -> one SeedStats per seed; paired: the paired comparisons between arms."""
   arms: dict[str, ArmSummary]
   target: float | None
   target_note: str
   comparisons: list[TargetComparison]
   eval_interval: int | None
+  per_seed: dict[str, list[SeedStats]] = dataclasses.field(default_factory=dict)
+  paired: list[PairedResult] = dataclasses.field(default_factory=list)
 
 
 def summarize(study: Study, target_accuracy: float | None = None) -> ReportNumbers:
@@ -479,7 +598,8 @@ def summarize(study: Study, target_accuracy: float | None = None) -> ReportNumbe
       s, _ = run.series('eval', 'pass@1')
       intervals.extend(np.diff(s).tolist())
   interval = int(np.median(intervals)) if intervals else None
-  return ReportNumbers(arms, target, note, comparisons, interval)
+  per_seed = {arm: [seed_stats(r, target) for r in runs] for arm, runs in study.arms.items()}
+  return ReportNumbers(arms, target, note, comparisons, interval, per_seed, paired_results(study, per_seed, target))
 
 
 # -- findings: sentences generated from the numbers -------------------------------
@@ -503,21 +623,34 @@ def _noise_clause(diff: float, se: float | None) -> str:
   return f'within noise ({NOISE_SIGMAS:g} s.e. = {NOISE_SIGMAS * se:.3f})'
 
 
-def _steps_sentence(cf: ArmSummary, rl: ArmSummary, comp: TargetComparison, target: float) -> str:
-  c, r = cf.steps_to_target, rl.steps_to_target
-  goal = f'the target pass@1 of {target:.3f}'
-  if c is not None and r is not None:
-    if c < r:
-      return f'{cf.label} reached {goal} in {c} steps vs {r} for {rl.label} (ratio {comp.text}).'
-    if c == r:
-      return f'{cf.label} did not beat {rl.label} to {goal}: both reached it at step {c}.'
-    return f'{cf.label} did not beat {rl.label} to {goal}: {c} steps vs {r} (ratio {comp.text}).'
-  if c is not None:
-    return f'{cf.label} reached {goal} in {c} steps; {rl.label} did not reach it by step {rl.last_eval_step}.'
-  if r is not None:
-    return (f'{cf.label} did not beat {rl.label} to {goal}: {cf.label} did not reach it by step '
-            f'{cf.last_eval_step}; {rl.label} reached it in {r} steps.')
-  return f'Neither {cf.label} nor {rl.label} reached {goal}.'
+def _seeds(n: int) -> str:
+  return f'{n} seed' + ('' if n == 1 else 's')
+
+
+def _paired_sentence(r: PairedResult, target: float | None) -> str:
+  """One comparison on one metric; says faster/higher/... only when the 95% interval excludes 0."""
+  t, c = arm_label(r.comparison.treatment), arm_label(r.comparison.control)
+  n = r.interval.n
+  digits = 1 if r.metric == 'steps' else 3
+  vals = f'{np.mean(r.treatment):.{digits}f} vs {np.mean(r.control):.{digits}f}'
+  diff = f'paired difference {r.interval.text(digits)}'
+  what = (f'steps to the target pass@1 of {target:.3f}' if r.metric == 'steps' else
+          {'auc': 'mean held-out pass@1 over training (AUC)', 'final': 'final held-out pass@1'}[r.metric])
+  if r.verdict is None:
+    out = f'{t} vs {c}, {what}: {vals} ({diff}); not distinguishable from {c} with {_seeds(n)}.'
+  elif r.metric == 'steps':
+    word = 'faster' if r.verdict == 'better' else 'slower'
+    out = (f'{t} reached the target pass@1 of {target:.3f} {word} than {c}: {vals} steps, mean over '
+           f'{_seeds(n)} ({diff}, 95% interval excludes 0).')
+  else:
+    word = 'higher' if r.verdict == 'better' else 'lower'
+    out = f"{t}'s {what} is {word} than {c}'s: {vals}, mean over {_seeds(n)} ({diff}, 95% interval excludes 0)."
+  if r.censored:
+    out += (f' In {r.censored} of the {n} pairs a run never reached the target and is counted at its last eval '
+            'step (a lower bound on its steps).')
+  if r.dropped:
+    out += f' Left out: {_seeds(r.dropped)} in which neither arm reached it.'
+  return out
 
 
 def _final_sentence(a: ArmSummary, b: ArmSummary) -> str:
@@ -540,18 +673,18 @@ def findings(nums: ReportNumbers) -> list[str]:
   """Plain sentences, each stating only what the numbers in the tables show."""
   out = []
   arms = nums.arms
-  if nums.target is not None:
-    for comp in nums.comparisons:
-      out.append(_steps_sentence(arms[comp.cf], arms[comp.rl], comp, nums.target))
-    if nums.comparisons and nums.eval_interval:
-      out.append(f'Steps to target are resolved to the eval interval ({nums.eval_interval} steps).')
-  else:
+  if nums.target is None:
     out.append(f'Steps to target were not computed: {nums.target_note}.')
+  pairs = study_stats.comparisons(list(arms))
+  for comp in pairs:
+    results = [r for r in nums.paired if r.comparison == comp]
+    if nums.target is not None and not any(r.metric == 'steps' for r in results):
+      out.append(f'Neither {arm_label(comp.treatment)} nor {arm_label(comp.control)} reached the target pass@1 '
+                 f'of {nums.target:.3f} in any seed both ran.')
+    out += [_paired_sentence(r, nums.target) for r in results]
+  if any(r.metric == 'steps' for r in nums.paired) and nums.eval_interval:
+    out.append(f'Steps to target are resolved to the eval interval ({nums.eval_interval} steps).')
   with_final = [s for s in arms.values() if s.final_pass1 is not None]
-  pairs = cf_pairs(list(arms))
-  for c, r in pairs:
-    if arms[c].final_pass1 is not None and arms[r].final_pass1 is not None:
-      out.append(_final_sentence(arms[c], arms[r]))
   if not pairs and len(with_final) > 1:
     ranked = sorted(with_final, key=lambda s: -s.final_pass1)
     out.append(_final_sentence(ranked[0], ranked[1]))
@@ -612,6 +745,8 @@ class Panel:
   stage_switch: bool = False
   hline: float | None = None
   hline_label: str = ''
+  se_key: str | None = None    # an arm with one seed gets the band value +- this logged standard error
+  smooth: bool = False         # moving average over SMOOTH_WINDOW steps over the raw curve, faint; no band
 
 
 def _colors(arms: Sequence[str]) -> dict[str, Any]:
@@ -644,11 +779,30 @@ def _band_note(study: Study) -> str:
   return f'; shaded: min–max over {seeds} seeds' if seeds > 1 else ''
 
 
-def _draw_curve(ax, curve: Curve, color, style: str, label: str | None = None):
+def _draw_curve(ax, curve: Curve, color, style: str, label: str | None = None, smooth: bool = False):
+  if smooth:
+    ax.plot(curve.steps, curve.mean, style, color=color, lw=0.8, alpha=0.25)
+    ax.plot(curve.steps, study_stats.moving_average(curve.mean, SMOOTH_WINDOW), style, color=color, lw=1.6,
+            label=label)
+    return
   ax.plot(curve.steps, curve.mean, style, color=color, lw=1.6, label=label,
           marker='o' if len(curve.steps) == 1 else None)
-  if curve.num_seeds > 1:
+  if curve.num_seeds > 1 or curve.se_band:
     ax.fill_between(curve.steps, curve.low, curve.high, color=color, alpha=0.18, lw=0)
+
+
+def with_se_band(curve: Curve, runs: Sequence[RunMetrics], kind: str, se_key: str) -> Curve:
+  """A one-seed curve with low/high = mean -+ the run's logged standard error `se_key` (at the steps that
+  have it); the curve unchanged when it has several seeds or no such error was logged."""
+  if curve.num_seeds != 1:
+    return curve
+  logged = [run.series(kind, se_key) for run in runs]
+  se_steps, se = next(((s, v) for s, v in logged if len(s)), (np.zeros(0, dtype=int), np.zeros(0)))
+  steps, i, j = np.intersect1d(curve.steps, se_steps, return_indices=True)
+  if not len(steps):
+    return curve
+  mean = curve.mean[i]
+  return Curve(steps, mean, mean - se[j], mean + se[j], 1, se_band=True)
 
 
 def _legend(ax, colors: dict[str, Any], arms: Sequence[str], styles: Sequence[tuple[str, str]], extra=()):
@@ -660,7 +814,8 @@ def _legend(ax, colors: dict[str, Any], arms: Sequence[str], styles: Sequence[tu
   ax.legend(handles=handles, fontsize=7, loc='best', framealpha=0.8)
 
 
-def _draw_panels(study: Study, panels: Sequence[Panel], out_dir: str, name: str, suptitle: str) -> str | None:
+def _draw_panels(study: Study, panels: Sequence[Panel], out_dir: str, name: str, suptitle: str,
+                 band_note: str | None = None) -> str | None:
   """Draws the panels that have data (arms as colours, Line.style per metric); None if none has."""
   curves = {}
   for p in panels:
@@ -668,7 +823,7 @@ def _draw_panels(study: Study, panels: Sequence[Panel], out_dir: str, name: str,
       for arm, runs in study.arms.items():
         c = arm_curve(runs, ln.kind, ln.key)
         if c is not None:
-          curves[(p.title, ln, arm)] = c
+          curves[(p.title, ln, arm)] = with_se_band(c, runs, ln.kind, p.se_key) if p.se_key else c
   drawn = [p for p in panels if any((p.title, ln, a) in curves for ln in p.lines for a in study.arms)]
   if not drawn:
     return None
@@ -682,7 +837,7 @@ def _draw_panels(study: Study, panels: Sequence[Panel], out_dir: str, name: str,
       for arm in present_arms:
         c = curves.get((p.title, ln, arm))
         if c is not None:
-          _draw_curve(ax, c, colors[arm], ln.style)
+          _draw_curve(ax, c, colors[arm], ln.style, smooth=p.smooth)
           values.append(c.low)
     lo, hi = np.min(np.concatenate(values)), np.max(np.concatenate(values))
     if p.log_if_positive and lo > 0 and hi / lo >= LOG_SCALE_SPAN:
@@ -704,18 +859,28 @@ def _draw_panels(study: Study, panels: Sequence[Panel], out_dir: str, name: str,
     ax.set_ylabel(p.ylabel)
     ax.grid(alpha=0.3)
     _legend(ax, colors, present_arms, [(ln.style, ln.name or ln.key) for ln in present_lines], extra)
-  fig.suptitle(suptitle + _band_note(study), fontsize=11)
+  fig.suptitle(suptitle + (_band_note(study) if band_note is None else band_note), fontsize=11)
   return _save(fig, out_dir, name)
 
 
 def figure_accuracy(study: Study, out_dir: str, target: float | None = None) -> str | None:
   return _draw_panels(study, [
-      Panel('Held-out pass@1 (sampled)', 'pass@1', (Line('eval', 'pass@1'),),
-            hline=target, hline_label=f'target {target:.3f}' if target is not None else ''),
+      Panel('Held-out pass@1 (sampled)', 'pass@1', (Line('eval', 'pass@1'),), stage_switch=True,
+            hline=target, hline_label=f'target {target:.3f}' if target is not None else '', se_key='pass@1_stderr'),
       Panel('Held-out greedy accuracy', 'accuracy', (Line('eval', 'greedy_accuracy'),)),
-      Panel('Training reward (batch mean)', 'reward', (Line('train', 'reward_mean', '-', 'reward'),
-                                                      Line('train', 'accuracy', '--', 'correctness part'))),
-  ], out_dir, 'accuracy', 'Accuracy')
+      Panel(f'Training reward (batch mean, {SMOOTH_WINDOW}-step moving average)', 'reward',
+            (Line('train', 'reward_mean', '-', 'reward'), Line('train', 'accuracy', '--', 'correctness part')),
+            stage_switch=True, smooth=True),
+  ], out_dir, 'accuracy', 'Accuracy', band_note=f'; pass@1 band: {pass1_band(study)}')
+
+
+def pass1_band(study: Study) -> str:
+  """What the shaded band of the held-out pass@1 is, for the seed counts present."""
+  counts = {len(runs) for runs in study.arms.values()}
+  bands = ([f'min–max over seeds ({"/".join(str(c) for c in sorted(counts) if c > 1)} seeds)']
+           if any(c > 1 for c in counts) else [])
+  bands += ["± the eval's own s.e. of pass@1 (one seed)"] if 1 in counts else []
+  return ' or '.join(bands)
 
 
 def figure_confidence(study: Study, out_dir: str) -> str | None:
@@ -967,12 +1132,86 @@ def target_table(nums: ReportNumbers) -> list[str]:
                f'{per_seed or "—"} | {"—" if s.last_eval_step is None else s.last_eval_step} |')
   for comp in nums.comparisons:
     out += ['', f'Steps-to-target ratio {arm_label(comp.cf)} / {arm_label(comp.rl)}: **{comp.text}** '
-                '(below 1: CF-RL got there in fewer steps).']
+                '(seed-mean curves; below 1: CF-RL got there in fewer steps; whether that is more than seed '
+                'noise is in the paired comparisons).']
   return out
 
 
+def per_seed_table(nums: ReportNumbers) -> list[str]:
+  out = ['| arm | seed | pass@1 base | pass@1 final | last eval step | steps to target | AUC (mean pass@1) '
+         '| stage 2 from |', '|' + '---|' * 8]
+  for arm, rows in nums.per_seed.items():
+    for x in rows:
+      out.append(f'| {arm_label(arm)} | {"—" if x.seed is None else x.seed} | {_fmt(x.base_pass1)} | '
+                 f'{_fmt(x.final_pass1)} | {"—" if x.last_eval_step is None else x.last_eval_step} | '
+                 f'{"—" if x.steps is None else x.steps} | {_fmt(x.auc)} | '
+                 f'{"—" if x.stage2_step is None else x.stage2_step} |')
+  return out
+
+
+def _mean_sd_text(values: Sequence[float], digits: int = 3) -> str:
+  mean, sd = study_stats.mean_sd(values)
+  if mean is None:
+    return '—'
+  return f'{mean:.{digits}f}' if sd is None else f'{mean:.{digits}f} ± {sd:.{digits}f}'
+
+
+def across_seed_table(nums: ReportNumbers) -> list[str]:
+  out = ['| arm | seeds | pass@1 final | AUC (mean pass@1) | steps to target | seeds not reaching the target |',
+         '|' + '---|' * 6]
+  for arm, rows in nums.per_seed.items():
+    steps = [x.steps for x in rows if x.steps is not None]
+    censored = sum(s.censored for s in steps)
+    out.append(f'| {arm_label(arm)} | {len(rows)} | '
+               f'{_mean_sd_text([x.final_pass1 for x in rows if x.final_pass1 is not None])} | '
+               f'{_mean_sd_text([x.auc for x in rows if x.auc is not None])} | '
+               f'{_mean_sd_text([s.steps for s in steps], 1)}{" (bound)" if censored else ""} | '
+               f'{f"{censored} of {len(steps)}" if steps else "—"} |')
+  return out
+
+
+PAIRED_METRICS = {'steps': 'steps to target', 'auc': 'AUC (mean pass@1)', 'final': 'final pass@1'}
+
+
+def paired_table(nums: ReportNumbers) -> list[str]:
+  if not nums.paired:
+    return ['No comparisons: the study has no pair of arms from the comparison table '
+            '(cfrl_jax.study_stats.COMPARISONS, or cf<X> against <X>).']
+  out = ['| treatment − control | isolates | metric | seeds | treatment | control | difference [95% interval] '
+         '| verdict |', '|' + '---|' * 8]
+  for r in nums.paired:
+    digits = 1 if r.metric == 'steps' else 3
+    verdict = {None: 'not distinguishable', 'better': 'faster' if r.metric == 'steps' else 'higher',
+               'worse': 'slower' if r.metric == 'steps' else 'lower'}[r.verdict]
+    note = f' ({r.censored} censored)' if r.censored else ''
+    out.append(f'| {arm_label(r.comparison.treatment)} − {arm_label(r.comparison.control)} | {r.comparison.isolates} '
+               f'| {PAIRED_METRICS[r.metric]} | {r.interval.n}{note} | {np.mean(r.treatment):.{digits}f} | '
+               f'{np.mean(r.control):.{digits}f} | {r.interval.text(digits)} | {verdict} |')
+  return out
+
+
+METHOD_LINES = (
+    study_stats.METHOD,
+    'Steps to target: the first eval step with pass@1 ≥ the target, per seed; "N+" marks a seed that never reached '
+    'it, counted at its last eval step N (a lower bound on its steps, so its arm\'s mean is a bound too); a seed in '
+    'which neither arm of a comparison reached it is left out of that comparison.',
+    'AUC: the trapezoid area under the held-out pass@1 curve over eval steps divided by the step span, i.e. the '
+    'mean pass@1 over training; it uses every eval, so it depends less on the eval grid than steps to target. '
+    'A paired comparison uses the step span both runs logged. Across seeds: mean ± sample standard deviation.',
+)
+
+
+def seed_statistics_section(nums: ReportNumbers) -> list[str]:
+  """The per-seed table, the across-seed table, the paired comparisons and the method, as markdown lines."""
+  return ['Per seed:', '', *per_seed_table(nums), '', 'Across seeds (mean ± s.d.; one seed: the value):', '',
+          *across_seed_table(nums), '', 'Paired comparisons (treatment − control, per RL seed):', '',
+          *paired_table(nums), '', *[x for line in METHOD_LINES for x in (line, '')]][:-1]
+
+
 FIGURE_CAPTIONS = {   # name -> (heading, caption)
-    'accuracy': ('Accuracy', 'Held-out pass@1 (sampled) and greedy accuracy, and the training reward, per RL step.'),
+    'accuracy': ('Accuracy', 'Held-out pass@1 (sampled) and greedy accuracy, and the training reward, per RL step. '
+                 'Band of pass@1: {band}. Training reward: centered moving average over {window} steps, the raw '
+                 'per-step curve faint. Dotted vertical lines: the first step of CF-RL stage 2 (per seed).'),
     'confidence': ('Confidence and entropy', 'Confidence (mean probability of sampled tokens), mean max-probability '
                    'and entropy on training samples; dotted vertical lines: the first step of CF-RL stage 2.'),
     'passk': ('pass@k and diversity', 'pass@k of the base model (dashed) and at the last eval (solid), and distinct '
@@ -1004,13 +1243,16 @@ def report_markdown(study: Study, nums: ReportNumbers, figures: dict[str, str | 
         f'Training metrics are means over the first/last {TRAIN_WINDOW} training steps. '
         'Confidence: mean probability of the sampled tokens. Values are means over seeds.', '',
         '## Steps to target accuracy', '', *target_table(nums), '',
+        '## Seeds and paired comparisons', '', *seed_statistics_section(nums), '',
         '## Findings', '', *[f'- {f}' for f in findings(nums)], '',
-        f'A difference is called real only beyond {NOISE_SIGMAS:g} standard errors (per seed: pass@1_stderr over '
-        'problems; over seeds: the larger of that and the seed-to-seed standard error).', '',
+        'Comparisons between arms use the paired 95% intervals above. An arm\'s change from its own base is called '
+        f'real only beyond {NOISE_SIGMAS:g} standard errors (per seed: pass@1_stderr over problems; over seeds: the '
+        'larger of that and the seed-to-seed standard error).', '',
         '## Figures', '']
   for name in FIGURES:
     if figures.get(name):
       heading, caption = FIGURE_CAPTIONS[name]
+      caption = caption.format(band=pass1_band(study), window=SMOOTH_WINDOW)
       md += [f'### {heading}', '', caption, '', f'![{name}]({figures[name]})', '']
   skipped = [f'`{n}.png` (needs {FIGURE_NEEDS[n]})' for n in FIGURES if not figures.get(n)]
   if skipped:
@@ -1130,7 +1372,7 @@ def update_readme(path: str, readme: str, image_dir: str = 'docs', *, command: s
            f'`python -m cfrl_jax.report --run={path} --readme={readme}`; the full report with every '
            f'figure is `{os.path.join(path, "report.md")}`.', '',
            *_what_was_run(study), '', *results_table(nums), '', *target_table(nums), '',
-           *[f'- {f}' for f in findings(nums)], '',
+           *seed_statistics_section(nums), '', *[f'- {f}' for f in findings(nums)], '',
            f'![held-out accuracy and reward per arm]({image})', '', README_END]
   head, rest = text.split(README_BEGIN, 1)
   with open(readme, 'w') as f:

@@ -126,6 +126,16 @@ def test_study_numbers_match_hand_computed(study_report):
   assert g.reward_last == pytest.approx(0.2 + 0.2 * 37 / 39 + 0.005)
   assert c.final_format == ('A', pytest.approx(0.85)) and c.base_format == ('A', pytest.approx(0.45))
   assert c.stage2_steps == [11, 12] and g.stage2_steps == []
+  # Per seed AUC = trapezoid / 40: grpo (0.21 + 0.24 + 0.28 + 0.32) * 10 / 40 = 0.2625 and 1.10 / 4 = 0.275;
+  # cfgrpo 1.48 / 4 = 0.37 and 1.39 / 4 = 0.3475.
+  assert [x.auc for x in nums.per_seed['grpo']] == pytest.approx([0.2625, 0.275])
+  assert [x.auc for x in nums.per_seed['cfgrpo']] == pytest.approx([0.37, 0.3475])
+  assert [x.stage2_step for x in nums.per_seed['cfgrpo']] == [11, 12]
+  assert [(x.steps.steps, x.steps.censored) for x in nums.per_seed['cfgrpo']] == [(20, False), (20, False)]
+  (steps, auc, final) = nums.paired
+  assert (steps.metric, auc.metric, final.metric) == ('steps', 'auc', 'final')
+  assert auc.interval.mean == pytest.approx(0.09) and auc.interval.sd == pytest.approx(0.035 / np.sqrt(2))
+  assert auc.interval.high - auc.interval.mean == pytest.approx(12.706205 * 0.0175)
 
 
 def test_study_report_tables_and_findings(study_report):
@@ -142,9 +152,24 @@ def test_study_report_tables_and_findings(study_report):
   assert _table_row(target, 'CF-GRPO')[0].startswith('| CF-GRPO | 20 | 20, 20 | 40 |')
   assert 'CF-GRPO / GRPO: **0.50**' in target
   found = _section(md, 'Findings')
-  assert 'CF-GRPO reached the target pass@1 of 0.335 in 20 steps vs 40 for GRPO (ratio 0.50).' in found
-  # Final difference 0.12 vs 2 * hypot(0.01, 0.01) = 0.028: a real win.
-  assert 'Final pass@1: CF-GRPO beat GRPO, 0.470 vs 0.350 (+0.120), beyond noise (2 s.e. = 0.028).' in found
+  # Issue 23: comparisons are paired by seed with a 95% t interval (df 1: t = 12.706205).
+  # Steps: differences -20, -20 -> sd 0, interval [-20, -20] excludes 0: "faster".
+  assert ('CF-GRPO reached the target pass@1 of 0.335 faster than GRPO: 20.0 vs 40.0 steps, mean over 2 seeds '
+          '(paired difference -20.0 [-20.0, -20.0], 95% interval excludes 0).') in found
+  # Final pass@1: differences 0.14, 0.10 -> mean 0.12, sd 0.02 sqrt(2), half 12.706205 * 0.02 = 0.254.
+  assert ('CF-GRPO vs GRPO, final held-out pass@1: 0.470 vs 0.350 (paired difference +0.120 [-0.134, +0.374]); '
+          'not distinguishable from GRPO with 2 seeds.') in found
+  # AUC (mean pass@1): grpo 0.2625, 0.275; cfgrpo 0.37, 0.3475 -> differences 0.1075, 0.0725,
+  # mean 0.09, half 12.706205 * 0.0175 = 0.222.
+  assert ('CF-GRPO vs GRPO, mean held-out pass@1 over training (AUC): 0.359 vs 0.269 (paired difference '
+          '+0.090 [-0.132, +0.312]); not distinguishable from GRPO with 2 seeds.') in found
+  seeds = _section(md, 'Seeds and paired comparisons')
+  assert '| GRPO | 1 | 0.200 | 0.360 | 40 | 40 | 0.275 | — |' in seeds
+  assert '| CF-GRPO | 0 | 0.200 | 0.480 | 40 | 20 | 0.370 | 11 |' in seeds
+  assert '| CF-GRPO | 2 | 0.470 ± 0.014 | 0.359 ± 0.016 | 20.0 ± 0.0 | 0 of 2 |' in seeds
+  assert ('| CF-GRPO − GRPO | CF-RL as run: head first, with its stage-one head lr | steps to target | 2 | 20.0 | '
+          '40.0 | -20.0 [-20.0, -20.0] | faster |') in seeds
+  assert 'Student t over the n paired seeds, n−1 degrees of freedom' in seeds
   assert 'GRPO: pass@1 rose from 0.200 to 0.350 (+0.150), beyond noise (2 s.e. = 0.020).' in found
   # Entropy windows: GRPO 0.5 - 0.4 * (2/39) = 0.479 and 0.5 - 0.4 * (37/39) = 0.121.
   assert '- GRPO: entropy fell from 0.479 to 0.121; confidence' in found
@@ -170,11 +195,13 @@ def test_cf_arm_that_loses_is_reported_as_not_beating(tmp_path):
   pass1 = {('grpo', 0): [0.20, 0.30, 0.40, 0.44, 0.48], ('cfgrpo', 0): [0.20, 0.22, 0.26, 0.30, 0.34]}
   md = _markdown(_build_study(tmp_path, pass1, study_json=False))
   found = _section(md, 'Findings')
-  # Target 0.20 + 0.28 / 2 = 0.34: grpo at step 20, cfgrpo at step 40.
-  assert 'CF-GRPO did not beat GRPO to the target pass@1 of 0.340: 40 steps vs 20 (ratio 2.00).' in found
-  assert ('Final pass@1: CF-GRPO did not beat GRPO, 0.340 vs 0.480 (-0.140); GRPO is higher beyond noise '
-          '(2 s.e. = 0.028).') in found
-  assert 'CF-GRPO reached' not in found
+  # Target 0.20 + 0.28 / 2 = 0.34: grpo at step 20, cfgrpo at step 40. One seed: no interval, so no
+  # direction is claimed (issue 23 replaced the one-seed "did not beat ... GRPO is higher" wording).
+  assert ('CF-GRPO vs GRPO, steps to the target pass@1 of 0.340: 40.0 vs 20.0 (paired difference +20.0 '
+          '(1 seed: no interval)); not distinguishable from GRPO with 1 seed.') in found
+  assert ('CF-GRPO vs GRPO, final held-out pass@1: 0.340 vs 0.480 (paired difference -0.140 (1 seed: no '
+          'interval)); not distinguishable from GRPO with 1 seed.') in found
+  assert 'CF-GRPO reached' not in found and 'slower' not in found and 'is lower' not in found
   # One seed: the plus-minus is the eval standard error.
   assert '0.480 ± 0.010' in _table_row(_section(md, 'Results'), 'GRPO')[0]
 
@@ -189,7 +216,12 @@ def test_explicit_target_not_reached_gives_a_bound(tmp_path):
   md = _markdown(root, target_accuracy=0.45)
   target = _section(md, 'Steps to target accuracy')
   assert 'given as target_accuracy' in target and _table_row(target, 'GRPO')[0].startswith('| GRPO | not reached |')
-  assert 'CF-GRPO reached the target pass@1 of 0.450 in 40 steps; GRPO did not reach it by step 40.' in md
+  # GRPO never reaches 0.45: counted at its last eval, 40, and flagged; CF-GRPO reaches it at 40 in both seeds.
+  assert '| GRPO | 1 | 0.200 | 0.360 | 40 | 40+ |' in md
+  assert '| GRPO | 2 | 0.350 ± 0.014 | 0.269 ± 0.009 | 40.0 ± 0.0 (bound) | 2 of 2 |' in md
+  assert ('CF-GRPO vs GRPO, steps to the target pass@1 of 0.450: 40.0 vs 40.0 (paired difference +0.0 '
+          '[+0.0, +0.0]); not distinguishable from GRPO with 2 seeds. In 2 of the 2 pairs a run never reached '
+          'the target and is counted at its last eval step (a lower bound on its steps).') in md
 
 
 def test_small_gain_is_within_noise(tmp_path):
@@ -203,10 +235,11 @@ def test_small_gain_is_within_noise(tmp_path):
 def test_cf_lead_within_noise_is_not_called_a_win(tmp_path):
   pass1 = {('grpo', 0): [0.20, 0.25, 0.30, 0.32, 0.34], ('cfgrpo', 0): [0.20, 0.25, 0.30, 0.33, 0.35]}
   found = report.findings(report.summarize(report.load_study(_build_study(tmp_path, pass1))))
-  assert ('Final pass@1: CF-GRPO did not clearly beat GRPO, 0.350 vs 0.340 (+0.010), within noise '
-          '(2 s.e. = 0.028).') in found
+  assert ('CF-GRPO vs GRPO, final held-out pass@1: 0.350 vs 0.340 (paired difference +0.010 (1 seed: no '
+          'interval)); not distinguishable from GRPO with 1 seed.') in found
   # Target 0.2 + 0.15 / 2 = 0.275: both first reach it at step 20.
-  assert 'CF-GRPO did not beat GRPO to the target pass@1 of 0.275: both reached it at step 20.' in found
+  assert ('CF-GRPO vs GRPO, steps to the target pass@1 of 0.275: 20.0 vs 20.0 (paired difference +0.0 (1 seed: '
+          'no interval)); not distinguishable from GRPO with 1 seed.') in found
 
 
 def test_best_arm_named_without_a_cf_pair(tmp_path):
