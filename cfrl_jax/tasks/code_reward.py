@@ -167,9 +167,11 @@ def _make_hook(allow_ctypes, frozenset=frozenset, PermissionError=PermissionErro
   return hook
 
 
-def _runner():
-  import io, json, os, sys
+def _runner(type=type, str=str, callable=callable, getattr=getattr, BaseException=BaseException):
+  # Builtins as default arguments: the program may rebind them before the result is formatted.
+  import builtins, io, json, os, sys
   write, dumps, StringIO, exit = os.write, json.dumps, io.StringIO, os._exit
+  builtin_names, saved_builtins, clear, update = builtins.__dict__, dict(builtins.__dict__), dict.clear, dict.update
   setup, make_hook = _setup, _make_hook
   sys.modules['__main__'].__dict__.clear()              # nothing of the runner for the program to rebind
   req = json.loads(sys.stdin.read())
@@ -216,6 +218,8 @@ def _runner():
         result['error'] = 'the program defines no zero-argument function and prints nothing'
   except BaseException as e:
     result['error'] = f'{type(e).__name__}: {str(e)[:200]}'
+  clear(builtin_names)                                  # json needs the builtins the program may have rebound
+  update(builtin_names, saved_builtins)
   write(1, ('\n' + nonce + dumps(result) + '\n').encode())
   exit(0)
 
