@@ -212,7 +212,7 @@ class Trainer:
     self.ckpt.wait()
 
   def _resume(self):
-    step = self.ckpt.latest_step()
+    step = self.ckpt.resume_step()   # the newest checkpoint that passes its checksums
     if step is None:
       return
     meta = self.ckpt.restore_meta(step)
