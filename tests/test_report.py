@@ -357,3 +357,138 @@ def test_update_readme_fills_the_marked_block_and_copies_the_plot(tmp_path):
   with pytest.raises(ValueError, match='demo-results'):
     (tmp_path / 'plain.md').write_text('no markers')
     report.update_readme(str(root), str(tmp_path / 'plain.md'), image_dir=str(tmp_path / 'docs'))
+
+
+# -- issue 23: paired statistics over seeds, the designed comparisons, the accuracy figure ---------
+
+
+def _reaching(step):
+  """A pass@1 curve over EVAL_STEPS that first reaches 0.35 (>= the 0.30 target) at `step`."""
+  return [0.20 if s < step else 0.35 for s in EVAL_STEPS]
+
+
+def test_finding_switches_from_not_distinguishable_to_faster(tmp_path):
+  # Control reaches the 0.30 target at step 30 in all three seeds.
+  noisy = {('grpo', k): _reaching(30) for k in range(3)} | {
+      ('cfgrpo', 0): _reaching(10), ('cfgrpo', 1): _reaching(40), ('cfgrpo', 2): _reaching(20)}
+  steady = {('grpo', k): _reaching(30) for k in range(3)} | {
+      ('cfgrpo', 0): _reaching(10), ('cfgrpo', 1): _reaching(20), ('cfgrpo', 2): _reaching(10)}
+  # Noisy: differences -20, +10, -10: mean -6.667, sd 15.275, half 4.302653 * 15.275 / sqrt(3) = 37.946.
+  found = report.findings(report.summarize(report.load_study(_build_study(tmp_path / 'a', noisy)), 0.30))
+  assert ('CF-GRPO vs GRPO, steps to the target pass@1 of 0.300: 23.3 vs 30.0 (paired difference -6.7 '
+          '[-44.6, +31.3]); not distinguishable from GRPO with 3 seeds.') in found
+  assert not any('faster' in f for f in found)
+  # Steady: differences -20, -10, -20: mean -16.667, sd 5.7735, half 14.342 -> [-31.0, -2.3], excludes 0.
+  found = report.findings(report.summarize(report.load_study(_build_study(tmp_path / 'b', steady)), 0.30))
+  assert ('CF-GRPO reached the target pass@1 of 0.300 faster than GRPO: 13.3 vs 30.0 steps, mean over 3 seeds '
+          '(paired difference -16.7 [-31.0, -2.3], 95% interval excludes 0).') in found
+  # AUC of steady: a curve reaching 0.35 at step k has area 0.2 * 40 + 0.15 * (40 - k + 5) for k >= 10
+  # (a 10-step ramp, half of it above 0.2) -> k = 10: 13.25 / 40; 20: 11.75 / 40; 30: 10.25 / 40.
+  # Differences (3, 1.5, 3) / 40 = 0.075, 0.0375, 0.075: mean 0.0625, sd 0.021651, half 0.053784.
+  auc = next(r for r in report.summarize(report.load_study(str(tmp_path / 'b')), 0.30).paired if r.metric == 'auc')
+  assert auc.treatment == pytest.approx([13.25 / 40, 11.75 / 40, 13.25 / 40])
+  assert auc.interval.mean == pytest.approx(0.0625)
+  assert (auc.interval.low, auc.interval.high) == (pytest.approx(0.0625 - 0.053784, abs=1e-6),
+                                                  pytest.approx(0.0625 + 0.053784, abs=1e-6))
+  assert auc.verdict == 'better'
+  # Means 38.25 / 120 = 0.319 vs 0.256; the difference 0.0625 sits on a rounding tie, so only its interval is matched.
+  (sentence,) = [f for f in found if 'AUC' in f]
+  assert sentence.startswith("CF-GRPO's mean held-out pass@1 over training (AUC) is higher than GRPO's: 0.319 vs "
+                             '0.256, mean over 3 seeds (paired difference +0.06')
+  assert sentence.endswith('[+0.009, +0.116], 95% interval excludes 0).')
+
+
+def test_seeds_where_neither_arm_reaches_the_target_are_left_out(tmp_path):
+  never = [0.20] * len(EVAL_STEPS)
+  pass1 = {('grpo', 0): never, ('cfgrpo', 0): never, ('grpo', 1): _reaching(30), ('cfgrpo', 1): _reaching(20),
+           ('grpo', 2): _reaching(30), ('cfgrpo', 2): never}
+  nums = report.summarize(report.load_study(_build_study(tmp_path, pass1)), 0.30)
+  steps = next(r for r in nums.paired if r.metric == 'steps')
+  # Seed 0 dropped; seed 1: 20 - 30; seed 2: CF-GRPO censored at 40, 40 - 30.
+  assert steps.seeds == [1, 2] and steps.treatment == [20, 40] and steps.control == [30, 30]
+  assert (steps.censored, steps.dropped) == (1, 1)
+  sentence = report._paired_sentence(steps, nums.target)
+  assert 'not distinguishable from GRPO with 2 seeds' in sentence
+  assert 'In 1 of the 2 pairs a run never reached the target' in sentence
+  assert sentence.endswith('Left out: 1 seed in which neither arm reached it.')
+  assert [str(x.steps) for x in nums.per_seed['cfgrpo']] == ['40+', '20', '40+']
+
+
+def test_neither_arm_reaching_the_target_is_said_plainly(tmp_path):
+  never = [0.20, 0.21, 0.22, 0.23, 0.24]
+  nums = report.summarize(report.load_study(_build_study(tmp_path, {('grpo', 0): never, ('cfgrpo', 0): never})), 0.5)
+  assert not any(r.metric == 'steps' for r in nums.paired)
+  assert 'Neither CF-GRPO nor GRPO reached the target pass@1 of 0.500 in any seed both ran.' in report.findings(nums)
+
+
+def test_designed_controls_are_compared_and_labelled(tmp_path):
+  arms = ('grpo', 'cfgrpo', 'grpo_headlr', 'cfgrpo_samelr')
+  pass1 = {(a, k): _reaching(10 + 10 * i) for i, a in enumerate(arms) for k in (0, 1)}
+  md = _markdown(_build_study(tmp_path, pass1), target_accuracy=0.30)
+  table = _section(md, 'Seeds and paired comparisons')
+  rows = [ln for ln in table.splitlines() if ' − ' in ln and 'steps to target' in ln]
+  assert [ln.split(' | ')[0] for ln in rows] == [
+      '| CF-GRPO − GRPO', '| CF-GRPO (same lr) − GRPO', '| GRPO (head lr as CF) − GRPO',
+      '| CF-GRPO − GRPO (head lr as CF)', '| CF-GRPO − CF-GRPO (same lr)']
+  # grpo 10, cfgrpo 20, grpo_headlr 30, cfgrpo_samelr 40 in both seeds: identical differences, sd 0.
+  assert '| CF-GRPO − GRPO (head lr as CF) | ordering, with the head lr schedule matched | steps to target | 2 | ' \
+         '20.0 | 30.0 | -10.0 [-10.0, -10.0] | faster |' in table
+  assert '| CF-GRPO (same lr) − GRPO | ordering alone (stage-one head lr = rl.head_lr) | steps to target | 2 | ' \
+         '40.0 | 10.0 | +30.0 [+30.0, +30.0] | slower |' in table
+  assert report.arm_label('cfppo_adaptive') == 'CF-PPO (adaptive switch)' and report.arm_label('mine_x') == 'mine_x'
+
+
+def test_paired_auc_uses_the_span_both_runs_logged(tmp_path):
+  _write_jsonl(tmp_path / 'grpo' / 'seed0', [{'step': s, 'kind': 'eval', 'pass@1': 0.2 + 0.01 * s}
+                                             for s in (0, 10, 20, 30, 40)])
+  _write_jsonl(tmp_path / 'cfgrpo' / 'seed0', [{'step': s, 'kind': 'eval', 'pass@1': v}
+                                               for s, v in ((0, 0.2), (10, 0.4), (20, 0.4))])
+  nums = report.summarize(report.load_study(str(tmp_path)))
+  auc = next(r for r in nums.paired if r.metric == 'auc')
+  # Span 0..20: cfgrpo (10 * 0.3 + 10 * 0.4) / 20 = 0.35; grpo mean of the line over 0..20 = 0.3.
+  assert auc.treatment == pytest.approx([0.35]) and auc.control == pytest.approx([0.3])
+  # The per-seed table keeps each run's own span: grpo over 0..40 is 0.4.
+  assert nums.per_seed['grpo'][0].auc == pytest.approx(0.4)
+
+
+def test_one_seed_band_is_the_eval_standard_error(tmp_path):
+  root = _build_study(tmp_path, {('grpo', 0): PASS1[('grpo', 0)]})
+  runs = report.load_study(root).arms['grpo']
+  curve = report.with_se_band(report.arm_curve(runs, 'eval', 'pass@1'), runs, 'eval', 'pass@1_stderr')
+  assert curve.se_band
+  np.testing.assert_allclose(curve.low, np.array(PASS1[('grpo', 0)]) - 0.01)
+  np.testing.assert_allclose(curve.high, np.array(PASS1[('grpo', 0)]) + 0.01)
+  two = report.load_study(_build_study(tmp_path / 'two')).arms['grpo']   # several seeds: min-max unchanged
+  curve = report.with_se_band(report.arm_curve(two, 'eval', 'pass@1'), two, 'eval', 'pass@1_stderr')
+  assert not curve.se_band and curve.low[-1] == pytest.approx(0.34) and curve.high[-1] == pytest.approx(0.36)
+
+
+def test_accuracy_figure_band_smoothing_and_stage_switch(tmp_path, monkeypatch):
+  figs = []
+  monkeypatch.setattr(report, '_save', lambda fig, out_dir, name: figs.append(fig) or f'{name}.png')
+  # One CF-GRPO seed: evals every 10 steps with s.e. 0.02, a reward alternating 0 / 1 with a step at 15, and
+  # stage 2 from step 12.
+  reward = [float(s % 2) + (0.5 if s >= 15 else 0.0) for s in range(1, 31)]
+  recs = [{'step': s, 'kind': 'eval', 'pass@1': 0.1 + 0.01 * s, 'pass@1_stderr': 0.02} for s in (0, 10, 20, 30)]
+  recs += [{'step': s, 'kind': 'train', 'reward_mean': r, 'stage': 1.0 if s < 12 else 2.0}
+           for s, r in zip(range(1, 31), reward)]
+  _write_jsonl(tmp_path / 'cfgrpo' / 'seed0', recs)
+  study = report.load_study(str(tmp_path))
+  assert report.figure_accuracy(study, str(tmp_path), 0.3) == 'accuracy.png'
+  (fig,) = figs
+  pass1_ax, reward_ax = fig.axes   # greedy accuracy is not logged, so its panel is left out
+  assert "± the eval's own s.e. of pass@1 (one seed)" in fig._suptitle.get_text()
+  (band,) = pass1_ax.collections
+  # The band's outline spans pass@1 - 0.02 .. pass@1 + 0.02: 0.08 at step 0 up to 0.42 at step 30.
+  ys = band.get_paths()[0].vertices[:, 1]
+  assert ys.min() == pytest.approx(0.08) and ys.max() == pytest.approx(0.42)
+  for ax in (pass1_ax, reward_ax):   # the stage switch at step 12 on both panels
+    assert any(list(ln.get_xdata()) == [12, 12] for ln in ax.lines)
+  raw, smooth = [ln for ln in reward_ax.lines if list(ln.get_xdata()) != [12, 12]]
+  assert raw.get_alpha() == 0.25 and smooth.get_alpha() is None
+  np.testing.assert_allclose(raw.get_ydata(), reward)
+  # Centered 9-step average, the window shrinking symmetrically at the ends: step 1 alone (1); steps 1..3
+  # (2/3); steps 1..9 (odd steps are ones: 5/9); 2..10 (4/9); 10..18 (4 ones + 0.5 x 4 steps from 15: 6/9);
+  # 11..19 (5 + 0.5 x 5 = 7.5/9); step 30 alone (0.5).
+  sm = np.asarray(smooth.get_ydata())
+  np.testing.assert_allclose(sm[[0, 1, 4, 5, 13, 14, 29]], [1, 2 / 3, 5 / 9, 4 / 9, 6 / 9, 7.5 / 9, 0.5])
