@@ -21,9 +21,11 @@ sets up, in this order (docs/sandbox.md says what each layer stops and what none
   - Landlock where the kernel has it: no file written, created, removed, renamed, truncated or
     executed anywhere; no TCP; no signals to processes outside the sandbox.
   interpreter layer, held by state the program cannot reach (default arguments of a closure):
-  - an audit hook that refuses sockets, process creation, exec, ctypes/cffi, file writes,
-    removals, renames, permission changes, signals, tracing and gc introspection; os.mkfifo,
-    os.mknod and signal.pidfd_send_signal, which raise no audit event, are removed.
+  - an audit hook that refuses sockets, process creation, exec, cffi, file writes, removals,
+    renames, permission changes, signals, tracing and gc introspection; os.mkfifo, os.mknod and
+    signal.pidfd_send_signal, which raise no audit event, are removed. ctypes (which numpy and
+    sympy import) can overwrite any memory, the hook's included, so it is importable only where
+    the pid namespace and Landlock hold on their own.
 The parent stops reading at the wall-clock limit or after 1 MiB of output, then SIGKILLs every
 process in the child's session or process group, below it, or running as its uid.
 Files stay readable; see docs/sandbox.md for what else is not isolated.
