@@ -136,6 +136,8 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
   c.probe.every = 10             # 0: never
   c.probe.num_sequences = 8
   c.probe.positions = 4          # scored completion positions per probe sequence
+  c.probe.formats = 'all'        # 'all': each probe prompt with every solution format of the task (rows
+                                 # then ceil(num_sequences / formats)); 'first': its first reference only
 
   c.checkpoint = mc.ConfigDict()
   c.checkpoint.every = 50        # 0: only at the end
@@ -319,6 +321,7 @@ def validate(c: mc.ConfigDict) -> None:
   _at_least(c, 'probe.every', 0)
   _at_least(c, 'probe.num_sequences', 1)
   _at_least(c, 'probe.positions', 1)
+  _one_of(c, 'probe.formats', ('all', 'first'))
   _at_least(c, 'checkpoint.every', 0)
   _at_least(c, 'checkpoint.max_to_keep', 0)
 

@@ -56,11 +56,15 @@ def make_probe_fn(config, policy, task):
   from cfrl_jax.dynamics import probes
   if config.probe.every <= 0:
     return None
-  probe = probes.build_probe_set(policy, task.train[:config.probe.num_sequences], task,
-                                 positions=config.probe.positions, max_new_tokens=config.rl.max_new_tokens)
+  pc = config.probe
+  names = probes.solution_formats(task.train[:pc.num_sequences]) if pc.formats == 'all' else []
+  # num_sequences counts probe sequences: with every format probed, fewer prompts keep the cost.
+  rows = task.train[:-(-pc.num_sequences // len(names)) if names else pc.num_sequences]
+  probe = probes.build_probe_set(policy, rows, task, positions=pc.positions,
+                                 max_new_tokens=config.rl.max_new_tokens, formats=pc.formats)
 
   def probe_fn(params_before, params_after, ctx, step):
-    return probes.training_probe(policy.cfg, params_before, params_after, probe)
+    return probes.training_probe(policy.cfg, params_before, params_after, probe, group_names=names)
 
   return probe_fn
 

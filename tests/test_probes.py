@@ -199,3 +199,55 @@ def test_training_probe_reports_floats_the_report_reads(model):
   np.testing.assert_allclose(out['logprob_change_linear_head'] + out['logprob_change_linear_backbone'],
                              out['logprob_change_linear'], rtol=1e-10)
   assert out['logprob_change_linear_rel_error'] < 0.05     # a small step is nearly linear
+
+
+def test_offdiagonal_r_share_on_a_hand_built_kernel():
+  # Entries 0, 1 in sequence 0 and entry 2 in sequence 1: the cross-sequence pairs are (0,2), (1,2)
+  # and their mirrors. |R| there: 2, 4 -> mean 3; |G|: 1, 3 (signs mixed) -> mean 2; share 3 / 5.
+  r = np.array([[9., 7., 2.], [7., 9., -4.], [2., -4., 9.]])
+  g = np.array([[5., 8., -1.], [8., 5., 3.], [-1., 3., 5.]])
+  share = probes.r_share_offdiag(jnp.asarray(r), jnp.asarray(g), jnp.asarray([0, 0, 1]))
+  np.testing.assert_allclose(float(share), 3 / 5, rtol=1e-12)
+  # A signed ratio R_off / (R_off + G_off) would leave [0, 1] here: (-2/4) / (-2/4 + 2/4) divides by 0.
+  assert 0 <= float(share) <= 1
+
+
+def test_response_feature_cosine_and_offdiagonal_share_against_numpy(model):
+  cfg, params = model
+  probe = probes.make_probe_set(*probe_arrays(), positions=2)
+  m = jit(probes.probe_metrics, cfg)(params, probe)
+  k = jit(ntk.logprob_kernel, cfg)(params, probe.points)
+  seq = np.asarray(probe.seq)
+  other = seq[:, None] != seq[None, :]
+  r_abs, g_abs = np.abs(np.asarray(k.r))[other].mean(), np.abs(np.asarray(k.g))[other].mean()
+  np.testing.assert_allclose(m['ntk_R_share_offdiag'], r_abs / (r_abs + g_abs), rtol=1e-12)
+  phi = np.asarray(qwen.features(cfg, params['backbone'], probe.tokens, probe.mask)[0])
+  entries = phi[seq, np.asarray(probe.pos)]
+  unit = entries / np.linalg.norm(entries, axis=1, keepdims=True)
+  np.testing.assert_allclose(m['phi_cosine_response'], (unit @ unit.T)[other].mean(), rtol=1e-12)
+
+
+def test_probe_set_with_every_format_and_per_format_changes(tiny_tokenizer_dir, model):
+  from cfrl_jax.policy import make_policy
+  from cfrl_jax.tokenization import load_tokenizer
+  cfg, params = model
+  tok = load_tokenizer(tiny_tokenizer_dir)
+  policy = make_policy(cfg.replace(vocab_size=max(cfg.vocab_size, len(tok))), tok)
+  rows = [{'prompt': 'What is 1 + 2?', 'solutions': {'steps': ' 1 + 2 = 3. The answer is 3.', 'direct': ' #### 3'}},
+          {'prompt': 'What is 4 - 1?', 'solutions': {'steps': ' 4 - 1 = 3. The answer is 3.', 'direct': ' #### 3'}}]
+  assert probes.solution_formats(rows) == ['steps', 'direct']
+  p = probes.build_probe_set(policy, rows, positions=2, max_new_tokens=6, formats='all')
+  np.testing.assert_array_equal(p.group, [0, 1, 0, 1])   # row-major: each prompt with every format
+  first = probes.build_probe_set(policy, rows, positions=2, max_new_tokens=6)
+  np.testing.assert_array_equal(first.group, [0, 0])
+  np.testing.assert_array_equal(first.tokens[1, -6:], p.tokens[2, -6:])   # row 1's first format
+  p = p._replace(tokens=p.tokens % cfg.vocab_size)
+  grad = jax.tree_util.tree_map(lambda x: 1e-4 * jnp.ones_like(x), params)
+  after = jax.tree_util.tree_map(lambda a, d: a + d, params, grad)
+  out = probes.training_probe(cfg, params, after, p, group_names=('steps', 'direct'))
+  actual = np.asarray(jit(probes.probe_logprobs, cfg)(after, p) - jit(probes.probe_logprobs, cfg)(params, p))
+  entry_fmt = np.asarray(p.group)[np.asarray(p.seq)]
+  for g, name in enumerate(('steps', 'direct')):
+    np.testing.assert_allclose(out[f'logprob_change_actual_{name}'], actual[entry_fmt == g].mean(), rtol=1e-9)
+    np.testing.assert_allclose(out[f'logprob_change_linear_head_{name}'] + out[f'logprob_change_linear_backbone_{name}'],
+                               out[f'logprob_change_linear_{name}'], rtol=1e-9)

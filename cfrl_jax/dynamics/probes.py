@@ -16,12 +16,22 @@ Conventions
     tokens[s, :p + 1]; f = log pi(y | context) is the scalar whose eNTK is measured.
   * Kernel statistics: `diag` is the mean of k(i, i) over entries; `offdiag` is the mean of
     k(i, j) over pairs of entries in DIFFERENT probe sequences (how strongly one sample's
-    update reaches the others). Keys: ntk_{R,G,cross,total}_{diag,offdiag}; cross is 0
-    for an untied head. ntk_R_share = R_diag / (R_diag + G_diag). ntk_reach =
-    total_offdiag / total_diag.
-  * Feature statistics use phi at the LAST PROMPT TOKEN of each probe sequence (the
-    context of the first completion token): phi_norm (mean ||phi||) and phi_cosine (mean
-    pairwise cosine across probe prompts, i != j).
+    update reaches the others). Keys: ntk_{R,G,cross,total}_{diag,offdiag} (signed means);
+    cross is 0 for an untied head. ntk_reach = total_offdiag / total_diag.
+  * Two R shares, labelled by where they look. ntk_R_share (diagonal) = R_diag / (R_diag +
+    G_diag): how much of a sample's own update is carried by the features. ntk_R_share_offdiag
+    = mean |R_ij| / (mean |R_ij| + mean |G_ij|) over entries of different sequences: how much of
+    one sample's effect on OTHER contexts is carried by R, the paper's mechanism. Off-diagonal
+    entries are signed (G's mean can be negative), so a signed ratio can leave [0, 1]; the
+    absolute-value share cannot, and the signed means stay beside it.
+  * Feature statistics: phi_norm (mean ||phi||) and phi_cosine (mean pairwise cosine across
+    probe prompts, i != j) use phi at the LAST PROMPT TOKEN of each sequence; on a templated
+    task that token is the same for every prompt, which inflates the cosine, so
+    phi_cosine_response is the mean cosine of phi at the scored completion positions, over
+    pairs of entries of different sequences.
+  * Formats: build_probe_set(..., formats='all') probes every solution format of each row
+    (ProbeSet.group is the format index of each sequence); training_probe then also reports
+    the log-prob changes per format, logprob_change_{actual,linear_head,linear_backbone}_<fmt>.
 """
 from __future__ import annotations
 
@@ -42,13 +52,15 @@ class ProbeSet(NamedTuple):
 
   tokens, mask: (n, T) int32 left-padded [prompt | completion] sequences;
   seq, pos: (m,) int32 entries: target tokens[seq, pos + 1] given tokens[seq, :pos + 1];
-  prompt_last: (n,) int32 column of each sequence's last prompt token.
+  prompt_last: (n,) int32 column of each sequence's last prompt token;
+  group: (n,) int32 group (solution format) index of each sequence, all 0 when ungrouped.
   """
   tokens: jax.Array
   mask: jax.Array
   seq: jax.Array
   pos: jax.Array
   prompt_last: jax.Array
+  group: jax.Array
 
   @property
   def points(self) -> ntk.Points:
@@ -62,15 +74,18 @@ def _spread(k: int, length: int) -> np.ndarray:
   return np.unique(np.round(np.linspace(0, length - 1, k)).astype(int))
 
 
-def make_probe_set(tokens, mask, completion_mask, *, positions: int | None = None) -> ProbeSet:
+def make_probe_set(tokens, mask, completion_mask, *, positions: int | None = None, group=None) -> ProbeSet:
   """A ProbeSet from [prompt | completion] arrays (host side; the entry count depends on the data).
 
   tokens, mask: (n, T); completion_mask: (n, T) aligned with tokens, 1 on completion tokens
   (a rollout's (n, N) completion mask must be left-padded with the P prompt columns first).
   positions: completion tokens scored per sequence, spread evenly from the first to the last
-  (None: all of them).
+  (None: all of them). group: (n,) ints, each sequence's group (None: one group).
   """
   tokens, mask, cm = np.asarray(tokens), np.asarray(mask), np.asarray(completion_mask) > 0
+  group = np.zeros(tokens.shape[:1], np.int32) if group is None else np.asarray(group)
+  if group.shape != tokens.shape[:1]:
+    raise ValueError(f'group has shape {group.shape}; expected one entry per sequence, {tokens.shape[:1]}.')
   if not (tokens.shape == mask.shape == cm.shape) or tokens.ndim != 2:
     raise ValueError(f'tokens {tokens.shape}, mask {mask.shape} and completion_mask {cm.shape} '
                      'must all be the same (n, T) shape.')
@@ -90,7 +105,7 @@ def make_probe_set(tokens, mask, completion_mask, *, positions: int | None = Non
     pos += list(chosen - 1)
     last.append(cols[0] - 1)
   as32 = lambda x: jnp.asarray(np.asarray(x), jnp.int32)
-  return ProbeSet(as32(tokens), as32(mask), as32(seq), as32(pos), as32(last))
+  return ProbeSet(as32(tokens), as32(mask), as32(seq), as32(pos), as32(last), as32(group))
 
 
 def _reference_completion(row: dict) -> str:
@@ -105,37 +120,53 @@ def _reference_completion(row: dict) -> str:
                    f'{sorted(row)}.')
 
 
-def build_probe_set(policy, rows: Sequence[dict], task=None, *, positions: int | None = 4,
-                    max_new_tokens: int = 256) -> ProbeSet:
-  """A ProbeSet from task rows: each row's prompt followed by its reference completion.
+def solution_formats(rows: Sequence[dict]) -> list[str]:
+  """The solution formats every row has (rows with a 'solutions' dict), in the first row's order."""
+  if not rows or not all(isinstance(r.get('solutions'), dict) for r in rows):
+    return []
+  return [f for f in rows[0]['solutions'] if all(f in r['solutions'] for r in rows)]
 
-  The completion is the row's 'completion', else 'solution', else the first of 'solutions',
-  else 'answer' (fixed text, so the probe is the same at every step), truncated to
-  max_new_tokens tokens. Prompts are encoded as the policy encodes them (chat template,
-  system prompt). `task` is accepted for the trainer's call and not needed.
+
+def build_probe_set(policy, rows: Sequence[dict], task=None, *, positions: int | None = 4,
+                    max_new_tokens: int = 256, formats: str = 'first') -> ProbeSet:
+  """A ProbeSet from task rows: each row's prompt followed by a reference completion.
+
+  formats='first': one sequence per row, its 'completion', else 'solution', else the first of
+  'solutions', else 'answer'. formats='all': one sequence per row and solution format
+  (solution_formats(rows), in that order; group = the format's index), so that every format the
+  base learned is probed; rows without 'solutions' fall back to 'first'. Fixed text, so the probe
+  is the same at every step; completions are truncated to max_new_tokens tokens. Prompts are
+  encoded as the policy encodes them (chat template, system prompt). `task` is accepted for the
+  trainer's call and not needed.
   """
   del task
   if not rows:
     raise ValueError('build_probe_set needs at least one row.')
+  if formats not in ('first', 'all'):
+    raise ValueError(f"formats={formats!r}; expected 'first' or 'all'.")
   from cfrl_jax import tokenization
+  names = solution_formats(rows) if formats == 'all' else []
+  if names:
+    pairs = [(r['prompt'], r['solutions'][f], g) for r in rows for g, f in enumerate(names)]
+  else:
+    pairs = [(r['prompt'], _reference_completion(r), 0) for r in rows]
   tok = policy.tokenizer
   p_tokens, p_mask = tokenization.encode_prompts(
-      tok, [r['prompt'] for r in rows], chat_template=policy.chat_template,
+      tok, [p for p, _, _ in pairs], chat_template=policy.chat_template,
       system_prompt=policy.system_prompt)
-  comps = [list(tok(_reference_completion(r), add_special_tokens=False)['input_ids'])[:max_new_tokens]
-           for r in rows]
+  comps = [list(tok(str(c), add_special_tokens=False)['input_ids'])[:max_new_tokens] for _, c, _ in pairs]
   if any(not c for c in comps):
     raise ValueError('a probe row has an empty reference completion.')
   N = max(len(c) for c in comps)
-  c_tokens = np.full((len(rows), N), policy.pad_id, np.int32)
-  c_mask = np.zeros((len(rows), N), np.int32)
+  c_tokens = np.full((len(pairs), N), policy.pad_id, np.int32)
+  c_mask = np.zeros((len(pairs), N), np.int32)
   for i, c in enumerate(comps):
     c_tokens[i, :len(c)] = c
     c_mask[i, :len(c)] = 1
   tokens = np.concatenate([p_tokens, c_tokens], axis=1)
   mask = np.concatenate([p_mask, c_mask], axis=1)
   cm = np.concatenate([np.zeros_like(p_mask), c_mask], axis=1)
-  return make_probe_set(tokens, mask, cm, positions=positions)
+  return make_probe_set(tokens, mask, cm, positions=positions, group=[g for _, _, g in pairs])
 
 
 def probe_logprobs(cfg: qwen.QwenConfig, params, probe: ProbeSet):
@@ -145,11 +176,25 @@ def probe_logprobs(cfg: qwen.QwenConfig, params, probe: ProbeSet):
   return jnp.take_along_axis(logp, probe.tokens[probe.seq, probe.pos + 1][:, None], axis=-1)[:, 0]
 
 
-def _diag_offdiag(k, seq):
+def _offdiag_mean(k, seq):
+  """Mean of k(i, j) over pairs of entries of different sequences (nan when there are none)."""
   other = (seq[:, None] != seq[None, :]).astype(k.dtype)
   n_other = jnp.sum(other)
-  off = jnp.where(n_other > 0, jnp.sum(k * other) / jnp.maximum(n_other, 1), jnp.nan)
-  return jnp.mean(jnp.diagonal(k)), off
+  return jnp.where(n_other > 0, jnp.sum(k * other) / jnp.maximum(n_other, 1), jnp.nan)
+
+
+def r_share_offdiag(r, g, seq):
+  """mean |R_ij| / (mean |R_ij| + mean |G_ij|) over entries i, j of different sequences: in [0, 1].
+
+  r, g: (m, m) kernel components; seq: (m,) the sequence of each entry.
+  """
+  r_abs, g_abs = _offdiag_mean(jnp.abs(r), seq), _offdiag_mean(jnp.abs(g), seq)
+  return r_abs / (r_abs + g_abs)
+
+
+def _unit_rows(x):
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), jnp.finfo(x.dtype).tiny)
 
 
 def probe_metrics(cfg: qwen.QwenConfig, params, probe: ProbeSet, *,
@@ -161,12 +206,15 @@ def probe_metrics(cfg: qwen.QwenConfig, params, probe: ProbeSet, *,
   parts = ntk.logprob_kernel(cfg, params, probe.points, chunk_size=chunk_size)
   out = {}
   for name, k in zip(('R', 'G', 'cross', 'total'), parts):
-    out[f'ntk_{name}_diag'], out[f'ntk_{name}_offdiag'] = _diag_offdiag(k, probe.seq)
+    out[f'ntk_{name}_diag'], out[f'ntk_{name}_offdiag'] = jnp.mean(jnp.diagonal(k)), _offdiag_mean(k, probe.seq)
   out['ntk_R_share'] = out['ntk_R_diag'] / (out['ntk_R_diag'] + out['ntk_G_diag'])
+  out['ntk_R_share_offdiag'] = r_share_offdiag(parts.r, parts.g, probe.seq)
   out['ntk_reach'] = out['ntk_total_offdiag'] / out['ntk_total_diag']
   phi, _ = qwen.features(cfg, params['backbone'], probe.tokens, probe.mask)
   stats = confidence.feature_stats(phi[jnp.arange(phi.shape[0]), probe.prompt_last])
   out['phi_norm'], out['phi_cosine'] = stats['norm'], stats['mean_cos']
+  unit = _unit_rows(phi[probe.seq, probe.pos])
+  out['phi_cosine_response'] = _offdiag_mean(unit @ unit.T, probe.seq)
   out['head_norm'] = confidence.head_norm(qwen.head_params(cfg, params)['w'])
   return out
 
@@ -200,21 +248,27 @@ def _training_probe_arrays(cfg, params_before, params_after, probe):
   delta = jax.tree_util.tree_map(lambda a, b: a - b, params_after, params_before)
   actual = probe_logprobs(cfg, params_after, probe) - probe_logprobs(cfg, params_before, probe)
   lin = linearized_logprob_change(cfg, params_before, probe, delta)
-  out['logprob_change_actual'] = jnp.mean(actual)
-  out['logprob_change_linear'] = jnp.mean(lin.total)
-  out['logprob_change_linear_head'] = jnp.mean(lin.head)
-  out['logprob_change_linear_backbone'] = jnp.mean(lin.backbone)
   out['logprob_change_linear_rel_error'] = (jnp.linalg.norm(actual - lin.total) /
                                             jnp.maximum(jnp.linalg.norm(actual), 1e-30))
-  return out
+  return out, {'actual': actual, 'linear': lin.total, 'linear_head': lin.head, 'linear_backbone': lin.backbone}
 
 
-def training_probe(cfg: qwen.QwenConfig, params_before, params_after, probe: ProbeSet) -> dict[str, float]:
+def training_probe(cfg: qwen.QwenConfig, params_before, params_after, probe: ProbeSet,
+                   group_names: Sequence[str] = ()) -> dict[str, float]:
   """Probe metrics before an update plus how the probe log-probs moved: a dict of floats.
 
   probe_metrics(params_before), and the mean over probe entries of the actual change
   (logprob_change_actual), its first-order prediction J delta (logprob_change_linear, split
-  into _head and _backbone) and the relative error ||actual - linear|| / ||actual||.
+  into _head and _backbone: who moves the log-probs under the optimizer actually used) and the
+  relative error ||actual - linear|| / ||actual||. With group_names (probe.group's names, e.g.
+  solution_formats), the same means per group as logprob_change_<kind>_<name>.
   """
-  return {k: float(v) for k, v in jax.device_get(_training_probe_arrays(
-      cfg, params_before, params_after, probe)).items()}
+  scalars, per_entry = jax.device_get(_training_probe_arrays(cfg, params_before, params_after, probe))
+  out = {k: float(v) for k, v in scalars.items()}
+  entry_group = np.asarray(probe.group)[np.asarray(probe.seq)]
+  for kind, values in per_entry.items():
+    out[f'logprob_change_{kind}'] = float(np.mean(values))
+    for g, name in enumerate(group_names):
+      if (entry_group == g).any():
+        out[f'logprob_change_{kind}_{name}'] = float(np.mean(values[entry_group == g]))
+  return out
