@@ -749,7 +749,7 @@ def summarize(config, settings: Settings, run_dir, fit: WindowFit, evals: Mappin
 # --- output --------------------------------------------------------------------------------
 def _label(name: str, result: Mapping) -> str:
   start = (result.get('continued') or {}).get('start', '')
-  return MODEL_LABELS[name].format(keep='+'.join(result['keep']), start=start.replace('alpharl_', 'AlphaRL '))
+  return MODEL_LABELS[name].format(keep='+'.join(result['keep']), start=SHORT_NAMES.get(start, start))
 
 
 def markdown_section(result: Mapping, image: str | None = PNG_NAME, heading_level: int = 2,
@@ -824,7 +824,7 @@ def _released_notes(r: Mapping) -> list[str]:
   if not rel['fitted']:
     return [f'Released AlphaRL (PLS) not fitted: {rel["reason"]}', '']
   t = rel['targets']
-  out = [f'Released AlphaRL (PLS): {rel["fit"]["matrices"]} kernel matrices, PLS of the sign-chained s1*u1 vectors '
+  out = [f'Released AlphaRL (PLS): {rel["fit"]["matrices"]} kernel matrices, PLS of the sign-chained vectors s1 * (output-side singular vector) '
          f'against {r["metric"]} at checkpoints {rel["steps"]} ({", ".join(fmt(a) for a in rel["accuracy"])}); median '
          f'R^2 {fmt(rel["fit"]["pls_r2_median"])}; coordinates {"standardised" if rel["fit"]["scale"] else "centred"}. '
          'Each model is the window-end checkpoint plus u1 pred^T on every kernel, as released: pred is the '

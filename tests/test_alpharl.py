@@ -227,7 +227,11 @@ def test_demo_smoke_runs_end_to_end_through_experiment(tmp_path):
   assert (r['planned_steps'], r['window_steps'], r['step_fraction']) == (5, 2, 0.4)
   assert checkpoint.available_steps(run_dir) == [0, 1, 2]
   assert r['fit_origin'] == 1 and r['fit_steps'] == [2]      # CF-RL: stage 2 starts after stage1_steps=1
-  assert set(r['models']) == {'base', 'window', 'alpharl_A', 'alpharl_B', 'expo', 'continued', 'reference'}
+  # The released (PLS) variants need 2 checkpoints after CF-RL's stage-2 start; this window has one.
+  assert set(r['models']) == {'base', 'window', 'alpharl_A', 'alpharl_B', 'expo', 'expo_tuned', 'continued',
+                              'reference'}
+  assert not r['released']['fitted'] and 'at least 2' in r['released']['reason']
+  assert r['expo_selection']['split'].startswith('eval problems 16..31')
   base = r['models']['base']
   for name, m in r['models'].items():
     assert 0.0 <= m['accuracy'] <= 1.0
@@ -245,7 +249,8 @@ def test_demo_smoke_runs_end_to_end_through_experiment(tmp_path):
   for p in b:
     np.testing.assert_array_equal(start[p], b[p])
   md = open(os.path.join(run_dir, 'alpharl.md')).read()
-  assert 'share of the gain' in md and 'AlphaRL B' in md and '](alpharl.png)' in md
+  assert 'share of the gain' in md and 'B: rank-1 step line' in md and '](alpharl.png)' in md
+  assert "the paper's AlphaRL" not in md and 'Released AlphaRL (PLS) not fitted' in md
   with pytest.raises(ValueError, match='resume'):   # a second run would mix two histories
     experiment.run(c)
   # The report of the AlphaRL directory carries the AlphaRL section, its plot linked from report.md.

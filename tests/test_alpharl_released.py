@@ -255,3 +255,75 @@ def test_pooled_share_and_seed_verdicts():
   assert '| grpo | released, window target | 2 | 0.940 ± 0.020 | within noise |' in md
   assert '| grpo | ExPO fixed | 2 | 0.320 ± 0.020 | not met |' in md
   assert alpharl.seeds_section([('x', {'reference': None, 'models': {}})]) == ''
+
+
+# --- through the mode's checkpoint path -------------------------------------------------------
+def test_window_checkpoints_to_released_models_and_report(tmp_path):
+  """A rank-1-linear window saved as checkpoints (steps 0, 2, 4, 6, 8; kernel update (t c) u v^T, head moving),
+  accuracy 0.3 + 0.01 t: fit_window + fit_released_window give W_8 + (T c) u v^T on every kernel at the
+  target accuracy 0.3 + 0.01 T, the window-end head kept; summarize and the Markdown label the oracle as an
+  upper bound."""
+  import dataclasses
+  import jax
+  from cfrl_jax.models import qwen
+  from cfrl_jax.train import checkpoint
+  cfg = qwen.QwenConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                        num_kv_heads=1, head_dim=8)
+  shapes = jax.eval_shape(lambda key: qwen.init_params(cfg, key), jax.random.PRNGKey(0))
+  rng = np.random.default_rng(1)
+  base = jax.tree_util.tree_map(lambda s: rng.normal(size=s.shape), shapes)
+  fb = rank1.flatten(base)
+  dirs = {}
+  for p in rank1.matrix_paths(base):
+    L, m, n = fb[p].shape
+    u = rng.normal(size=(L, m))
+    v = rng.normal(size=(L, n))
+    dirs[p] = 0.01 * (u / np.linalg.norm(u, axis=1, keepdims=True))[:, :, None] * \
+        (v / np.linalg.norm(v, axis=1, keepdims=True))[:, None, :]
+  head = rng.normal(size=fb[('head', 'w')].shape)
+
+  def at(t, k=None):
+    leaves = {p: w + (t if k is None else k) * dirs[p] if p in dirs else w for p, w in fb.items()}
+    leaves[('head', 'w')] = fb[('head', 'w')] + 0.01 * t * head
+    return rank1.unflatten(leaves, base)
+
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  for t in (0, 2, 4, 6, 8):
+    ckpt.save(t, jax.tree_util.tree_map(np.float32, at(t)), {'opt': np.zeros(1, np.float32)},
+              {'model_config': dataclasses.asdict(cfg), 'stage': 0, 'stage_start': 0})
+  ckpt.close()
+  T = 20
+  fit = alpharl.fit_window(str(tmp_path), 8, T)
+  acc = {t: 0.3 + 0.01 * t for t in fit.fit_steps}
+  rel = alpharl.fit_released_window(fit, acc, oracle=0.3 + 0.01 * T, scale=True)
+  assert rel.fits is not None and rel.steps == [2, 4, 6, 8]
+  assert rel.targets == {'oracle': pytest.approx(0.5), 'window': pytest.approx(0.5)}
+  got = rank1.flatten(rel.models['released_oracle'])
+  want = rank1.flatten(at(8, k=8 + T))
+  for p in fb:
+    # float32 checkpoints of O(1) weights: ~1e-7 rounding, amplified by the extrapolation.
+    np.testing.assert_allclose(got[p], want[p], atol=2e-5, err_msg=rank1.path_name(p))
+  assert rel.diagnostics['pls_r2_median'] == pytest.approx(1.0, abs=1e-6)
+  # ||added|| / ||window update|| = T / 8 on every kernel.
+  assert rel.diagnostics['added_norm_ratio']['oracle'] == pytest.approx(T / 8, rel=1e-4)
+
+  s = alpharl.check_config(alpharl_config(window=0.4))
+  s = dataclasses.replace(s, planned_steps=T, window_steps=8)
+  ev = lambda a: {'pass@1': a, 'pass@1_stderr': 0.01}
+  evals = {'base': ev(0.3), 'window': ev(0.38), 'alpharl_A': ev(0.4), 'alpharl_B': ev(0.4),
+           'released_oracle': ev(0.49), 'released_window': ev(0.45), 'expo': ev(0.41), 'expo_tuned': ev(0.42)}
+  reference = {'run': str(tmp_path), 'accuracy': 0.5, 'stderr': 0.01, 'base_accuracy': 0.3, 'final_step': T,
+               'curve': [(0, 0.3, 0.01), (T, 0.5, 0.01)]}
+  c = alpharl_config()
+  result = alpharl.summarize(c, s, str(tmp_path), fit, evals, {}, reference, None, {'fit': 1.0}, released=rel,
+                             expo_selection={'alpha': 1.0, 'scores': [[0.5, 0.4], [1.0, 0.42]], 'split': 'x',
+                                             'problems': 4, 'fixed_alpha': 1.5})
+  assert result['models']['released_oracle']['share'] == pytest.approx(0.95)
+  assert result['models']['released_oracle']['steps_trained'] == 8
+  assert result['target']['verdicts']['released_oracle'] == 'within noise'
+  md = alpharl.markdown_section(result, image=None)
+  # s.e. = 0.01 sqrt(1 + 0.95^2 + 0.05^2) / 0.2 = 0.0690.
+  assert 'upper bound | 8 | 0.490 ± 0.010 | +0.190 | 0.950 ± 0.069 | within noise (upper bound) |' in md
+  assert 'Target from the window alone: 0.500' in md and 'ExPO tuned' in md and 'A: rank-1 step line' in md
+  assert "paper's AlphaRL" not in md
+  alpharl.write_plot(result, str(tmp_path / 'p.png'))
