@@ -575,6 +575,7 @@ class ReportNumbers:
   eval_interval: int | None
   per_seed: dict[str, list[SeedStats]] = dataclasses.field(default_factory=dict)
   paired: list[PairedResult] = dataclasses.field(default_factory=list)
+  base_note: str | None = None
 
 
 def summarize(study: Study, target_accuracy: float | None = None) -> ReportNumbers:
@@ -599,7 +600,14 @@ def summarize(study: Study, target_accuracy: float | None = None) -> ReportNumbe
       intervals.extend(np.diff(s).tolist())
   interval = int(np.median(intervals)) if intervals else None
   per_seed = {arm: [seed_stats(r, target) for r in runs] for arm, runs in study.arms.items()}
-  return ReportNumbers(arms, target, note, comparisons, interval, per_seed, paired_results(study, per_seed, target))
+  varies = study.info.get('base_varies_with_seed')   # written by cfrl_jax.experiment (study.vary_base)
+  base_note = None if varies is None else (
+      'Each RL seed started from its own pretrained base (study.vary_base), so the variation between seeds '
+      'includes the base; arms are still paired, as one seed gives every arm the same base.' if varies else
+      'Every arm and seed started from one shared pretrained base, so the variation between seeds is that of '
+      'RL alone (prompts and sampling), not of the base.')
+  return ReportNumbers(arms, target, note, comparisons, interval, per_seed, paired_results(study, per_seed, target),
+                       base_note)
 
 
 # -- findings: sentences generated from the numbers -------------------------------
@@ -1205,7 +1213,8 @@ def seed_statistics_section(nums: ReportNumbers) -> list[str]:
   """The per-seed table, the across-seed table, the paired comparisons and the method, as markdown lines."""
   return ['Per seed:', '', *per_seed_table(nums), '', 'Across seeds (mean ± s.d.; one seed: the value):', '',
           *across_seed_table(nums), '', 'Paired comparisons (treatment − control, per RL seed):', '',
-          *paired_table(nums), '', *[x for line in METHOD_LINES for x in (line, '')]][:-1]
+          *paired_table(nums), '',
+          *[x for line in METHOD_LINES + ((nums.base_note,) if nums.base_note else ()) for x in (line, '')]][:-1]
 
 
 FIGURE_CAPTIONS = {   # name -> (heading, caption)

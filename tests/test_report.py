@@ -492,3 +492,14 @@ def test_accuracy_figure_band_smoothing_and_stage_switch(tmp_path, monkeypatch):
   # 11..19 (5 + 0.5 x 5 = 7.5/9); step 30 alone (0.5).
   sm = np.asarray(smooth.get_ydata())
   np.testing.assert_allclose(sm[[0, 1, 4, 5, 13, 14, 29]], [1, 2 / 3, 5 / 9, 4 / 9, 6 / 9, 7.5 / 9, 0.5])
+
+
+def test_method_says_whether_the_base_varies_with_the_seed(tmp_path):
+  root = _build_study(tmp_path)
+  assert 'shared pretrained base' not in _markdown(root) and 'own pretrained base' not in _markdown(root)
+  info = json.load(open(os.path.join(root, 'study.json')))
+  for varies, text in ((True, 'Each RL seed started from its own pretrained base (study.vary_base), so the '
+                              'variation between seeds includes the base'),
+                       (False, 'Every arm and seed started from one shared pretrained base')):
+    json.dump(dict(info, base_varies_with_seed=varies), open(os.path.join(root, 'study.json'), 'w'))
+    assert text in _section(_markdown(root), 'Seeds and paired comparisons')
