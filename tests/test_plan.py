@@ -1,0 +1,155 @@
+"""The fit-before-launch planner (cfrl_jax/plan.py) and the model presets, on CPU only.
+
+The whole planner runs in a subprocess on 8 simulated CPU devices (cpu:8) with a tiny model; its
+FLOPs are checked against hand counts of the model's matrix products. The does-not-fit path runs
+in-process on however many CPU devices this process has.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cfrl_jax import plan
+from cfrl_jax.models import presets
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Tiny Qwen2 shape: d 64, FFN 128, 2 layers, 4 query / 2 KV heads of 16, vocab 512 (tied, untied by
+# configs/qwen_cfrl.py's tie='untie'); 4 prompts x 4 samples, prompt 16 + 16 new tokens, 2 minibatches.
+D, F, L, HQ, HKV, HD, V = 64, 128, 2, 4, 2, 16, 512
+PROMPTS, GROUP, P, N, MINIBATCHES = 4, 4, 16, 16, 2
+TINY = ['--config.model.source=init', f'--config.model.arch.hidden_size={D}',
+        f'--config.model.arch.intermediate_size={F}', f'--config.model.arch.num_layers={L}',
+        f'--config.model.arch.num_heads={HQ}', f'--config.model.arch.num_kv_heads={HKV}',
+        '--config.model.arch.tied=True', f'--vocab_size={V}', f'--config.rl.prompts_per_step={PROMPTS}',
+        f'--config.rl.group_size={GROUP}', f'--config.rl.max_new_tokens={N}',
+        f'--config.rl.minibatches={MINIBATCHES}', f'--prompt_len={P}']
+
+
+def _layer_params():
+  """Hand count of one Qwen2 layer's matrix parameters (biases and norms do no products)."""
+  q, kv = HQ * HD, HKV * HD
+  return D * (q + 2 * kv) + q * D + 3 * D * F
+
+
+@pytest.fixture(scope='module')
+def cpu8_plan(tmp_path_factory):
+  out = tmp_path_factory.mktemp('plan') / 'plan.md'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  res = subprocess.run([sys.executable, '-m', 'cfrl_jax.plan', '--config=configs/qwen_cfrl.py', '--topology=cpu:8',
+                        f'--out={out}'] + TINY, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  return res, out.read_text(), json.loads(out.with_suffix('.json').read_text())
+
+
+def test_cpu8_plan_compiles_every_program_of_a_cfrl_step(cpu8_plan):
+  res, md, summary = cpu8_plan
+  assert summary['devices'] == 8 and summary['mesh'] == {'data': 1, 'fsdp': 8, 'tensor': 1}
+  names = [p['name'] for p in summary['programs']]
+  assert names == ['sampler', 'log-probs', 'learner update, CF-RL stage 1', 'learner update, CF-RL stage 2']
+  for p in summary['programs']:
+    assert p['fits_compiler'] and p['argument_bytes'] > 0 and p['flops'] > 0 and p['hbm_bytes'] > 0
+    assert p['bound'] in ('compute', 'memory')
+    assert f"| {p['name']} |" in md
+  calls = {p['name']: p['calls'] for p in summary['programs']}
+  assert calls['log-probs'] == 2           # recompute_old_logp and a KL reference
+  assert calls['learner update, CF-RL stage 2'] == MINIBATCHES
+  assert summary['shapes']['minibatch_rows'] == PROMPTS * GROUP // MINIBATCHES
+  assert md in res.stdout
+
+
+def test_stage_one_has_no_backbone_optimizer_state(cpu8_plan):
+  _, _, summary = cpu8_plan
+  opt = summary['optimizer_state_bytes']
+  head = V * D                              # the untied head (V, d)
+  backbone = V * D + L * (_layer_params() + (HQ + 2 * HKV) * HD + 2 * D) + D
+  # Adam's two float32 moments per parameter, split over 8 devices (every leaf here divides by 8 or is tiny)
+  assert opt['1']['backbone'] == 0
+  assert opt['1']['head'] == pytest.approx(2 * 4 * head / 8, rel=0.01)
+  assert opt['2']['backbone'] == pytest.approx(2 * 4 * backbone / 8, rel=0.05)
+
+
+def test_learner_flops_match_a_hand_count(cpu8_plan):
+  _, _, summary = cpu8_plan
+  by = {p['name']: p for p in summary['programs']}
+  rows, T = PROMPTS * GROUP // MINIBATCHES, P + N
+  layers = L * _layer_params() * rows * T                 # multiply-adds of the layers' products
+  attention = L * rows * 2 * T * T * HQ * HD              # QK^T and PV, full T x T
+  head = V * D * rows * N                                 # the head runs on the N completion positions
+  # Stage 2 with remat: forward, recomputed forward, backward (twice the forward) = 4 forwards;
+  # the head is not rematerialised: forward + backward = 3 forwards. 2 FLOPs per multiply-add.
+  stage2 = 2 * (4 * (layers + attention) + 3 * head) / 8
+  # Stage 1: the backbone is frozen (no backward, no recompute), the head trains.
+  stage1 = 2 * ((layers + attention) + 3 * head) / 8
+  assert by['learner update, CF-RL stage 2']['flops'] == pytest.approx(stage2, rel=0.25)
+  assert by['learner update, CF-RL stage 1']['flops'] == pytest.approx(stage1, rel=0.25)
+  # the 6 N tokens rule (no attention, no remat) is within a factor of it
+  six_n = 6 * (L * _layer_params() + V * D) * rows * T / 8
+  assert 0.5 < by['learner update, CF-RL stage 2']['flops'] / six_n < 2
+  # XLA's own cost analysis counts the scanned layers once: fewer FLOPs than the loop-aware count
+  assert by['learner update, CF-RL stage 2']['xla_cost_analysis_flops'] < by['learner update, CF-RL stage 2']['flops']
+
+
+def test_plan_exits_nonzero_naming_fields_when_it_does_not_fit(tmp_path, monkeypatch, capsys):
+  n = len(jax.devices('cpu'))
+  monkeypatch.setenv('XLA_FLAGS', os.environ.get('XLA_FLAGS', ''))   # plan.topology edits it
+  out = tmp_path / 'plan.md'
+  rc = plan.main(['plan', '--config=configs/qwen_grpo.py', f'--topology=cpu:{n}', '--hbm_gib=0.00001',
+                  f'--out={out}', '--config.rl.algorithm=ppo', '--config.rl.recompute_old_logp=False',
+                  '--config.rl.kl_coef=0.0'] + TINY)
+  err = capsys.readouterr()
+  assert rc == plan.EXIT_DOES_NOT_FIT
+  text = out.read_text()
+  assert '## Does not fit' in text and 'does not fit in 1e-05 GiB' in text
+  for field in ('rl.minibatches=4', 'mesh.shape=', "model.param_dtype='bfloat16'", 'largest buffers'):
+    assert field in text, field
+  assert 'critic update' in text and 'critic values' in text and 'log-probs' not in text.split('## Does')[0]
+  assert 'does not fit' in err.err
+
+
+def test_hlo_counter_counts_scanned_layers_by_trip_count():
+  layers, rows, k = 5, 8, 32
+  w = jnp.ones((layers, k, k), jnp.float32)
+  x = jnp.ones((rows, k), jnp.float32)
+  f = jax.jit(lambda w, x: jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)[0])
+  compiled = f.lower(w, x).compile()
+  counter = plan.HloCounter(compiled.as_text())
+  assert counter.flops() == 2 * rows * k * k * layers
+  # per layer: its (k, k) slice copied out of the stacked w (read + write) and read by the product,
+  # the (rows, k) activations in and out of the product and the tanh; not the whole stacked w per layer
+  per_layer = 3 * k * k * 4 + 4 * rows * k * 4
+  assert layers * per_layer <= counter.bytes() < layers * (per_layer + k * k * 4)
+
+
+def test_topology_names():
+  assert plan.parse_topology('v5e-32') == ('tpu', 'v5e', 'v5e:4x8')
+  assert plan.parse_topology('v4-32') == ('tpu', 'v4', 'v4:2x2x4')
+  assert plan.parse_topology('v5p-64') == ('tpu', 'v5p', 'v5p:2x4x4')
+  assert plan.parse_topology('v6e:4x4') == ('tpu', 'v6e', 'v6e:4x4')
+  assert plan.parse_topology('cpu:8') == ('cpu', '', '8')
+  with pytest.raises(ValueError, match='cpu:N'):
+    plan.parse_topology('tpu7:2x2')
+
+
+def test_presets_have_the_public_parameter_counts():
+  # Total parameters as published (tied models count the embedding once).
+  published = {'qwen2.5-0.5b': 0.49e9, 'qwen2.5-1.5b': 1.54e9, 'qwen2.5-7b': 7.61e9, 'qwen3-0.6b': 0.6e9,
+               'qwen3-1.7b': 1.7e9, 'qwen3-4b': 4.0e9, 'qwen3-8b': 8.2e9}
+  for name, count in published.items():
+    cfg = presets.config(name)
+    params = jax.eval_shape(lambda cfg=cfg: plan.qwen.init_params(cfg, jax.random.PRNGKey(0)))
+    total = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    assert total == pytest.approx(count, rel=0.02), name
+  assert presets.resolve('Qwen/Qwen2.5-1.5B-Instruct') == 'qwen2.5-1.5b'
+  assert presets.resolve('Qwen/Qwen3-8B-Base') == 'qwen3-8b'
+  assert presets.resolve('/data/my-finetune') is None
+  with pytest.raises(ValueError, match='qwen2.5-7b'):
+    presets.resolve('preset:qwen9')
