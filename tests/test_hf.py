@@ -390,3 +390,11 @@ def test_config_without_a_needed_field_names_field_and_file(tiny_qwen2_dir, tmp_
   json.dump(d, open(config, 'w'))
   with pytest.raises(ValueError, match=rf'{config} has a field of the wrong type'):
     hf.load_pretrained(path)
+
+
+def test_save_into_the_working_directory_is_refused(tiny_qwen2_dir, tmp_path, monkeypatch):
+  cfg, params = hf.load_pretrained(tiny_qwen2_dir)
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match='is the working directory; save into a subdirectory'):
+    hf.save_pretrained(cfg, params, '.')
+  assert os.listdir(tmp_path) == []

@@ -319,6 +319,9 @@ def save_pretrained(cfg: QwenConfig, params: Params, path: str | os.PathLike, *,
                      'own. Save with cfg.replace(tie="untied") to keep the separate head.')
   if os.path.exists(path) and not os.path.isdir(path):
     raise ValueError(f'{path} is a file; save_pretrained writes a checkpoint directory. Pass a directory path.')
+  if path == os.path.realpath(os.getcwd()):
+    # The swap would leave this process in the old, deleted directory.
+    raise ValueError(f'{path} is the working directory; save into a subdirectory of it instead.')
   np_dtype = _NUMPY_DTYPES[cfg.param_dtype]
   slots = hf_tensor_map(cfg, with_head=cfg.tie == 'untied')
 
