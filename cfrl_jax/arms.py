@@ -16,6 +16,8 @@ larger stage-one head lr is a confound):
   <alg>_headlr     plain RL whose head lr follows cf<alg>'s head schedule step by step
                    (the backbone trains from step 1): "the head gets a bigger step" alone
   cf<alg>_samelr   CF-RL with the stage-one head lr equal to the stage-two head lr: ordering alone
+  cf<alg>_adaptive CF-RL whose stage one ends when the NTK says the head's share of the probe
+                   log-prob change fell below cfrl.switch_threshold (capped by max_stage1_steps)
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ _VARIANTS = {
     '{alg}_headlr': {'cfrl.enabled': False, 'rl.head_lr_schedule': 'cfrl_stage1'},
     # cfrl.stage1_head_lr < 0 means "the stage-two head lr" (config.py).
     'cf{alg}_samelr': {'cfrl.enabled': True, 'cfrl.stage1_head_lr': -1.0},
+    # Stage one ends when the head's share of the probe log-prob change falls below cfrl.switch_threshold.
+    'cf{alg}_adaptive': {'cfrl.enabled': True, 'cfrl.switch_on': 'head_share'},
 }
 BUILTIN_ARMS = {
     name.format(alg=alg): {'rl.algorithm': alg, **overrides}

@@ -120,8 +120,10 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
   c.cfrl.enabled = False         # True: stage one trains only the head (a config asks for CF-RL explicitly)
   c.cfrl.stage1_steps = 10
   c.cfrl.stage1_head_lr = 1e-5   # < 0: the stage-two head lr (rl.head_lr, or rl.lr when that is 0)
-  c.cfrl.switch_on = 'steps'     # steps | reward | entropy
-  c.cfrl.switch_threshold = 0.0
+  c.cfrl.switch_on = 'steps'     # steps | reward | entropy | head_share (the NTK decides: the head's share of
+                                 # the probe log-prob change, vs what the backbone would add, < threshold)
+  c.cfrl.switch_threshold = 0.0  # reward >= / entropy <= / head_share < this ends stage one
+  c.cfrl.switch_every = 1        # head_share: measured every this many stage-one steps (a backbone gradient each)
   c.cfrl.max_stage1_steps = 1000
 
   c.eval = mc.ConfigDict()
@@ -295,8 +297,11 @@ def validate(c: mc.ConfigDict) -> None:
   if c.cfrl.stage1_head_lr == 0:
     _fail('cfrl.stage1_head_lr', 0.0, 'stage one trains only the head, so its lr must be > 0 '
           '(or < 0 for the stage-two head lr)')
-  _one_of(c, 'cfrl.switch_on', ('steps', 'reward', 'entropy'))
+  _one_of(c, 'cfrl.switch_on', ('steps', 'reward', 'entropy', 'head_share'))
   _at_least(c, 'cfrl.max_stage1_steps', 1)
+  _at_least(c, 'cfrl.switch_every', 1)
+  if c.cfrl.switch_on == 'head_share':
+    _within(c, 'cfrl.switch_threshold', 0, 1, open_low=True, open_high=True)
   if rl.head_lr_schedule == 'cfrl_stage1':
     if c.cfrl.enabled:
       _fail('rl.head_lr_schedule', rl.head_lr_schedule, "it imitates CF-RL's head schedule without CF-RL; "

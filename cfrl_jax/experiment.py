@@ -69,6 +69,17 @@ def make_probe_fn(config, policy, task):
   return probe_fn
 
 
+def make_head_share_fn(config, policy, task):
+  """head_share_fn for cfrl.switch_on='head_share': a cheap probe (one sequence per probe prompt, two
+  positions each) on which the trainer measures the head's share every cfrl.switch_every steps."""
+  from cfrl_jax.dynamics import probes
+  if not (config.cfrl.enabled and config.cfrl.switch_on == 'head_share'):
+    return None
+  probe = probes.build_probe_set(policy, task.train[:config.probe.num_sequences], task, positions=2,
+                                 max_new_tokens=config.rl.max_new_tokens)
+  return lambda before, after, backbone_step: probes.head_share(policy.cfg, before, after, backbone_step, probe)
+
+
 def run_single(config, run_dir: str, task=None, *, progress: bool | None = None) -> trainer.TrainResult:
   task = task or build_task(config.task)
   policy, params = load_policy(config, task)
@@ -76,7 +87,8 @@ def run_single(config, run_dir: str, task=None, *, progress: bool | None = None)
   eval_fn = make_eval_fn(config, policy, task) if config.eval.every > 0 else None
   probe_fn = make_probe_fn(config, policy, task)
   progress = config.log.progress if progress is None else progress
-  return trainer.train(config, policy, params, task, run_dir, eval_fn=eval_fn, probe_fn=probe_fn, progress=progress)
+  return trainer.train(config, policy, params, task, run_dir, eval_fn=eval_fn, probe_fn=probe_fn,
+                       head_share_fn=make_head_share_fn(config, policy, task), progress=progress)
 
 
 def study_jobs(config, explicit: frozenset[str] = frozenset()) -> list[tuple[str, int, object]]:

@@ -1,4 +1,5 @@
 """A study's arms: overrides applied as declared, config-defined arms, the lr-matched controls."""
+import jax
 import numpy as np
 import pytest
 
@@ -100,3 +101,47 @@ def test_headlr_schedule_needs_a_fixed_stage_one():
     c.cfrl.switch_on = 'reward'
   with pytest.raises(ValueError, match=r"rl.head_lr_schedule.*switch_on='steps'"):
     validate(c)
+
+
+def trained(tiny_tokenizer_dir, run_dir, arm, **cfrl):
+  """A 3-step run of an arm on test_trainer's toy task; returns (train records, final params, base params)."""
+  from test_trainer import toy_config, toy_task
+  from cfrl_jax import experiment, metrics
+  from cfrl_jax.policy import load_policy
+  c = toy_config(tiny_tokenizer_dir, str(run_dir), steps=3, lr=1e-3, head_lr=1e-3)
+  c.checkpoint.every = 0
+  c.cfrl.update(dict(stage1_steps=2, stage1_head_lr=1e-2, **cfrl))
+  c.probe.num_sequences = 2
+  c = arms.arm_config(c, arm, 0)
+  task = toy_task()
+  policy, params = load_policy(c, task)
+  base = jax.tree_util.tree_map(np.asarray, params)
+  out = experiment.trainer.train(c, policy, params, task, str(run_dir), progress=False,
+                                 head_share_fn=experiment.make_head_share_fn(c, policy, task))
+  return metrics.read_metrics(str(run_dir), 'train'), out.params, base
+
+
+def moved(a, b):
+  return any(not np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def test_headlr_arm_trains_the_backbone_from_step_one_with_cfgrpos_head_lrs(tiny_tokenizer_dir, tmp_path):
+  cf, _, _ = trained(tiny_tokenizer_dir, tmp_path / 'cf', 'cfgrpo')
+  hl, params, base = trained(tiny_tokenizer_dir, tmp_path / 'hl', 'grpo_headlr')
+  assert [r['lr_head'] for r in hl] == [r['lr_head'] for r in cf] == [1e-2, 1e-2, 1e-3]
+  assert [r['lr_backbone'] for r in cf] == [0.0, 0.0, 1e-3]
+  assert [r['lr_backbone'] for r in hl] == [1e-3] * 3
+  assert [r['stage'] for r in hl] == [0] * 3 and [r['stage'] for r in cf] == [1, 1, 2]
+  assert moved(params['backbone'], base['backbone'])
+
+
+
+@pytest.mark.parametrize('threshold, stages', [(0.999, [1, 2, 2]), (1e-9, [1, 1, 2])])
+def test_adaptive_arm_switches_when_the_head_share_falls_below_the_threshold(
+    tiny_tokenizer_dir, tmp_path, threshold, stages):
+  records, _, _ = trained(tiny_tokenizer_dir, tmp_path, 'cfgrpo_adaptive', switch_threshold=threshold,
+                          max_stage1_steps=2)
+  assert [r['stage'] for r in records] == stages   # 1e-9: never below, so the cap of 2 steps ends it
+  shares = [r['head_share'] for r in records if 'head_share' in r]
+  assert len(shares) == stages.count(1) and all(0 <= s <= 1 for s in shares)

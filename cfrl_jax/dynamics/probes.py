@@ -253,6 +253,19 @@ def _training_probe_arrays(cfg, params_before, params_after, probe):
   return out, {'actual': actual, 'linear': lin.total, 'linear_head': lin.head, 'linear_backbone': lin.backbone}
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def head_share(cfg: qwen.QwenConfig, params_before, params_after, backbone_step, probe: ProbeSet):
+  """|mean head part| / (|mean head part| + |mean backbone part|) of the first-order probe log-prob
+  change of the update (params_after - params_before)['head'] with `backbone_step` as the backbone's
+  update (CF-RL stage one: the step the backbone WOULD take). A scalar in [0, 1].
+  """
+  delta = {'head': jax.tree_util.tree_map(lambda a, b: a - b, params_after['head'], params_before['head']),
+           'backbone': backbone_step}
+  lin = linearized_logprob_change(cfg, params_before, probe, delta)
+  h, b = jnp.abs(jnp.mean(lin.head)), jnp.abs(jnp.mean(lin.backbone))
+  return h / jnp.maximum(h + b, jnp.finfo(h.dtype).tiny)
+
+
 def training_probe(cfg: qwen.QwenConfig, params_before, params_after, probe: ProbeSet,
                    group_names: Sequence[str] = ()) -> dict[str, float]:
   """Probe metrics before an update plus how the probe log-probs moved: a dict of floats.

@@ -109,7 +109,8 @@ def head_norm(cfg: qwen.QwenConfig, params) -> float:
 
 
 def should_switch(cfrl, step_in_stage: int, train_metrics: dict) -> bool:
-  """CF-RL stage one ends after `stage1_steps`, or earlier/later by a reward or entropy criterion."""
+  """CF-RL stage one ends after `stage1_steps`, or earlier/later by a reward, entropy or head-share
+  criterion (head_share: measured on the steps that log it, see Trainer._head_share)."""
   if step_in_stage >= cfrl.max_stage1_steps:
     return True
   if cfrl.switch_on == 'steps':
@@ -118,7 +119,9 @@ def should_switch(cfrl, step_in_stage: int, train_metrics: dict) -> bool:
     return train_metrics.get('reward_mean', -np.inf) >= cfrl.switch_threshold
   if cfrl.switch_on == 'entropy':
     return train_metrics.get('entropy', np.inf) <= cfrl.switch_threshold
-  raise ValueError(f"config.cfrl.switch_on={cfrl.switch_on!r}; expected 'steps', 'reward' or 'entropy'.")
+  if cfrl.switch_on == 'head_share':
+    return train_metrics.get('head_share', np.inf) < cfrl.switch_threshold
+  raise ValueError(f"config.cfrl.switch_on={cfrl.switch_on!r}; expected 'steps', 'reward', 'entropy' or 'head_share'.")
 
 
 def sft_target(row: dict, fmt: str) -> str:
@@ -142,7 +145,7 @@ class Trainer:
 
   def __init__(self, config, policy, params, task, run_dir: str, *,
                eval_fn: Callable | None = None, probe_fn: Callable | None = None,
-               progress: bool = True, initial_step: int = 0):
+               head_share_fn: Callable | None = None, progress: bool = True, initial_step: int = 0):
     rl = config.rl
     if rl.algorithm not in ALGORITHMS:
       raise ValueError(f'config.rl.algorithm={rl.algorithm!r}; expected one of {ALGORITHMS}.')
@@ -150,6 +153,11 @@ class Trainer:
     self.cfg = policy.cfg
     self.run_dir = run_dir
     self.eval_fn, self.probe_fn, self.progress = eval_fn, probe_fn, progress
+    # head_share_fn(params_before, params_after, backbone_step) -> float, for cfrl.switch_on='head_share'.
+    self.head_share_fn = head_share_fn
+    if config.cfrl.enabled and config.cfrl.switch_on == 'head_share' and head_share_fn is None:
+      raise ValueError("config.cfrl.switch_on='head_share' needs a probe to measure the head's share: pass "
+                       'head_share_fn (experiment.make_head_share_fn builds it from the task).')
     self.ocfg = learner.OptimConfig(b1=rl.b1, b2=rl.b2, eps=rl.eps, weight_decay=rl.weight_decay,
                                     grad_clip=rl.grad_clip)
     self.key = jax.random.PRNGKey(config.seed)
@@ -235,18 +243,37 @@ class Trainer:
     self.writer.truncate_after(step)
 
   # -- jitted pieces --------------------------------------------------------------
+  def _loss_fn(self, kind: str, prompt_len: int):
+    if kind == 'sft':
+      return objectives.sft_objective(self.cfg, prompt_len)
+    builders = {'grpo': objectives.grpo_objective, 'reinforce': objectives.reinforce_objective,
+                'rloo': objectives.reinforce_objective, 'ppo': objectives.ppo_policy_objective}
+    return builders[kind](self.cfg, prompt_len, self.rl)
+
   def _update_fn(self, kind: str, prompt_len: int):
     k = (kind, prompt_len, self.stage)
     if k not in self._updates:
-      rl, cfg = self.rl, self.cfg
-      builders = {'grpo': objectives.grpo_objective, 'reinforce': objectives.reinforce_objective,
-                  'rloo': objectives.reinforce_objective, 'ppo': objectives.ppo_policy_objective}
-      if kind == 'sft':
-        loss_fn = objectives.sft_objective(cfg, prompt_len)
-      else:
-        loss_fn = builders[kind](cfg, prompt_len, rl)
-      self._updates[k] = self.place.update(learner.make_update(cfg, loss_fn, self.tx, self.stage), self.opt_specs)
+      loss_fn = self._loss_fn(kind, prompt_len)
+      self._updates[k] = self.place.update(learner.make_update(self.cfg, loss_fn, self.tx, self.stage), self.opt_specs)
     return self._updates[k]
+
+  def _head_share(self, kind: str, prompt_len: int, params_before, batch: dict) -> float:
+    """The head's share of the first-order change of the probe log-probs, against what the backbone
+    WOULD contribute if it trained (cfrl.switch_on='head_share', stage one).
+
+    The would-be backbone step is the first one stage two's AdamW takes on this batch: with fresh
+    moments, Adam's bias-corrected first update is -lr * g / (|g| + eps) ~ -lr * sign(g), at the
+    stage-two backbone lr. head_share_fn compares it with the head update actually applied.
+    """
+    k = ('backbone_grad', kind, prompt_len)
+    if k not in self._jitted:
+      loss_fn = self._loss_fn(kind, prompt_len)
+      self._jitted[k] = jax.jit(lambda p, b: jax.grad(lambda q: loss_fn(q, b)[0])(p)['backbone'])
+    g = self._jitted[k](params_before, batch)
+    lr = learning_rates(self.rl, self.config.cfrl, 2, self.step, self.step)['backbone']
+    eps = self.rl.eps
+    step = jax.tree_util.tree_map(lambda x: -lr * x / (jnp.abs(x) + eps), g)
+    return float(self.head_share_fn(params_before, self.params, step))
 
   def _forward(self, name: str, prompt_len: int, fn, tree_specs=None):
     k = (name, prompt_len)
@@ -398,9 +425,9 @@ class Trainer:
     kind = 'grpo' if rl.algorithm in ('grpo',) else rl.algorithm
     if rl.algorithm == 'rloo':
       kind = 'rloo'
-    params_before = self.params if self.probe_fn is not None else None
-    if params_before is not None:
-      params_before = _copy(params_before)
+    share_now = (self.stage == 1 and self.config.cfrl.switch_on == 'head_share' and
+                 (self.step - self.stage_start) % self.config.cfrl.switch_every == 0)
+    params_before = _copy(self.params) if (self.probe_fn is not None or share_now) else None
     sums: dict[str, list] = {}
     learner_batch = self.place.to_global(batch) if self._per_host else batch
     for mb in self._minibatches(jax.random.fold_in(key, 1), learner_batch, rl.epochs, rl.minibatches):
@@ -412,6 +439,8 @@ class Trainer:
         sums.setdefault(k, []).append(v)
     out = {k: float(np.mean(v)) for k, v in sums.items()}
     out.update(self._rollout_metrics(r))
+    if share_now:
+      out['head_share'] = self._head_share(kind, P, params_before, learner_batch)
     return out, (params_before, batch, P)
 
   def _expert_iteration_step(self, key):
