@@ -313,7 +313,7 @@ def test_killed_save_leaves_a_loadable_checkpoint(tiny_qwen2_dir, tmp_path):
                                text=True, env=env) for m in modes}
   assert procs['during_write'].stdout.readline() == 'saving\n'
   assert procs['during_write'].stdout.readline() == 'wrote\n'
-  assert os.listdir(targets['during_write'] + '/..') != ['ck']   # the temporary directory exists
+  assert any('.tmp-' in f for f in _siblings(targets['during_write']))   # killed mid-save, for sure
   procs['during_write'].kill()
   for m, p in procs.items():
     p.communicate(timeout=120)
