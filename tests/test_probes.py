@@ -251,3 +251,21 @@ def test_probe_set_with_every_format_and_per_format_changes(tiny_tokenizer_dir, 
     np.testing.assert_allclose(out[f'logprob_change_actual_{name}'], actual[entry_fmt == g].mean(), rtol=1e-9)
     np.testing.assert_allclose(out[f'logprob_change_linear_head_{name}'] + out[f'logprob_change_linear_backbone_{name}'],
                                out[f'logprob_change_linear_{name}'], rtol=1e-9)
+
+
+def test_head_share_against_jvps_of_the_probe_logprobs(model):
+  cfg, params = model
+  if cfg.tie == 'tied':
+    pytest.skip('a tied head lives in the backbone: CF-RL unties it first')
+  probe = probes.make_probe_set(*probe_arrays(), positions=2)
+  keys = iter(jax.random.split(jax.random.PRNGKey(7), 64))
+  noise = lambda tree: jax.tree_util.tree_map(lambda x: 1e-3 * jax.random.normal(next(keys), x.shape, x.dtype), tree)
+  after = dict(params, head=jax.tree_util.tree_map(lambda a, d: a + d, params['head'], noise(params['head'])))
+  step = noise(params['backbone'])
+  logp = functools.partial(probes.probe_logprobs, cfg, probe=probe)
+  zeros = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)
+  head_delta = jax.tree_util.tree_map(lambda a, b: a - b, after['head'], params['head'])
+  _, h = jax.jvp(logp, (params,), ({'head': head_delta, 'backbone': zeros(params['backbone'])},))
+  _, b = jax.jvp(logp, (params,), ({'head': zeros(params['head']), 'backbone': step},))
+  expected = abs(float(jnp.mean(h))) / (abs(float(jnp.mean(h))) + abs(float(jnp.mean(b))))
+  np.testing.assert_allclose(float(probes.head_share(cfg, params, after, step, probe)), expected, rtol=1e-9)
