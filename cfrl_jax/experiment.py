@@ -187,17 +187,19 @@ def run_alpharl_mode(config, run_dir: str, task, explicit: frozenset[str] = froz
       alpharl.prepare(c, d)
     except (ValueError, FileNotFoundError) as e:
       raise type(e)(f'AlphaRL{" for arm " + label if label else ""}: {e}') from None
-  sections = []
+  sections, results = [], []
   for label, c, d in jobs:
     if label:
       print(f'== AlphaRL, arm {label}')
     result = alpharl.run_alpharl(c, d, task)
     if label:
+      results.append((label, result))
       rel = os.path.relpath(os.path.join(d, alpharl.PNG_NAME), out_dir)
       sections.append(alpharl.markdown_section(result, image=rel, heading_level=3, title=f'AlphaRL: {label}'))
   if sections and jax.process_index() == 0:
+    across = alpharl.seeds_section(results)   # verdict per arm and variant, share +- s.e. over seeds
     with open(os.path.join(out_dir, alpharl.MD_NAME), 'w') as f:
-      f.write(f'## AlphaRL: {config.name}\n\n' + '\n'.join(sections) + '\n')
+      f.write(f'## AlphaRL: {config.name}\n\n' + (across + '\n' if across else '') + '\n'.join(sections) + '\n')
   if jax.process_index() == 0:
     print(f'AlphaRL report: {os.path.join(out_dir, alpharl.MD_NAME)}')
   return out_dir
