@@ -61,7 +61,7 @@ NTK_KEY = re.compile(r'^ntk_(R|G|cross|total)_(diag|offdiag)$')
 PASS_K_KEY = re.compile(r'^pass@(\d+)$')
 FORMAT_KEY = re.compile(r'^format_(.+)$')
 SEED_DIR = re.compile(r'^seed(\d+)$')
-FIGURES = ('accuracy', 'confidence', 'passk', 'formats', 'ntk', 'norms')
+FIGURES = ('accuracy', 'confidence', 'passk', 'formats', 'ntk', 'logprob_split', 'norms')
 
 
 # Control arms are '<arm>_<variant>' (cfrl_jax.study_stats.COMPARISONS names them).
@@ -335,8 +335,11 @@ class ArmSummary:
   format_source: str | None = None            # 'eval' or 'train'
   base_format: tuple[str, float] | None = None
   final_format: tuple[str, float] | None = None
-  r_share_first: float | None = None
+  r_share_first: float | None = None          # diagonal R share (a sample's own update)
   r_share_last: float | None = None
+  r_share_off_first: float | None = None      # off-diagonal |R| / (|R| + |G|) (its reach to other contexts)
+  r_share_off_last: float | None = None
+  head_part_share: float | None = None        # |head| / (|head| + |backbone|) of the first-order probe change
   stage2_steps: list[int] = dataclasses.field(default_factory=list)
   steps_to_target: int | None = None
   steps_to_target_per_seed: list[int | None] = dataclasses.field(default_factory=list)
@@ -417,6 +420,13 @@ def summarize_arm(study: Study, arm: str) -> ArmSummary:
   share = arm_curve(runs, 'probe', 'ntk_R_share')
   if share is not None:
     out.r_share_first, out.r_share_last = float(share.mean[0]), float(share.mean[-1])
+  share = arm_curve(runs, 'probe', 'ntk_R_share_offdiag')
+  if share is not None:
+    out.r_share_off_first, out.r_share_off_last = float(share.mean[0]), float(share.mean[-1])
+  head, backbone = (arm_curve(runs, 'probe', f'logprob_change_linear_{part}') for part in ('head', 'backbone'))
+  if head is not None and backbone is not None:
+    h, b = float(np.sum(np.abs(head.mean))), float(np.sum(np.abs(backbone.mean)))
+    out.head_part_share = h / (h + b) if h + b > 0 else None
   out.stage2_steps = stage2_starts(runs)
   curve = arm_curve(runs, 'eval', 'pass@1')
   out.last_eval_step = None if curve is None else int(curve.steps[-1])
@@ -723,8 +733,15 @@ def findings(nums: ReportNumbers) -> list[str]:
       out.append(f'{s.label}: CF-RL stage 2 (all parameters) started at step '
                  f'{", ".join(map(str, s.stage2_steps))}' + (' (per seed).' if s.num_seeds > 1 else '.'))
     if s.r_share_first is not None:
-      out.append(f'{s.label}: the R (feature) share of the NTK {_direction(s.r_share_first, s.r_share_last)} '
+      out.append(f'{s.label}: the diagonal R (feature) share of the NTK {_direction(s.r_share_first, s.r_share_last)} '
                  f'{_from_to(s.r_share_first, s.r_share_last)} between the first and last probe.')
+    if s.r_share_off_first is not None:
+      out.append(f'{s.label}: across contexts (off-diagonal, |R| / (|R| + |G|)) the R share '
+                 f'{_direction(s.r_share_off_first, s.r_share_off_last)} {_from_to(s.r_share_off_first, s.r_share_off_last)}.')
+    if s.head_part_share is not None:
+      out.append(f'{s.label}: over the probed updates the head moved {s.head_part_share:.0%} of the first-order '
+                 'change of the probe log-probs, the backbone the rest (|head| / (|head| + |backbone|), summed '
+                 'over probes).')
   return out
 
 
@@ -921,12 +938,29 @@ def figure_ntk(study: Study, out_dir: str) -> str | None:
     if lines:
       where = 'same context (diagonal)' if part == 'diag' else 'across contexts (off-diagonal)'
       panels.append(Panel(f'eNTK components, {where}', 'kernel value', lines, log_if_positive=True))
-  share = [k for k in study.keys('probe') if re.fullmatch(r'ntk_R_share', k)]
-  if share:
-    panels.append(Panel('R share of the eNTK', 'R / (R + G)', (Line('probe', share[0]),)))
-  if 'phi_cosine' in study.keys('probe'):
-    panels.append(Panel('Feature similarity: mean cos(phi, phi\')', 'cosine', (Line('probe', 'phi_cosine'),)))
+  probe_keys = study.keys('probe')
+  shares = tuple(Line('probe', k, style, name) for k, style, name in (
+      ('ntk_R_share', '-', 'diagonal R/(R+G)'), ('ntk_R_share_offdiag', '--', 'off-diagonal |R|/(|R|+|G|)'))
+      if k in probe_keys)
+  if shares:
+    panels.append(Panel('R share of the eNTK', 'share', shares))
+  cosines = tuple(Line('probe', k, style, name) for k, style, name in (
+      ('phi_cosine', '-', 'last prompt token'), ('phi_cosine_response', '--', 'response positions'))
+      if k in probe_keys)
+  if cosines:
+    panels.append(Panel('Feature similarity: mean cos(phi, phi\') across contexts', 'cosine', cosines))
   return _draw_panels(study, panels, out_dir, 'ntk', 'Empirical NTK probes (R: from the head, G: from the backbone)')
+
+
+def figure_logprob_split(study: Study, out_dir: str) -> str | None:
+  """Who moves the log-probs: the first-order change of the probe log-probs per update, split into the
+  head's and the backbone's parts for the optimizer actually used (AdamW), next to the actual change."""
+  return _draw_panels(study, [
+      Panel('First-order change of probe log-probs per update', 'mean Δ log π',
+            (Line('probe', 'logprob_change_linear_head', '-', 'head part'),
+             Line('probe', 'logprob_change_linear_backbone', '--', 'backbone part'),
+             Line('probe', 'logprob_change_actual', ':', 'actual')), stage_switch=True),
+  ], out_dir, 'logprob_split', 'Who moves the log-probs (head vs backbone, first order)')
 
 
 def figure_passk(study: Study, out_dir: str) -> str | None:
@@ -1227,15 +1261,21 @@ FIGURE_CAPTIONS = {   # name -> (heading, caption)
               'final answers per problem.'),
     'formats': ('Solution formats', 'Fraction of samples in each solution format, one panel per arm.'),
     'ntk': ('Empirical NTK', 'Empirical NTK components from the probes: R (head/feature part), G (backbone part), '
-            'cross terms and total (log scale when positive and spanning a wide range), the R share and the mean '
-            'cosine between features of different contexts.'),
+            'cross terms and total (log scale when positive and spanning a wide range); the R share on the '
+            'diagonal (a sample on itself) and off it (|R| / (|R| + |G|) between different contexts: the '
+            'paper\'s mechanism); the mean cosine between features of different contexts at the last prompt '
+            'token and at the response positions.'),
+    'logprob_split': ('Who moves the log-probs', 'The first-order change of the probe log-probs caused by each '
+                      'probed update, split into the head\'s and the backbone\'s parts (exact JVPs along the '
+                      'AdamW update actually applied), with the actual change.'),
     'norms': ('Norms', 'Classifier norm and gradient norms of the head and the backbone.'),
 }
 FIGURE_NEEDS = {
     'accuracy': 'eval pass@1 / greedy_accuracy or train reward_mean / accuracy',
     'confidence': 'train mean_prob/max_prob/entropy',
     'passk': 'eval pass@k or distinct_answers', 'formats': 'eval or train format_<name>',
-    'ntk': 'probe ntk_<R|G|cross|total>_<diag|offdiag>, ntk_R_share or phi_cosine',
+    'ntk': 'probe ntk_<R|G|cross|total>_<diag|offdiag>, ntk_R_share(_offdiag) or phi_cosine(_response)',
+    'logprob_split': 'probe logprob_change_linear_head / _backbone / logprob_change_actual',
     'norms': 'head_norm or train grad_norm_head/grad_norm_backbone',
 }
 
@@ -1279,6 +1319,7 @@ def write_figures(study: Study, out_dir: str, target: float | None = None) -> di
       'passk': figure_passk(study, out_dir),
       'formats': figure_formats(study, out_dir),
       'ntk': figure_ntk(study, out_dir),
+      'logprob_split': figure_logprob_split(study, out_dir),
       'norms': figure_norms(study, out_dir),
   }
 

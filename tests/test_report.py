@@ -59,7 +59,9 @@ def _run_records(arm, seed, pass1, *, probes=True, formats=True):
     for step in (1, 10, 20, 30, 40):
       recs.append({'step': step, 'kind': 'probe', 'ntk_R_diag': (5.0 + step) * (3 if cf else 1),
                    'ntk_G_diag': 1.0 + 0.1 * step, 'ntk_R_offdiag': 4.0, 'ntk_G_offdiag': 0.5,
-                   'ntk_R_share': 0.8 + 0.001 * step, 'phi_cosine': 0.9})
+                   'ntk_R_share': 0.8 + 0.001 * step, 'phi_cosine': 0.9,
+                   'logprob_change_linear_head': 0.02, 'logprob_change_linear_backbone': 0.01,
+                   'logprob_change_actual': 0.03})
   return sorted(recs, key=lambda r: r['step'])
 
 
@@ -503,3 +505,22 @@ def test_method_says_whether_the_base_varies_with_the_seed(tmp_path):
                        (False, 'Every arm and seed started from one shared pretrained base')):
     json.dump(dict(info, base_varies_with_seed=varies), open(os.path.join(root, 'study.json'), 'w'))
     assert text in _section(_markdown(root), 'Seeds and paired comparisons')
+
+
+def test_mechanism_measures_reach_findings_and_figures(tmp_path):
+  """Off-diagonal R share and the head / backbone split of the probe log-prob change, hand-computed."""
+  root = tmp_path / 'mech'
+  recs = _run_records('cfgrpo', 0, PASS1[('cfgrpo', 0)], probes=False)
+  for step, off, head, backbone in ((1, 0.6, 0.03, 0.01), (20, 0.7, 0.01, 0.02), (40, 0.9, -0.02, 0.01)):
+    recs.append({'step': step, 'kind': 'probe', 'ntk_R_share': 0.5, 'ntk_R_share_offdiag': off,
+                 'phi_cosine': 0.9, 'phi_cosine_response': 0.4, 'logprob_change_actual': head + backbone,
+                 'logprob_change_linear_head': head, 'logprob_change_linear_backbone': backbone})
+  _write_jsonl(str(root / 'cfgrpo' / 'seed0'), sorted(recs, key=lambda r: r['step']))
+  study = report.load_study(str(root))
+  md = report.report_markdown(study, report.summarize(study), {})
+  assert 'across contexts (off-diagonal, |R| / (|R| + |G|)) the R share rose from 0.600 to 0.900' in md
+  # |head| summed 0.06, |backbone| 0.04 -> the head moved 60% of the first-order change.
+  assert 'the head moved 60% of the first-order change' in md
+  figures = report.write_figures(study, str(tmp_path))
+  assert figures['logprob_split'] and os.path.exists(tmp_path / figures['logprob_split'])
+  assert figures['ntk'] and os.path.exists(tmp_path / figures['ntk'])
