@@ -13,6 +13,7 @@ from cfrl_jax.rl.algorithms import ALGORITHMS, GROUP_ALGORITHMS
 from cfrl_jax.rl.kl import KL_ESTIMATORS
 from cfrl_jax.rl.reinforce import BASELINES
 from cfrl_jax.tasks import task_config
+from cfrl_jax.train.schedule import SCHEDULES, warmup_steps
 
 # Fields that a config file's get_config(arg) reads while building the config: a command-line value
 # would be set after they took effect, so the command line refuses them (main.py).
@@ -94,12 +95,18 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
   c.rl.aggregation = 'seq_mean'  # seq_mean (GRPO) | token_mean (DAPO) | constant (Dr. GRPO)
   c.rl.scale_by_std = True       # False: Dr. GRPO advantages
   c.rl.baseline = 'batch_mean'   # REINFORCE: none | batch_mean | group_mean | rloo
+  c.rl.reinforce_style = 'plain'  # REINFORCE: 'plain' (the loss above, one update per rollout) | 'echo_chamber'
+                                  # (Echo Chamber's code: k1 KL folded into per-token rewards, returns-to-go,
+                                  # token-level whitening over the rollout, PPO's clipped loss; docs/echo_chamber.md)
   c.rl.recompute_old_logp = False  # True: old log-probs from a learner forward pass instead of the sampler's
   c.rl.lr = 1e-6                 # backbone (and head, unless head_lr > 0) in stage two / plain RL
   c.rl.head_lr = 0.0              # 0: rl.lr
   c.rl.head_lr_schedule = 'constant'  # 'cfrl_stage1': without CF-RL, the head's lr follows CF-RL's head schedule
                                       # (cfrl.stage1_head_lr for cfrl.stage1_steps steps, then rl.head_lr)
   c.rl.warmup_steps = 0
+  c.rl.warmup_ratio = 0.0        # used when warmup_steps == 0: warmup = ceil(ratio * steps) (Echo Chamber: 0.03)
+  c.rl.lr_schedule = 'constant'  # 'constant' (after warmup) | 'cosine' (decay to min_lr_ratio * lr at rl.steps)
+  c.rl.min_lr_ratio = 0.0        # cosine's floor as a fraction of the lr (Echo Chamber: 0.1)
   c.rl.weight_decay = 0.0
   c.rl.grad_clip = 1.0
   c.rl.b1 = 0.9
@@ -115,6 +122,13 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
   c.rl.ei.threshold = 1.0
   c.rl.ei.sft_epochs = 2
   c.rl.ei.batch_size = 32
+  c.rl.ei.scope = 'step'         # 'step': each step samples prompts_per_step prompts | 'epoch': each step is one
+                                 # EI round over the whole training set (Echo Chamber's procedure)
+  c.rl.ei.temperature = -1.0     # sampling temperature of EI rollouts; < 0: rl.temperature (Echo Chamber: 1.0)
+  c.rl.ei.top_p = -1.0           # < 0: rl.top_p (Echo Chamber: 0.95)
+  c.rl.ei.lr = -1.0              # SFT lr of an EI round; < 0: the rl lr schedule (Echo Chamber: 1e-4)
+  c.rl.ei.from_base = False      # scope 'epoch': True = each round fine-tunes the base model on the current
+                                 # model's samples (the original's offline EI); False = the current model (online)
 
   c.cfrl = mc.ConfigDict()
   c.cfrl.enabled = False         # True: stage one trains only the head (a config asks for CF-RL explicitly)
@@ -280,9 +294,21 @@ def validate(c: mc.ConfigDict) -> None:
   _one_of(c, 'rl.kl_estimator', KL_ESTIMATORS)
   _one_of(c, 'rl.aggregation', AGGREGATION_MODES)
   _one_of(c, 'rl.baseline', BASELINES)
+  _one_of(c, 'rl.reinforce_style', ('plain', 'echo_chamber'))
+  if rl.reinforce_style == 'echo_chamber' and rl.algorithm == 'reinforce' and rl.baseline != 'group_mean':
+    _fail('rl.baseline', rl.baseline, "reinforce_style='echo_chamber' subtracts the group mean, as the "
+          "original's reinforce_baseline does; set rl.baseline='group_mean'")
   for f in ('lr', 'head_lr', 'warmup_steps', 'weight_decay', 'grad_clip'):
     _at_least(c, f'rl.{f}', 0)
   _one_of(c, 'rl.head_lr_schedule', ('constant', 'cfrl_stage1'))
+  _one_of(c, 'rl.lr_schedule', SCHEDULES)
+  _within(c, 'rl.warmup_ratio', 0, 1, open_high=True)
+  _within(c, 'rl.min_lr_ratio', 0, 1)
+  if rl.lr_schedule == 'cosine':
+    warmup = warmup_steps(rl.warmup_steps, rl.warmup_ratio, rl.steps)
+    if rl.steps and warmup >= rl.steps:
+      _fail('rl.steps', rl.steps, f'a cosine schedule needs more steps than its warmup of {warmup}; lower '
+            'rl.warmup_steps / rl.warmup_ratio')
   for f in ('b1', 'b2'):
     _within(c, f'rl.{f}', 0, 1, open_high=True)
   _at_least(c, 'rl.eps', 0, strict=True)
@@ -292,6 +318,15 @@ def validate(c: mc.ConfigDict) -> None:
   _at_least(c, 'rl.ppo.critic_lr', 0)
   for f in ('samples_per_prompt', 'sft_epochs', 'batch_size'):
     _at_least(c, f'rl.ei.{f}', 1)
+  _one_of(c, 'rl.ei.scope', ('step', 'epoch'))
+  for f in ('temperature', 'lr'):
+    if rl.ei[f] == 0:
+      _fail(f'rl.ei.{f}', 0.0, f'it must be > 0 (or < 0 for the rl setting)')
+  if rl.ei.top_p >= 0:
+    _within(c, 'rl.ei.top_p', 0, 1, open_low=True)
+  if rl.ei.from_base and rl.ei.scope != 'epoch':
+    _fail('rl.ei.from_base', True, "fine-tuning from the base each round needs whole-training-set rounds: "
+          "set rl.ei.scope='epoch'")
 
   _at_least(c, 'cfrl.stage1_steps', 1 if c.cfrl.enabled and c.cfrl.switch_on == 'steps' else 0)
   if c.cfrl.stage1_head_lr == 0:

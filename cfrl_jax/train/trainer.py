@@ -25,7 +25,7 @@ from cfrl_jax.rl import advantages as adv_lib
 from cfrl_jax.rl import expert_iteration, ppo
 from cfrl_jax.rl.algorithms import ALGORITHMS, PER_HOST_ALGORITHMS
 from cfrl_jax.train import checkpoint as ckpt_lib
-from cfrl_jax.train import learner, objectives, placement, rollout, sft_data
+from cfrl_jax.train import learner, objectives, placement, rollout, schedule, sft_data
 
 PROMPT_BUCKET = 16
 
@@ -76,11 +76,13 @@ def bucket(n: int, size: int = PROMPT_BUCKET) -> int:
   return max(size, int(math.ceil(n / size)) * size)
 
 
-def learning_rate(base: float, step: int, start: int, warmup: int) -> float:
-  """Linear warmup from `start` over `warmup` steps, then constant."""
-  if warmup <= 0:
-    return base
-  return base * min(1.0, (step - start + 1) / warmup)
+def learning_rate(base: float, step: int, start: int, rl) -> float:
+  """rl.lr_schedule from `start`: linear warmup (rl.warmup_steps, or rl.warmup_ratio of the steps left
+  until rl.steps), then constant or a cosine decay to rl.min_lr_ratio * base at rl.steps (schedule.py)."""
+  total = max(rl.steps - start, 0)
+  warmup = schedule.warmup_steps(rl.warmup_steps, rl.warmup_ratio, total)
+  return schedule.lr_at(base, step, start=start, warmup=warmup, schedule=rl.lr_schedule, total=total,
+                        min_ratio=rl.min_lr_ratio)
 
 
 def learning_rates(rl, cfrl, stage: int, step: int, stage_start: int) -> dict[str, float]:
@@ -94,14 +96,14 @@ def learning_rates(rl, cfrl, stage: int, step: int, stage_start: int) -> dict[st
   head_lr = rl.head_lr if rl.head_lr > 0 else rl.lr
   stage1_head_lr = cfrl.stage1_head_lr if cfrl.stage1_head_lr > 0 else head_lr
   if stage == 1:
-    return {'head': learning_rate(stage1_head_lr, step, 0, rl.warmup_steps), 'backbone': 0.0}
+    return {'head': learning_rate(stage1_head_lr, step, 0, rl), 'backbone': 0.0}
   if stage == 0 and rl.head_lr_schedule == 'cfrl_stage1':
     switch = min(cfrl.stage1_steps, cfrl.max_stage1_steps)
-    head = (learning_rate(stage1_head_lr, step, 0, rl.warmup_steps) if step < switch else
-            learning_rate(head_lr, step, switch, rl.warmup_steps))
-    return {'head': head, 'backbone': learning_rate(rl.lr, step, stage_start, rl.warmup_steps)}
-  return {'head': learning_rate(head_lr, step, stage_start, rl.warmup_steps),
-          'backbone': learning_rate(rl.lr, step, stage_start, rl.warmup_steps)}
+    head = (learning_rate(stage1_head_lr, step, 0, rl) if step < switch else
+            learning_rate(head_lr, step, switch, rl))
+    return {'head': head, 'backbone': learning_rate(rl.lr, step, stage_start, rl)}
+  return {'head': learning_rate(head_lr, step, stage_start, rl),
+          'backbone': learning_rate(rl.lr, step, stage_start, rl)}
 
 
 def head_norm(cfg: qwen.QwenConfig, params) -> float:
