@@ -306,11 +306,28 @@ class HloCounter:
     return {i.name: i.shape for i in self.comps.get(comp, [])}
 
   def trip(self, instr: _Instr) -> int:
+    """XLA's known_trip_count; else the largest integer scalar constant of the loop's condition (the
+    bound of `i < L` or of the decode loop's `t <= max_new_tokens - 1`), else unknown_trip."""
     m = re.search(r'"known_trip_count":\{"n":"(\d+)"', instr.attrs)
     if m:
       return int(m.group(1))
+    bounds = [int(v) for c in _called(instr.attrs, 'condition') for v in self._int_constants(c)]
+    if bounds and max(bounds) > 0:
+      return max(bounds)
     self.unknown_loops += 1
     return self.unknown_trip
+
+  def _int_constants(self, comp: str, depth: int = 0) -> list[int]:
+    out = []
+    for i in self.comps.get(comp, []):
+      if i.op == 'constant' and re.fullmatch(r'[su]\d+\[\]', i.shape.split('{')[0]):
+        v = i.raw.strip()
+        if re.fullmatch(r'-?\d+', v):
+          out.append(int(v))
+      elif depth < 3:
+        for c in _called(i.attrs, 'calls'):
+          out += self._int_constants(c, depth + 1)
+    return out
 
   def flops(self, comp: str | None = None) -> float:
     comp = comp or self.entry

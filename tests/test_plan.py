@@ -129,6 +129,23 @@ def test_hlo_counter_counts_scanned_layers_by_trip_count():
   assert layers * per_layer <= counter.bytes() < layers * (per_layer + k * k * 4)
 
 
+def test_hlo_counter_counts_a_decode_like_loop_by_its_bound():
+  # A while loop whose exit also depends on data (as the sampler's decode loop, t = 1 .. 7) around a
+  # scan over 5 layers: XLA knows no trip count for the outer loop; its condition's bound gives 7.
+  layers, rows, k, steps = 5, 8, 32, 7
+  w, x = jnp.ones((layers, k, k), jnp.float32), jnp.ones((rows, k), jnp.float32)
+
+  def f(w, x):
+    def body(c):
+      t, h = c
+      return t + 1, jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), h, w)[0]
+    return jax.lax.while_loop(lambda c: (c[0] <= steps) & (c[1].sum() < 1e30), body, (1, x))[1]
+
+  counter = plan.HloCounter(jax.jit(f).lower(w, x).compile().as_text())
+  assert counter.flops() == 2 * rows * k * k * layers * steps
+  assert counter.unknown_loops == 0
+
+
 def test_topology_names():
   assert plan.parse_topology('v5e-32') == ('tpu', 'v5e', 'v5e:4x8')
   assert plan.parse_topology('v4-32') == ('tpu', 'v4', 'v4:2x2x4')
