@@ -191,6 +191,7 @@ class Trainer:
     self.writer = metrics_lib.MetricsWriter(run_dir, tensorboard=config.log.tensorboard)
     # max_to_keep == 0 means keep every checkpoint (orbax's None), which the rank-1 analysis needs.
     self.ckpt = ckpt_lib.Checkpointer(run_dir, max_to_keep=config.checkpoint.max_to_keep or None)
+    self.resumed_from: int | None = None   # the checkpoint step _resume restored
     if config.resume:
       self._resume()
 
@@ -224,6 +225,7 @@ class Trainer:
   def _resume(self):
     step = self.ckpt.resume_step()   # the newest checkpoint that passes its checksums
     if step is None:
+      self.writer.start_fresh()   # the run starts over at step 0: the old records would be a second history
       return
     meta = self.ckpt.restore_meta(step)
     if meta.get('algorithm') != self.rl.algorithm:
@@ -242,6 +244,9 @@ class Trainer:
     self.opt_state, self.critic = train_state['opt_state'], train_state['critic']
     self.critic_opt, self.key = train_state['critic_opt'], train_state['rng']
     self.step = step
+    self.resumed_from = step
+    # Every record of step s precedes step s's checkpoint (run() writes a step's train, probe and
+    # eval records, then saves), so records up to s are kept and the resumed run writes from s + 1.
     self.writer.truncate_after(step)
 
   # -- jitted pieces --------------------------------------------------------------
@@ -512,7 +517,8 @@ class Trainer:
   def run(self) -> TrainResult:
     rl, config = self.rl, self.config
     last: dict = {}
-    if self.step == 0 and self.eval_fn is not None and config.eval.every > 0:
+    # Resumed from the step-0 checkpoint, the step-0 eval is already in the stream (written before it).
+    if self.step == 0 and self.resumed_from is None and self.eval_fn is not None and config.eval.every > 0:
       self.writer.write(0, 'eval', self.eval_fn(self.params, 0))
     if self.step == 0 and config.checkpoint.every > 0 and not config.checkpoint.max_to_keep and \
         self.ckpt.latest_step() is None:
