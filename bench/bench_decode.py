@@ -252,7 +252,7 @@ def main():
             'step runs them (`products`: `kernel`, the compiled `cpu_decode.matvec` / `cpu_decode.matmul` '
             '(float32 at any batch; bfloat16 up to 16 rows), else XLA\'s products), against the step time a 2x speed-up over transformers needs. Also our step '
             'in XLA ops only (`attention=\'xla\'`: attention, greedy pick and products, with its default decode '
-            'segments; timed in the same rounds) instead of the compiled CPU kernels (README, Sampler). '
+            'segments; timed in the same rounds) instead of the compiled CPU kernels (docs/sampler.md). '
             '`at matmul rate`: the time the products\' FLOPs (2 x rows x their weights) take at the rate of a '
             'large dense product in the step\'s dtype (2048^3, compute-dtype operands, float32 results; best of '
             '10, GFLOP/s in the last column): how far compute-bound products are from matmul speed. It is an '
