@@ -1,6 +1,8 @@
 """The RL loop on a tiny model: reward rises on a learnable task, resume is exact, bad input fails clearly."""
 import json
 import os
+import shutil
+import warnings
 
 import jax
 import numpy as np
@@ -42,10 +44,19 @@ def toy_config(tokenizer_dir, run_dir, **rl):
   return c
 
 
-def run(config, task=None):
+def run(config, task=None, **kw):
   task = task or toy_task()
   policy, params = load_policy(config, task)
-  return trainer.train(config, policy, params, task, config.run_dir, progress=False)
+  return trainer.train(config, policy, params, task, config.run_dir, progress=False, **kw)
+
+
+def param_eval(params, step):
+  """A deterministic stand-in for an eval: the parameters' absolute sum (moves with every update)."""
+  return {'abs_sum': float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree_util.tree_leaves(params)))}
+
+
+def without_timings(records):
+  return [{k: v for k, v in r.items() if k != 'step_time'} for r in records]
 
 
 @pytest.mark.parametrize('algorithm', ['grpo', 'rloo', 'reinforce', 'ppo'])
@@ -116,6 +127,113 @@ def test_resume_continues_exactly(tiny_tokenizer_dir, tmp_path):
   mb = metrics_lib.read_metrics(split, 'train')
   drop = lambda r: {k: v for k, v in r.items() if k != 'step_time'}
   assert [drop(r) for r in ma] == [drop(r) for r in mb]
+
+
+@pytest.mark.parametrize('damage', ['step0_checkpoint', 'no_checkpoint', 'cut_last_line'])
+def test_resumed_metrics_stream_is_one_history(tiny_tokenizer_dir, tmp_path, damage):
+  """A run killed at three awkward points, resumed: metrics.jsonl equals the uninterrupted run's.
+
+  step0_checkpoint: only the step-0 checkpoint survived (its eval must not be logged twice);
+  no_checkpoint: killed before any checkpoint (no second history appended);
+  cut_last_line: killed while writing the step-2 eval, after step 1's checkpoint (no 'malformed line').
+  """
+  def cfg(run_dir, resume=False):
+    c = toy_config(tiny_tokenizer_dir, run_dir, steps=2)
+    c.eval.every = 1
+    c.checkpoint.max_to_keep = 0 if damage == 'step0_checkpoint' else 2
+    c.resume = resume
+    return c
+
+  straight = str(tmp_path / 'straight')
+  run(cfg(straight), eval_fn=param_eval)
+  split = str(tmp_path / 'split')
+  run(cfg(split), eval_fn=param_eval)
+  ckpts, stream = checkpoint.checkpoint_dir(split), os.path.join(split, 'metrics.jsonl')
+  if damage == 'step0_checkpoint':
+    assert checkpoint.available_steps(split) == [0, 1, 2]
+    for s in (1, 2):
+      shutil.rmtree(os.path.join(ckpts, str(s)))
+  elif damage == 'no_checkpoint':
+    shutil.rmtree(ckpts)
+  else:
+    shutil.rmtree(os.path.join(ckpts, '2'))
+    text = open(stream).read()
+    assert text.endswith('"kind": "eval", "abs_sum": %r}\n' % metrics_lib.read_metrics(stream)[-1]['abs_sum'])
+    with open(stream, 'w') as f:
+      f.write(text[:-20])   # the step-2 eval cut inside its number
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    run(cfg(split, resume=True), eval_fn=param_eval)
+  ma, mb = metrics_lib.read_metrics(straight), metrics_lib.read_metrics(split)
+  assert [(r['step'], r['kind']) for r in mb] == [(0, 'eval'), (1, 'train'), (1, 'eval'), (2, 'train'), (2, 'eval')]
+  assert without_timings(ma) == without_timings(mb)
+  for x, y in zip(jax.tree_util.tree_leaves(checkpoint.restore_params(straight, 2)),
+                  jax.tree_util.tree_leaves(checkpoint.restore_params(split, 2))):
+    np.testing.assert_array_equal(x, y)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(run_dir, cache, steps, resume=False):
+  """The demo's smoke config, CF-GRPO arm (stage switch after step 1), a checkpoint every step."""
+  from cfrl_jax import experiment
+  from cfrl_jax.main import load_config_file
+  c = experiment.arm_config(load_config_file(os.path.join(REPO, 'configs', 'demo.py') + ':smoke'), 'cfgrpo', 0)
+  with c.unlocked():
+    c.run_dir = run_dir
+    c.pretrain.cache_dir = cache
+    c.rl.steps = steps
+    c.checkpoint.every = 1
+    c.log.update(progress=False, tensorboard=False)
+    c.resume = resume
+  return c
+
+
+def run_smoke(c):
+  from cfrl_jax import experiment
+  from cfrl_jax.tasks.registry import build_task
+  return experiment.run_single(c, c.run_dir, build_task(c.task), progress=False)
+
+
+@pytest.fixture(scope='module')
+def smoke_straight(tmp_path_factory, smoke_pretrain_cache):
+  c = smoke_config(str(tmp_path_factory.mktemp('smoke') / 'straight'), smoke_pretrain_cache, 3)
+  run_smoke(c)
+  return c
+
+
+def test_smoke_config_rewards_vary_and_parameters_move(smoke_straight):
+  """The smoke run's RL updates are not no-ops: rewards differ within groups, and every step moves the weights."""
+  run_dir = smoke_straight.run_dir
+  train = metrics_lib.read_metrics(run_dir, 'train')
+  print('smoke train reward_mean/std per step:', [(r['reward_mean'], r['reward_std']) for r in train])
+  assert [r['step'] for r in train] == [1, 2, 3]
+  assert any(r['reward_std'] > 0 for r in train)
+  assert any(r['grad_norm_head'] > 0 for r in train)
+  for s in range(3):
+    before = jax.tree_util.tree_leaves(checkpoint.restore_params(run_dir, s))
+    after = jax.tree_util.tree_leaves(checkpoint.restore_params(run_dir, s + 1))
+    assert any(not np.array_equal(x, y) for x, y in zip(before, after)), f'step {s + 1} changed nothing'
+
+
+def test_resume_continues_exactly_on_the_smoke_config(smoke_straight, tmp_path):
+  """Smoke config: 3 steps straight == 1 step + resume for 2 more (across the CF-RL switch, with eval and probes)."""
+  straight = smoke_straight.run_dir
+  split = str(tmp_path / 'split')
+  cache = smoke_straight.pretrain.cache_dir
+  run_smoke(smoke_config(split, cache, 1))
+  run_smoke(smoke_config(split, cache, 3, resume=True))
+  for step in (1, 2, 3):
+    for x, y in zip(jax.tree_util.tree_leaves(checkpoint.restore_params(straight, step)),
+                    jax.tree_util.tree_leaves(checkpoint.restore_params(split, step))):
+      np.testing.assert_array_equal(x, y)
+  ma, mb = metrics_lib.read_metrics(straight), metrics_lib.read_metrics(split)
+  # The split run's first leg also evaluated at its last step (1); everything else is the same stream.
+  mb = [r for r in mb if (r['step'], r['kind']) != (1, 'eval')]
+  assert [(r['step'], r['kind']) for r in ma] == [(0, 'eval'), (1, 'probe'), (1, 'train'), (2, 'probe'),
+                                                 (2, 'train'), (3, 'train'), (3, 'eval')]
+  assert without_timings(ma) == without_timings(mb)
 
 
 def test_nan_reward_stops_with_saved_state(tiny_tokenizer_dir, tmp_path):
