@@ -175,3 +175,37 @@ def gae(token_rewards, values, loss_mask, gamma: float = 1.0, lam: float = 0.95)
   advantages = advantages.T
   returns = masked(advantages + values, mask)
   return advantages, returns
+
+
+def kl_penalized_returns(seq_rewards, logp, ref_logp, loss_mask, kl_coef: float):
+  """Returns-to-go (gamma = 1) of the per-token reward -kl_coef * (logp_t - ref_logp_t), plus the
+  sequence reward on the last counted token: the k1 KL folded into the reward, as Echo Chamber's code
+  (OpenRLHF's compute_reward + cumulative returns) does for REINFORCE-baseline. (B,), (B, T) x3 -> (B, T).
+
+    G_t = seq_reward * [t <= last] - kl_coef * sum_{s >= t, counted} (logp_s - ref_logp_s)
+
+  logp are the rollout policy's log-probs (held constant); ref_logp None means kl_coef is unused.
+  Masked-out positions are 0.
+  """
+  mask = as_mask(loss_mask)
+  token_rewards = terminal_token_rewards(seq_rewards, mask)
+  if ref_logp is not None and kl_coef:
+    logp = jnp.asarray(logp, jnp.float32)
+    ref_logp = jnp.asarray(ref_logp, jnp.float32)
+    check_per_token('logp', logp, mask)
+    check_per_token('ref_logp', ref_logp, mask)
+    token_rewards = token_rewards - kl_coef * masked(logp - ref_logp, mask)
+  token_rewards = jax.lax.stop_gradient(token_rewards)
+  returns = jnp.flip(jnp.cumsum(jnp.flip(token_rewards, axis=1), axis=1), axis=1)
+  return masked(returns, mask)
+
+
+def echo_chamber_reinforce_advantages(rewards, logp, ref_logp, loss_mask, group_size: int,
+                                      kl_coef: float = 0.0):
+  """Echo Chamber's REINFORCE-baseline token advantages: (B,), (B, T) x3 -> (B, T).
+
+  Group-mean baseline on the sequence rewards, k1 KL folded into per-token rewards, returns-to-go
+  (kl_penalized_returns), then whitened over every counted token of the batch (masked_whiten).
+  """
+  centred = group_mean_baseline(rewards, group_size)
+  return masked_whiten(kl_penalized_returns(centred, logp, ref_logp, loss_mask, kl_coef), loss_mask)

@@ -15,6 +15,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from tqdm.auto import tqdm
@@ -70,6 +71,17 @@ def pad_prompt_columns(r: rollout.Rollout, prompt_len: int, max_new_tokens: int,
   pad_c = lambda x: np.pad(x, ((0, 0), (0, rp)))
   return r._replace(tokens=tokens, mask=mask, completion_mask=pad_c(r.completion_mask),
                     old_logp=pad_c(r.old_logp))
+
+
+def concat_rollouts(parts: list) -> rollout.Rollout:
+  """One Rollout from several with the same column layout (pad_prompt_columns first)."""
+  cat = lambda name: np.concatenate([getattr(r, name) for r in parts])
+  join = lambda name: [x for r in parts for x in getattr(r, name)]
+  return rollout.Rollout(
+      tokens=cat('tokens'), mask=cat('mask'), completion_mask=cat('completion_mask'), old_logp=cat('old_logp'),
+      rewards=cat('rewards'),
+      reward_parts={k: np.concatenate([r.reward_parts[k] for r in parts]) for k in parts[0].reward_parts},
+      prompts=join('prompts'), completions=join('completions'), rows=join('rows'))
 
 
 def bucket(n: int, size: int = PROMPT_BUCKET) -> int:
@@ -169,6 +181,8 @@ class Trainer:
     self.place = placement.Placement(config.mesh, params)
     self.params = self.place.put(params, self.place.param_specs)
     self.ref_params = self.place.put(_copy(params), self.place.param_specs) if rl.kl_coef > 0 else None
+    # Offline Expert Iteration fine-tunes the starting model afresh every round.
+    self.base_params = _copy(self.params) if rl.algorithm == 'expert_iteration' and rl.ei.from_base else None
     self.stage = 1 if config.cfrl.enabled else 0
     # initial_step > 0 continues another run's data order and randomness from that step with a fresh
     # optimizer (AlphaRL's continuation); the warmup restarts there.
@@ -253,6 +267,12 @@ class Trainer:
   def _loss_fn(self, kind: str, prompt_len: int):
     if kind == 'sft':
       return objectives.sft_objective(self.cfg, prompt_len)
+    if kind == 'reinforce' and self.rl.reinforce_style == 'echo_chamber':
+      # PPO's clipped surrogate on token advantages with rl.aggregation: GRPO's loss without its KL term
+      # (the KL is already in the advantages).
+      rl = ml_collections.ConfigDict(self.rl.to_dict())
+      rl.kl_coef = 0.0
+      return objectives.grpo_objective(self.cfg, prompt_len, rl)
     builders = {'grpo': objectives.grpo_objective, 'reinforce': objectives.reinforce_objective,
                 'rloo': objectives.reinforce_objective, 'ppo': objectives.ppo_policy_objective}
     return builders[kind](self.cfg, prompt_len, self.rl)
@@ -312,9 +332,9 @@ class Trainer:
   def _lrs(self) -> dict:
     return learning_rates(self.rl, self.config.cfrl, self.stage, self.step, self.stage_start)
 
-  def _apply(self, kind, prompt_len, batch: dict):
+  def _apply(self, kind, prompt_len, batch: dict, lrs: dict | None = None):
     update = self._update_fn(kind, prompt_len)
-    lrs = {k: jnp.float32(v) for k, v in self._lrs().items()}
+    lrs = {k: jnp.float32(v) for k, v in (self._lrs() if lrs is None else lrs).items()}
     res = update(self.params, self.opt_state, batch, lrs)
     if not bool(res.finite):
       self.params, self.opt_state = res.params, res.opt_state   # unchanged by the skipped update
@@ -352,12 +372,13 @@ class Trainer:
     block = self.place.rows_of_process(len(rows) * group_size)
     return rows[block.start // group_size:block.stop // group_size], block
 
-  def _rollout(self, key, rows, group_size):
+  def _rollout(self, key, rows, group_size, temperature=None, top_p=None):
     rl = self.rl
     # Per-host, every process pads its prompts to the widest on any process: one global layout.
     r = rollout.collect(self.policy, self.params, rows, self.task.reward_fns, key,
                         group_size=group_size, max_new_tokens=rl.max_new_tokens,
-                        temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
+                        temperature=rl.temperature if temperature is None else temperature,
+                        top_p=rl.top_p if top_p is None else top_p, top_k=rl.top_k,
                         sample_fn=self.place.sample_fn(process_local=self._per_host),
                         prompt_width=self.place.max_over_processes if self._per_host else None)
     P = r.tokens.shape[1] - r.completion_mask.shape[1]
@@ -428,6 +449,15 @@ class Trainer:
       else:
         advantages = np.asarray(adv_lib.masked_whiten(a, r.completion_mask))
       batch.update(returns=np.asarray(returns), old_values=values)
+    if rl.algorithm == 'reinforce' and rl.reinforce_style == 'echo_chamber':
+      # The KL goes into the token rewards (k1, against the rollout's log-probs), not into the loss.
+      returns = adv_lib.kl_penalized_returns(advantages, batch['old_logp'], batch.pop('ref_logp', None),
+                                             r.completion_mask, rl.kl_coef)
+      if self._per_host:   # whitening statistics over every process's tokens, as for PPO
+        everyone = self.place.all_rows({'a': np.asarray(returns), 'mask': r.completion_mask})
+        advantages = np.asarray(adv_lib.masked_whiten(everyone['a'], everyone['mask']))[own]
+      else:
+        advantages = np.asarray(adv_lib.masked_whiten(returns, r.completion_mask))
     batch['advantages'] = np.asarray(advantages, np.float32)
     kind = 'grpo' if rl.algorithm in ('grpo',) else rl.algorithm
     if rl.algorithm == 'rloo':
@@ -450,10 +480,25 @@ class Trainer:
       out['head_share'] = self._head_share(kind, P, params_before, learner_batch)
     return out, (params_before, batch, P)
 
+  def _ei_rollout(self, key):
+    """(rollout, prompt_len) of one EI step. scope 'step': prompts_per_step prompts of the step;
+    'epoch': every training prompt, sampled prompts_per_step at a time and joined (one round)."""
+    rl = self.rl
+    kw = dict(temperature=rl.ei.temperature if rl.ei.temperature > 0 else None,
+              top_p=rl.ei.top_p if rl.ei.top_p > 0 else None)
+    if rl.ei.scope == 'step':
+      rows = prompt_rows(self.task.train, self.step, rl.prompts_per_step, self.config.seed)
+      return self._rollout(jax.random.fold_in(key, 0), rows, rl.ei.samples_per_prompt, **kw)
+    rows, n = self.task.train, rl.prompts_per_step
+    parts = [self._rollout(jax.random.fold_in(key, 1000 + i), rows[i:i + n], rl.ei.samples_per_prompt, **kw)
+             for i in range(0, len(rows), n)]
+    P = max(p for _, p in parts)
+    return concat_rollouts([pad_prompt_columns(r, P, rl.max_new_tokens, self.policy.pad_id)
+                            for r, _ in parts]), P
+
   def _expert_iteration_step(self, key):
     rl = self.rl
-    rows = prompt_rows(self.task.train, self.step, rl.prompts_per_step, self.config.seed)
-    r, _ = self._rollout(jax.random.fold_in(key, 0), rows, rl.ei.samples_per_prompt)
+    r, _ = self._ei_rollout(key)
     # Train on the sampled token ids themselves: re-tokenising decoded text is not an identity
     # for byte-level BPE (a completion cut inside a multi-byte character decodes to U+FFFD).
     keep, stats = expert_iteration.select_rows(
@@ -470,15 +515,31 @@ class Trainer:
     batch = {k: np.concatenate([v, np.repeat(v[:1], n_pad - n, axis=0)]) for k, v in batch.items()}
     batch['completion_mask'][n:] = 0.0
     sums: dict[str, list] = {}
+    if rl.ei.scope == 'epoch':   # each round is a fresh SFT run, as the original's train_ei.py
+      if self.base_params is not None:
+        self.params = _copy(self.base_params)
+      self._init_stage(self.stage)
+    updates = rl.ei.sft_epochs * (n_pad // mb)
     for e in range(rl.ei.sft_epochs):
       perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, 10 + e), n_pad))
       for i in range(0, n_pad, mb):
         idx = perm[i:i + mb]
-        m = self._apply('sft', P, {k: v[idx] for k, v in batch.items()})
+        m = self._apply('sft', P, {k: v[idx] for k, v in batch.items()},
+                        lrs=self._ei_lrs(e * (n_pad // mb) + i // mb, updates))
         for k, v in m.items():
           sums.setdefault(k, []).append(v)
     out.update({k: float(np.mean(v)) for k, v in sums.items()})
     return out, None
+
+  def _ei_lrs(self, update: int, updates: int) -> dict | None:
+    """rl.ei.lr > 0: that lr on rl.lr_schedule over the round's `updates` SFT updates (warmup from
+    rl.warmup_ratio), so each round is a whole SFT run as in the original; else the rl schedule (None)."""
+    rl = self.rl
+    if rl.ei.lr <= 0:
+      return None
+    lr = schedule.lr_at(rl.ei.lr, update, warmup=schedule.warmup_steps(0, rl.warmup_ratio, updates),
+                        schedule=rl.lr_schedule, total=updates, min_ratio=rl.min_lr_ratio)
+    return {'head': lr, 'backbone': 0.0 if self.stage == 1 else lr}
 
   def _sft_step(self, key):
     """Supervised fine-tuning on the rows' reference solutions (with CF-RL stages: LP-FT)."""
