@@ -148,3 +148,23 @@ def test_masked_whiten():
   assert np.all(w[GAE_MASK == 0] == 0)
   scaled = np.asarray(adv.masked_whiten(x, GAE_MASK, shift_mean=False))
   np.testing.assert_allclose(scaled[GAE_MASK > 0], x[GAE_MASK > 0] / x[GAE_MASK > 0].std(), rtol=1e-4)
+
+
+def test_echo_chamber_reinforce_advantages_2x3_by_hand():
+  """Group-mean baseline, k1 KL in the per-token reward, returns-to-go, masked whitening, on 2x3."""
+  mask = np.array([[1, 1, 1], [1, 1, 0]], np.float32)
+  logp = np.array([[-0.9, -1.2, -0.7], [-0.6, -0.8, -3.0]], np.float32)
+  ref = logp - np.array([[0.1, -0.2, 0.3], [0.4, 0.2, 9.0]], np.float32)  # logp - ref as written
+  # rewards (1, 0) in one group of 2: centred (0.5, -0.5); kl_coef 0.1 -> token rewards
+  #   row 0: -0.01, +0.02, -0.03 + 0.5      returns-to-go 0.48, 0.49, 0.47
+  #   row 1: -0.04, -0.02 - 0.5, (masked)   returns-to-go -0.56, -0.52, 0
+  returns = np.asarray(adv.kl_penalized_returns(np.array([0.5, -0.5]), logp, ref, mask, 0.1))
+  np.testing.assert_allclose(returns, [[0.48, 0.49, 0.47], [-0.56, -0.52, 0.0]], atol=1e-6)
+  # whitening over the 5 counted tokens: mean 0.072, population variance 1.24948 / 5 = 0.249896
+  std = np.sqrt(0.249896)
+  expected = np.array([[0.408, 0.418, 0.398], [-0.632, -0.592, 0.0]]) / std
+  got = np.asarray(adv.echo_chamber_reinforce_advantages(np.array([1.0, 0.0]), logp, ref, mask, 2, kl_coef=0.1))
+  np.testing.assert_allclose(got, expected, atol=1e-4)
+  # without the KL every token of a row carries its centred reward, whitened: +-1 (equal counts aside)
+  no_kl = np.asarray(adv.echo_chamber_reinforce_advantages(np.array([1.0, 0.0]), logp, ref, mask, 2))
+  assert np.all(no_kl[0] > 0) and np.all(no_kl[1, :2] < 0) and no_kl[1, 2] == 0.0
