@@ -106,3 +106,50 @@ def test_bad_detectors(patterns, order, match):
 def test_non_string_completion(detector):
   with pytest.raises(TypeError, match='str'):
     detector(['not', 'a', 'string'])
+
+
+# --- formats.scheme='substring': Echo Chamber's math_verifier.py labels -------------------------------
+
+LLM_CODE_OK = ("Let's solve this problem using Python code.\n<llm-code>\neggs = 16 - 3 - 4\neggs * 2\n</llm-code>\n"
+               "<llm-code-output>\n18\n</llm-code-output>\nThus she earns \\boxed{18} dollars.")
+TINYGSM = "\n\ndef simple_math_problem() -> int:\n    eggs = 16 - 3 - 4\n    result = eggs * 2\n    return result\n"
+
+
+def test_substring_precedence_with_a_stub_runner():
+  runs = lambda code: 'boom' not in code
+  label = lambda text: formats.substring_format(text, runs)
+  assert label(LLM_CODE_OK) == 'llm_code'
+  assert label(TINYGSM) == 'code'
+  assert label('She makes 9 * 2 = 18 dollars. #### 18') == 'text'
+  assert label('no answer at all') == 'text'                       # the catch-all: never 'unknown'
+  # 'def' inside a word counts as code, exactly as the original's `'def' in text`
+  assert label('The result is undefined, so the answer is 4.') == 'code'
+  assert label('By definition she earns 18.') == 'code'
+  # <llm-code> whose code does not run: still llm_code ... unless 'def' appears anywhere
+  broken = '<llm-code>\nx = 1 +\nboom\n</llm-code>\nThe answer is 3.'
+  assert label(broken) == 'llm_code'
+  assert label(broken + ' It is undefined.') == 'code'
+  # an unclosed block is not run, and is still labelled llm_code
+  assert label('<llm-code>\n2 + 2\n') == 'llm_code'
+  # a running block wins over 'def' elsewhere
+  assert label(LLM_CODE_OK + ' By definition.') == 'llm_code'
+
+
+def test_substring_detector_interface_and_config():
+  d = FormatDetector.from_config({'scheme': 'substring', 'patterns': {}, 'order': ()})
+  assert isinstance(d, formats.SubstringFormatDetector) and d.names == ('llm_code', 'code', 'text')
+  d = formats.SubstringFormatDetector(code_runs=lambda code: True)
+  assert d.fractions([TINYGSM, 'text', LLM_CODE_OK, 'undefined']) == {
+      'llm_code': 0.25, 'code': 0.5, 'text': 0.25, 'unknown': 0.0}
+  with pytest.raises(ValueError, match='scheme'):
+    FormatDetector.from_config({'scheme': 'regex', 'patterns': {}, 'order': ()})
+
+
+def test_llm_code_runs_in_the_sandbox():
+  """The default runner: the original's own llm-code example runs; a block whose last line is a
+  statement (eval() fails on it) or that raises does not."""
+  assert formats.substring_format(LLM_CODE_OK) == 'llm_code'
+  assert formats.substring_format('<llm-code>\nx = 1 / 0\nx\n</llm-code> The answer is 3.') == 'llm_code'
+  assert formats.llm_code_runs('eggs = 16 - 3 - 4\neggs * 2')
+  assert not formats.llm_code_runs('x = 1 / 0\nx')
+  assert not formats.llm_code_runs('x = 3')

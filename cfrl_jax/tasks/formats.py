@@ -20,7 +20,10 @@ from typing import Mapping, Sequence
 
 import ml_collections
 
+from cfrl_jax.tasks.code_reward import CodeRunner
+
 UNKNOWN = 'unknown'
+SCHEMES = ('patterns', 'substring')
 
 # The synthetic arithmetic task's three formats (A, B, C in CALIBRATION.md). Each pattern
 # describes the whole completion, so a text that mixes formats is 'unknown'.
@@ -77,8 +80,14 @@ class FormatDetector:
     object.__setattr__(self, '_compiled', compiled)
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict | Mapping) -> 'FormatDetector':
-    """From a config with fields `patterns` (name -> regex) and `order` (tuple of names)."""
+  def from_config(cls, config: ml_collections.ConfigDict | Mapping):
+    """From a config with fields `patterns` (name -> regex), `order` (tuple of names) and optionally
+    `scheme`: 'patterns' (this class) or 'substring' (a SubstringFormatDetector; patterns unused)."""
+    scheme = config.get('scheme', 'patterns')
+    if scheme not in SCHEMES:
+      raise ValueError(f'formats.scheme={scheme!r} is unknown; expected one of {SCHEMES}.')
+    if scheme == 'substring':
+      return SubstringFormatDetector()
     patterns = config['patterns']
     patterns = patterns.to_dict() if isinstance(patterns, ml_collections.ConfigDict) else dict(patterns)
     return cls(patterns=patterns, order=tuple(config['order']))
@@ -110,5 +119,65 @@ class FormatDetector:
 
 
 def formats_config(patterns: Mapping[str, str], order: Sequence[str]) -> ml_collections.ConfigDict:
-  """The config block a task embeds as config.formats (fields: patterns, order)."""
-  return ml_collections.ConfigDict({'patterns': dict(patterns), 'order': tuple(order)})
+  """The config block a task embeds as config.formats (fields: scheme, patterns, order)."""
+  return ml_collections.ConfigDict({'scheme': 'patterns', 'patterns': dict(patterns), 'order': tuple(order)})
+
+
+# --- Echo Chamber's own labelling (openrlhf/utils/math_verifier.py, get_llm_answer) -------------------
+SUBSTRING_ORDER = ('llm_code', 'code', 'text')
+_LLM_CODE_BLOCK = re.compile(r'<llm-code>(.*?)</llm-code>', re.DOTALL)
+
+
+def llm_code_runs(code: str, runner: CodeRunner | None = None) -> bool:
+  """Whether an <llm-code> block runs as the original runs it: execute the block, then evaluate its
+  last line as an expression. Here: the block with its last line wrapped in print(), in the sandboxed
+  CodeRunner (never in this process); a statement or indented last line fails, as eval() would."""
+  lines = code.split('\n')
+  program = '\n'.join(lines[:-1] + [f'print({lines[-1]})'])
+  return (runner or CodeRunner(timeout_s=3.0)).answer(program) is not None
+
+
+def substring_format(completion: str, code_runs=llm_code_runs) -> str:
+  """The original's label, in its precedence:
+
+    '<llm-code>' present and its first closed block runs     -> 'llm_code'
+    else the substring 'def' anywhere (also inside 'undefined') -> 'code' (TinyGSM), run or not
+    else '<llm-code>' present (its code did not run)           -> 'llm_code'
+    else                                                       -> 'text' (the catch-all)
+  """
+  label = 'text'
+  if '<llm-code>' in completion:
+    label = 'llm_code'
+    block = _LLM_CODE_BLOCK.search(completion)
+    if block is not None and code_runs(block.group(1).strip()):
+      return 'llm_code'
+  if 'def' in completion:
+    return 'code'
+  return label
+
+
+@dataclasses.dataclass(frozen=True)
+class SubstringFormatDetector:
+  """Echo Chamber's format labels (formats.scheme='substring'), with FormatDetector's interface.
+  Every completion gets one of SUBSTRING_ORDER: 'text' is a catch-all, so 'unknown' never occurs.
+  code_runs(code) -> bool decides whether an <llm-code> block runs (default: the sandbox)."""
+  code_runs: object = llm_code_runs
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return SUBSTRING_ORDER
+
+  def __call__(self, completion: str) -> str:
+    if not isinstance(completion, str):
+      raise TypeError(f'SubstringFormatDetector takes a str completion, got {type(completion).__name__}.')
+    return substring_format(completion, self.code_runs)
+
+  def classify(self, completions: Sequence[str]) -> list[str]:
+    return [self(c) for c in completions]
+
+  def fractions(self, completions: Sequence[str]) -> dict[str, float]:
+    """Fraction of completions with each label ('unknown' included, always 0, for FormatDetector's keys)."""
+    if not completions:
+      raise ValueError('fractions() of an empty list of completions is undefined.')
+    labels = self.classify(completions)
+    return {name: labels.count(name) / len(labels) for name in SUBSTRING_ORDER + (UNKNOWN,)}
