@@ -132,6 +132,8 @@ def topology(spec: str, chip: str = 'v5e') -> Target:
       raise ValueError(f'--chip={chip!r}; expected one of {sorted(CHIPS)}.')
     return Target(f'cpu:{n}', 'cpu', CHIPS[chip], tuple(devices))
   from jax.experimental import topologies
+  # Compiling only: several planners may share this host's libtpu (it would otherwise hold a lock file).
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   try:
     desc = topologies.get_topology_desc(topology_name=name, platform='tpu', chip_config_name=_CHIP_CONFIG[key])
   except Exception as e:   # no libtpu, or a topology libtpu does not know
