@@ -1,7 +1,11 @@
 """The compiled CPU decode kernels (cfrl_jax/kernels/cpu_decode.*) against float64 numpy, and the
 sampler with them against the sampler with XLA ops."""
+import ctypes
 import os
+import platform
 import stat
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -215,17 +219,75 @@ def test_matmul_equals_float64_product(cpu_kernels, M, N, K):
     cpu_kernels.matmul(x, jnp.asarray(w, jnp.bfloat16))
 
 
-def test_build_reuses_the_library_and_reports_a_failing_compiler(cpu_kernels, tmp_path):
-  lib = cpu_kernels.build(tmp_path)
-  assert lib.parent == tmp_path and lib.exists()
+def _fake_compiler(tmp_path, library):
+  """A 'compiler' that logs its arguments and copies `library` (already built) to its -o path: build()'s
+  bookkeeping without a real compile of cpu_decode.cc (minutes at -O3 on a 2-core machine)."""
+  log = tmp_path / 'fake-cxx.log'
+  fake = tmp_path / 'fake-cxx'
+  fake.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "fake-cxx 1.0"; exit 0; }\n'
+                  f'echo "$@" >> {log}\n'
+                  'while [ $# -gt 1 ]; do [ "$1" = -o ] && out=$2; shift; done\n'
+                  f'cp {library} "$out"\n')
+  fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+  return str(fake), log
+
+
+def test_build_reuses_the_library_and_reports_a_failing_compiler(cpu_kernels, tmp_path, monkeypatch):
+  monkeypatch.delenv(cpu_kernels.MARCH_ENV, raising=False)
+  cxx, log = _fake_compiler(tmp_path, cpu_kernels.build())
+  out = tmp_path / 'libs'
+  lib = cpu_kernels.build(out, cxx=cxx)
+  assert lib.parent == out and lib.exists() and [p.name for p in out.iterdir()] == [lib.name]
+  assert hasattr(ctypes.cdll.LoadLibrary(str(lib)), 'CfrlMatmul')          # the renamed file is whole
+  args = log.read_text().split()
+  assert '-march=native' in args and '-O3' in args and str(cpu_kernels.SOURCE) in args
+  assert f'-I{jax.ffi.include_dir()}' in args
   built = lib.stat().st_mtime_ns
-  assert cpu_kernels.build(tmp_path) == lib and lib.stat().st_mtime_ns == built     # not rebuilt
+  assert cpu_kernels.build(out, cxx=cxx) == lib and lib.stat().st_mtime_ns == built     # not rebuilt
+  assert len(log.read_text().splitlines()) == 1
+  # Another -march is another library, built with that flag.
+  monkeypatch.setenv(cpu_kernels.MARCH_ENV, 'x86-64-v3')
+  assert cpu_kernels.cxx_flags()[1] == '-march=x86-64-v3'
+  other = cpu_kernels.build(out, cxx=cxx)
+  assert other != lib and '-march=x86-64-v3' in log.read_text().splitlines()[1].split()
   broken = tmp_path / 'broken-cxx'
   broken.write_text('#!/bin/sh\necho "broken-cxx: no such luck" >&2\nexit 3\n')
   broken.chmod(broken.stat().st_mode | stat.S_IEXEC)
   with pytest.raises(RuntimeError, match=r'failed to build cpu_decode.cc \(exit 3\):\nbroken-cxx: no such luck'):
     cpu_kernels.build(tmp_path / 'other', cxx=str(broken))
   assert not any((tmp_path / 'other').iterdir())                   # no half-written library left
+
+
+# -march targets whose code paths the float64 tests above also check, where this CPU runs them: the
+# portable build (SSE2, no FMA: separate roundings of each product and sum), AVX2 + FMA (the
+# non-AVX-512 path of an AVX-512 machine) and AVX-512. A CPU lacking one skips it.
+ISAS = {'x86-64': ('x86_64', ()),
+        'x86-64-v3': ('x86_64', ('avx2', 'fma', 'bmi2', 'f16c', 'movbe')),
+        'x86-64-v4': ('x86_64', ('avx512f', 'avx512bw', 'avx512cd', 'avx512dq', 'avx512vl')),
+        'armv8-a': ('aarch64', ())}
+REFERENCE_TESTS = 'float64 or first_argmax or causal_prefill'
+
+
+@pytest.mark.slow      # one -O3 build of cpu_decode.cc per target (minutes on 2 cores), then cached
+@pytest.mark.parametrize('march', list(ISAS))
+def test_kernels_built_for_each_isa_pass_the_reference_tests(cpu_kernels, march):
+  machine, needs = ISAS[march]
+  if platform.machine() != machine:
+    pytest.skip(f'-march={march} is for {machine}; this machine is {platform.machine()}')
+  flags = set(cpu_kernels._cpu_signature().split())  # pylint: disable=protected-access
+  missing = [f for f in needs if f not in flags]
+  if missing:
+    pytest.skip(f'this CPU lacks {missing}, which -march={march} code uses')
+  probe = subprocess.run([cpu_kernels.compiler(), f'-march={march}', '-x', 'c++', '-E', '-', '-o', os.devnull],
+                         input='', capture_output=True, text=True, check=False)
+  if probe.returncode:
+    pytest.skip(f'{cpu_kernels.compiler()} does not know -march={march}: {probe.stderr.strip()[-200:]}')
+  env = {k: v for k, v in os.environ.items() if k not in (cpu_kernels.DISABLE_ENV, 'PYTEST_ADDOPTS')}
+  env[cpu_kernels.MARCH_ENV] = march
+  done = subprocess.run([sys.executable, '-m', 'pytest', __file__, '-k', REFERENCE_TESTS],
+                        cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True, text=True,
+                        check=False)
+  assert done.returncode == 0 and ' passed' in done.stdout and 'skipped' not in done.stdout, done.stdout[-3000:]
 
 
 def test_switched_off_kernels_fall_back_to_xla_attention(monkeypatch):
@@ -244,13 +306,14 @@ def test_switched_off_kernels_fall_back_to_xla_attention(monkeypatch):
     with pytest.raises(ValueError, match=r"attention='kernel' is unavailable here \(switched off"):
       sampling.resolve_attention(cfg, 'kernel', True)
   finally:
+    monkeypatch.undo()            # CFRL_JAX_CPU_KERNELS as it was (a whole run may set it to 0)
     cpu_decode._register.cache_clear()  # pylint: disable=protected-access
-    monkeypatch.delenv(cpu_decode.DISABLE_ENV)
   with pytest.raises(ValueError, match="expected one of"):
     sampling.resolve_attention(cfg, 'flash', True)
   with pytest.raises(ValueError, match='float32 and bfloat16 caches, not float16'):
     sampling.resolve_attention(cfg.replace(dtype='float16', param_dtype='float16'), 'kernel', True)
-  with pytest.raises(ValueError, match='needs the unrolled sampler'):
+  # (With the kernels switched off for the whole run, unavailability is the first error.)
+  with pytest.raises(ValueError, match='needs the unrolled sampler' if cpu_decode.available() else 'unavailable here'):
     sampling.resolve_attention(cfg, 'kernel', False)
   assert sampling.resolve_attention(cfg, None, False) == 'xla'
 

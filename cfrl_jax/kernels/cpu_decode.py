@@ -9,6 +9,8 @@ XLA:CPU's library product does at float32 decode shapes; `matmul`: the same prod
 source ships with the package and is compiled on first use with the machine's C++ compiler
 (`$CXX`, else g++ or c++; -O3 -march=native against jax's FFI headers) into a cache directory
 keyed by the source, compiler, flags, jaxlib version and CPU, then registered with jax.ffi.
+CFRL_JAX_CPU_KERNELS_MARCH names another -march (x86-64-v3: the AVX2 code path on an AVX-512
+machine; x86-64: any x86-64 CPU), for testing the code paths this CPU would not pick.
 
 Where it cannot be built (no compiler, a failed build) or is switched off with
 CFRL_JAX_CPU_KERNELS=0, `available()` is False, `unavailable_reason()` says why, and the sampler
@@ -37,7 +39,13 @@ TARGETS = {'cfrl_decode_attention': 'CfrlDecodeAttention', 'cfrl_greedy_pick': '
            'cfrl_matmul': 'CfrlMatmul'}
 DISABLE_ENV = 'CFRL_JAX_CPU_KERNELS'      # '0' switches the kernel off
 CACHE_ENV = 'CFRL_JAX_KERNEL_CACHE'       # where built libraries go (default ~/.cache/cfrl_jax/kernels)
-CXX_FLAGS = ('-O3', '-march=native', '-fopenmp-simd', '-std=c++17', '-shared', '-fPIC', '-w')
+MARCH_ENV = 'CFRL_JAX_CPU_KERNELS_MARCH'  # the build's -march (default native)
+
+
+def cxx_flags() -> tuple[str, ...]:
+  """build()'s compiler flags, with -march=$CFRL_JAX_CPU_KERNELS_MARCH (native where unset)."""
+  march = os.environ.get(MARCH_ENV, '').strip() or 'native'
+  return ('-O3', f'-march={march}', '-fopenmp-simd', '-std=c++17', '-shared', '-fPIC', '-w')
 
 
 def compiler() -> str | None:
@@ -68,7 +76,7 @@ def _cpu_signature() -> str:
 def build(out_dir: Path | None = None, cxx: str | None = None) -> Path:
   """Compiles cpu_decode.cc into out_dir (default cache_dir()); returns the library's path.
 
-  Reuses a library already built from the same source, compiler, flags, jaxlib and CPU. The
+  Reuses a library already built from the same source, compiler, flags (cxx_flags), jaxlib and CPU. The
   library is written under a temporary name and renamed, so processes building at once (several
   hosts of a pod on one shared file system, test workers) never load a half-written file.
   Raises RuntimeError naming the compiler's output when the build fails.
@@ -78,7 +86,8 @@ def build(out_dir: Path | None = None, cxx: str | None = None) -> Path:
     raise RuntimeError('no C++ compiler found (set $CXX, or install g++)')
   version = subprocess.run([cxx, '--version'], capture_output=True, text=True, check=False).stdout
   include = jax.ffi.include_dir()
-  key = hashlib.sha256('\0'.join([SOURCE.read_text(), version, ' '.join(CXX_FLAGS), jax.__version__,
+  flags = cxx_flags()
+  key = hashlib.sha256('\0'.join([SOURCE.read_text(), version, ' '.join(flags), jax.__version__,
                                   jaxlib.__version__, _cpu_signature()]).encode()).hexdigest()[:16]
   out_dir = Path(out_dir or cache_dir())
   lib = out_dir / f'libcfrl_cpu_decode-{key}.so'
@@ -88,7 +97,7 @@ def build(out_dir: Path | None = None, cxx: str | None = None) -> Path:
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=out_dir)
   os.close(fd)
   try:
-    done = subprocess.run([cxx, *CXX_FLAGS, f'-I{include}', str(SOURCE), '-o', tmp],
+    done = subprocess.run([cxx, *flags, f'-I{include}', str(SOURCE), '-o', tmp],
                           capture_output=True, text=True, check=False)
     if done.returncode:
       raise RuntimeError(f'{cxx} failed to build {SOURCE.name} (exit {done.returncode}):\n'
