@@ -318,9 +318,11 @@ def test_switched_off_kernels_fall_back_to_xla_attention(monkeypatch):
   assert sampling.resolve_attention(cfg, None, False) == 'xla'
 
 
-# Kernel products and greedy_pick_rows at both: 3 rows through matvec, 21 through matmul.
-@pytest.mark.parametrize('rows', [3, 21])
-@pytest.mark.parametrize('head_dim', [16, 12])  # the kernel's vector and scalar attention
+# Kernel products and greedy_pick_rows at both: 3 rows through matvec, 21 through matmul; head_dim 16
+# and 12: the kernel's vector and scalar attention. The default run takes each path once (four
+# sampler compiles per case), -m slow the other two pairings.
+@pytest.mark.parametrize('rows,head_dim', [(3, 12), (21, 16), pytest.param(3, 16, marks=pytest.mark.slow),
+                                           pytest.param(21, 12, marks=pytest.mark.slow)])
 def test_sampler_with_kernels_equals_sampler_with_xla_ops(cpu_kernels, rows, head_dim):
   """float32: the same tokens and masks, log-probs within float32 summation-order noise, greedy and
   sampled (temperature, top-p), stop ids and left padding included."""
