@@ -193,12 +193,13 @@ def test_reference_run_checks(tmp_path):
   assert alpharl.reference_mismatches(config, json.loads(config.to_json_best_effort())) == []
 
 
-def test_demo_smoke_runs_end_to_end_through_experiment(tmp_path):
+@pytest.mark.slow      # an AlphaRL study end to end: window, fits, seven models' evals, continuation
+def test_demo_smoke_runs_end_to_end_through_experiment(tmp_path, smoke_pretrain_cache):
   """AlphaRL for the CF-GRPO arm of the demo's smoke config: window of 2 of 5 steps, fit, evals, continuation."""
   c = load_config_file(os.path.join(REPO, 'configs', 'demo.py') + ':smoke')
   study = tmp_path / 'run'
   c.run_dir = str(study)
-  c.pretrain.cache_dir = str(tmp_path / 'cache')
+  c.pretrain.cache_dir = smoke_pretrain_cache       # the session's smoke base (tests/conftest.py)
   c.log.progress = False
   c.log.tensorboard = False
   c.probe.every = 0          # the eNTK probes' compiles would double the test's time; they are not AlphaRL's

@@ -43,10 +43,14 @@ def test_every_config_builds_and_matches_the_schema():
       assert config.is_locked, name
 
 
-def test_demo_smoke_writes_report_plots_and_finite_metrics(tmp_path):
-  run_dir, cache = str(tmp_path / 'run'), str(tmp_path / 'cache')
-  p = run_main('--config=configs/demo.py:smoke', f'--config.run_dir={run_dir}', f'--config.pretrain.cache_dir={cache}',
-               f'--config.compile_cache_dir={cache}/jax', '--config.log.progress=False')
+@pytest.mark.slow      # a whole study (pretraining, two arms, evals, probes, report) in a subprocess
+def test_demo_smoke_writes_report_plots_and_finite_metrics(tmp_path, smoke_pretrain_cache):
+  # The session's smoke base and compilation cache (tests/conftest.py): what other smoke runs of the
+  # session built is loaded, not built again.
+  run_dir, jit_cache = str(tmp_path / 'run'), os.environ['JAX_COMPILATION_CACHE_DIR']
+  p = run_main('--config=configs/demo.py:smoke', f'--config.run_dir={run_dir}',
+               f'--config.pretrain.cache_dir={smoke_pretrain_cache}', f'--config.compile_cache_dir={jit_cache}',
+               '--config.log.progress=False')
   assert p.returncode == 0, p.stderr[-3000:]
   assert os.path.exists(os.path.join(run_dir, 'report.md'))
   assert 'Report:' in p.stdout
