@@ -293,6 +293,40 @@ def _called(attrs: str, key: str) -> list[str]:
   return re.findall(r'%?([\w.\-]+)', m.group(1)) if m else []
 
 
+def _window(attrs: str, n: int) -> dict[str, list]:
+  """A convolution's window attributes per spatial dim: size, stride, pad (lo, hi), lhs / rhs dilation."""
+  m = re.search(r'window=\{([^}]*)\}', attrs)
+  fields = dict(kv.split('=', 1) for kv in m.group(1).split()) if m else {}
+  ints = lambda key, default: [int(v) for v in fields[key].split('x')] if key in fields else [default] * n
+  pads = [tuple(int(v) for v in p.split('_')) for p in fields['pad'].split('x')] if 'pad' in fields else [(0, 0)] * n
+  return {'size': ints('size', 1), 'stride': ints('stride', 1), 'pad': pads, 'lhs_dilate': ints('lhs_dilate', 1),
+          'rhs_dilate': ints('rhs_dilate', 1)}
+
+
+def _conv_flops(i: _Instr, shapes: dict[str, str]) -> float:
+  """2 x multiply-adds of a convolution (XLA:TPU writes matrix products as convolutions; gradients as
+  ones with dilated or padded inputs): per output, the input features of its group times the window
+  taps that land on a real input element (not on padding or between dilated elements)."""
+  m = re.search(r'dim_labels=([^_]+)_([^-]+)->(\w+)', i.attrs)
+  lhs, rhs = _dims(shapes.get(i.operands[0], '')), _dims(shapes.get(i.operands[1], ''))
+  out = _dims(i.shape)
+  if not m or not lhs or not rhs:
+    return 0.0
+  lhs_l, rhs_l, out_l = m.groups()
+  spatial = sorted(c for c in out_l if c.isdigit())
+  w = _window(i.attrs, len(spatial))
+  per_output = rhs[rhs_l.index('i')]
+  outer = math.prod(n for n, c in zip(out, out_l) if not c.isdigit())
+  taps = 1
+  for j, c in enumerate(spatial):
+    n, mo = lhs[lhs_l.index(c)], out[out_l.index(c)]
+    pos = (np.arange(mo)[:, None] * w['stride'][j] + np.arange(w['size'][j])[None, :] * w['rhs_dilate'][j]
+           - w['pad'][j][0])
+    d = w['lhs_dilate'][j]
+    taps *= int(np.count_nonzero((pos >= 0) & (pos <= (n - 1) * d) & (pos % d == 0)))
+  return 2.0 * outer * per_output * taps
+
+
 class HloCounter:
   """FLOPs (dots and convolutions) and HBM bytes (each kernel's operands and result) of a compiled
   per-device HLO module, with while loops counted by their trip count (XLA's known_trip_count, else
@@ -343,11 +377,7 @@ class HloCounter:
         k = math.prod(lhs[int(d)] for d in m.group(1).split(',') if d) if m and lhs else 1
         total += 2.0 * math.prod(_dims(i.shape)) * k
       elif i.op == 'convolution':
-        rhs = _dims(shapes.get(i.operands[1], ''))
-        m = re.search(r'dim_labels=[^_]+_([^-]+)->', i.attrs)
-        if m and len(m.group(1)) == len(rhs):
-          k = math.prod(n for n, label in zip(rhs, m.group(1)) if label != 'o')
-          total += 2.0 * math.prod(_dims(i.shape)) * k
+        total += _conv_flops(i, shapes)
       elif i.op == 'while':
         body = _called(i.attrs, 'body') + _called(i.attrs, 'condition')
         total += self.trip(i) * sum(self.flops(c) for c in body)

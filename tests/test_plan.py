@@ -146,6 +146,24 @@ def test_hlo_counter_counts_a_decode_like_loop_by_its_bound():
   assert counter.unknown_loops == 0
 
 
+def test_convolution_flops_count_only_taps_on_real_inputs():
+  # XLA:TPU writes matrix products as convolutions: (8, 32) x (32, 16) is 8 * 16 * 32 multiply-adds.
+  hlo = '''ENTRY %main (a: f32[8,32], b: f32[32,16]) -> f32[8,16] {
+  %a = f32[8,32]{1,0} parameter(0)
+  %b = f32[32,16]{1,0} parameter(1)
+  ROOT %c = f32[8,16]{1,0} convolution(%a, %b), dim_labels=bf_io->bf
+}'''
+  assert plan.HloCounter(hlo).flops() == 2 * 8 * 16 * 32
+  # A width-3 window over 10 positions padded by 1 each side: 10 * 3 taps less the 2 on padding;
+  # batch 2, 4 input and 5 output features.
+  hlo = '''ENTRY %main (a: f32[2,10,4], b: f32[3,4,5]) -> f32[2,10,5] {
+  %a = f32[2,10,4]{2,1,0} parameter(0)
+  %b = f32[3,4,5]{2,1,0} parameter(1)
+  ROOT %c = f32[2,10,5]{2,1,0} convolution(%a, %b), window={size=3 pad=1_1}, dim_labels=b0f_0io->b0f
+}'''
+  assert plan.HloCounter(hlo).flops() == 2 * 2 * 5 * 4 * (10 * 3 - 2)
+
+
 def test_topology_names():
   assert plan.parse_topology('v5e-32') == ('tpu', 'v5e', 'v5e:4x8')
   assert plan.parse_topology('v4-32') == ('tpu', 'v4', 'v4:2x2x4')
