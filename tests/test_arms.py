@@ -145,3 +145,18 @@ def test_adaptive_arm_switches_when_the_head_share_falls_below_the_threshold(
   assert [r['stage'] for r in records] == stages   # 1e-9: never below, so the cap of 2 steps ends it
   shares = [r['head_share'] for r in records if 'head_share' in r]
   assert len(shares) == stages.count(1) and all(0 <= s <= 1 for s in shares)
+
+
+def test_a_study_needs_one_base_unless_the_base_varies_with_the_seed():
+  from cfrl_jax.experiment import study_jobs
+  from cfrl_jax.train.pretrain import cache_key
+  c = study_config()
+  c.model.source = 'pretrain'
+  c.arms, c.seeds = 'grpo,cfgrpo,grpo_headlr,cfgrpo_samelr', '1,2'
+  jobs = study_jobs(c)
+  assert [(a, s) for a, s, _ in jobs] == [(a, s) for s in (1, 2) for a in c.arms.split(',')]
+  assert {cache_key(jc) for _, _, jc in jobs} == {cache_key(c)}   # RL seeds share the study's base
+  c.study.vary_base = True
+  keys = {s: {cache_key(jc) for _, seed, jc in study_jobs(c) if seed == s} for s in (1, 2)}
+  assert all(len(k) == 1 for k in keys.values()) and keys[1] != keys[2]
+  assert cache_key(c) not in keys[1] | keys[2]   # no base for the top-level config.seed, which no run uses
