@@ -65,14 +65,16 @@ def ppo_policy_objective(cfg: qwen.QwenConfig, prompt_len: int, rl):
   """PPO's clipped policy loss on GAE token advantages.
 
   The critic is trained separately; a KL penalty, if any, is already in the token
-  rewards behind the advantages (the classic PPO-RLHF placement).
+  rewards behind the advantages (the classic PPO-RLHF placement). Tokens are aggregated by
+  rl.aggregation like every other policy loss (Echo Chamber's PPO: seq_mean).
   """
 
   def loss_fn(params, batch):
     logp, entropy, max_prob, phi = completion_stats(cfg, params, batch['tokens'], batch['mask'], prompt_len)
     mask = batch['completion_mask']
     loss, m = ppo.ppo_policy_loss(logp, batch['old_logp'], batch['advantages'], mask,
-                                  clip_low=rl.clip_low, clip_high=rl.clip_high)
+                                  clip_low=rl.clip_low, clip_high=rl.clip_high,
+                                  aggregation=rl.aggregation, max_tokens=rl.max_new_tokens)
     return loss, dict(m, **_policy_metrics(logp, entropy, max_prob, mask, phi, prompt_len))
 
   return loss_fn
