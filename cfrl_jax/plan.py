@@ -390,25 +390,41 @@ class HloCounter:
     self._flops[comp] = total
     return total
 
+  def _read_bytes(self, comp: str, index: int, full: float, depth: int = 0) -> float | None:
+    """Bytes a fused computation reads of its parameter `index` when it reads it only through slices
+    (directly or inside nested fusions); None when it reads the whole operand."""
+    inner = self.comps.get(comp, [])
+    name = next((j.name for j in inner if j.op == 'parameter' and j.raw.strip() == str(index)), None)
+    use = [j for j in inner if name in j.operands]
+    if not use or depth > 4:
+      return None
+    total = 0.0
+    for u in use:
+      if u.op in _SLICING and u.operands[0] == name:
+        total += shape_bytes(u.shape)
+      elif u.op == 'fusion' and _called(u.attrs, 'calls'):
+        part = self._read_bytes(_called(u.attrs, 'calls')[0], u.operands.index(name), full, depth + 1)
+        if part is None:
+          return None
+        total += part
+      else:
+        return None
+    return min(total, full)
+
   def _fusion_bytes(self, i: _Instr, shapes: dict[str, str]) -> float:
     called = _called(i.attrs, 'calls')
     inner = self.comps.get(called[0], []) if called else []
-    by_index = {int(j.raw): j.name for j in inner if j.op == 'parameter' and j.raw.strip().isdigit()}
-    users: dict[str, list[_Instr]] = {}
-    for j in inner:
-      for o in j.operands:
-        users.setdefault(o, []).append(j)
-    total = 0.0
     root = inner[-1] if inner else None
+    by_index = {int(j.raw): j.name for j in inner if j.op == 'parameter' and j.raw.strip().isdigit()}
+    total = 0.0
     for idx, operand in enumerate(i.operands):
       full = shape_bytes(shapes.get(operand, ''))
       name = by_index.get(idx)
-      use = users.get(name, []) if name else []
-      if use and all(u.op in _SLICING for u in use):
-        full = min(full, sum(shape_bytes(u.shape) for u in use))
-      elif root is not None and root.op == 'dynamic-update-slice' and use == [root] and root.operands[0] == name:
-        full = 0.0   # updated in place: only the written slice moves (counted below)
-      total += full
+      if root is not None and root.op == 'dynamic-update-slice' and root.operands[0] == name and \
+          sum(name in j.operands for j in inner) == 1:
+        continue   # updated in place: only the written slice moves (counted below)
+      part = self._read_bytes(called[0], idx, full) if called else None
+      total += full if part is None else part
     if root is not None and root.op == 'dynamic-update-slice':
       inner_shapes = {j.name: j.shape for j in inner}
       return total + shape_bytes(inner_shapes.get(root.operands[1], ''))
