@@ -122,12 +122,17 @@ def run(config, explicit: frozenset[str] = frozenset()) -> str:
     return run_alpharl_mode(config, run_dir, task, explicit)
   t0 = time.time()
   if not config.arms:
+    if not config.resume:
+      trainer.check_fresh_run_dir(run_dir)
     run_single(config, run_dir, task)
     if config.report and jax.process_index() == 0:
       from cfrl_jax import report
       print(f'Report: {report.write_report(run_dir, title=config.name)}')
     return run_dir
   jobs = study_jobs(config, explicit)
+  if not config.resume:   # before any pretraining or training: a study stopped at its second arm loses hours
+    for arm, seed, _ in jobs:
+      trainer.check_fresh_run_dir(os.path.join(run_dir, arm, f'seed{seed}'))
   arms = list(dict.fromkeys(arm for arm, _, _ in jobs))
   seeds = list(dict.fromkeys(seed for _, seed, _ in jobs))
   bases = {}

@@ -283,3 +283,17 @@ def test_sft_and_lpft_fit_reference_solutions(tiny_tokenizer_dir, tmp_path):
   assert trainer.sft_target({'solutions': {'steps': ' 1 + 1 = 2.'}}, 'steps') == ' 1 + 1 = 2.'
   with pytest.raises(ValueError, match='sft_format'):
     trainer.sft_target({'solutions': {'steps': 'x'}}, 'compact')
+
+
+def test_a_finished_run_is_not_silently_extended(tiny_tokenizer_dir, tmp_path):
+  """Training again into a run dir without resume stops before any work with the three ways out."""
+  c = toy_config(tiny_tokenizer_dir, str(tmp_path), steps=1)
+  run(c)
+  before = open(tmp_path / 'metrics.jsonl').read()
+  with pytest.raises(ValueError, match=r'already holds a run \(checkpoints at steps \[1\]\).*'
+                                       r'--config.resume=True.*--config.run_dir'):
+    run(c)
+  assert open(tmp_path / 'metrics.jsonl').read() == before   # nothing appended
+  c.resume = True
+  run(c)   # a finished run resumed is a no-op
+  assert open(tmp_path / 'metrics.jsonl').read() == before

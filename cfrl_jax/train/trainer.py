@@ -149,6 +149,22 @@ def sft_target(row: dict, fmt: str) -> str:
   raise ValueError(f"SFT needs a reference solution: the row has no 'solution' or 'solutions' column ({sorted(row)}).")
 
 
+def check_fresh_run_dir(run_dir: str) -> None:
+  """A ValueError when run_dir already holds a run (checkpoints or metrics) and config.resume is off.
+
+  Training into it would append a second history to metrics.jsonl and stop at the first checkpoint
+  step that exists (orbax never overwrites a step), after minutes of work.
+  """
+  steps = ckpt_lib.available_steps(run_dir)
+  metrics_path = os.path.join(run_dir, 'metrics.jsonl')
+  has_metrics = os.path.exists(metrics_path) and os.path.getsize(metrics_path) > 0
+  if steps or has_metrics:
+    held = f'checkpoints at steps {steps}' if steps else 'a metrics.jsonl'
+    raise ValueError(f'{os.path.abspath(run_dir)} already holds a run ({held}). Continue it with '
+                     '--config.resume=True, write elsewhere with --config.run_dir=..., or delete that '
+                     'directory to start over.')
+
+
 def _copy(tree):
   return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
 
@@ -163,6 +179,8 @@ class Trainer:
     rl = config.rl
     if rl.algorithm not in ALGORITHMS:
       raise ValueError(f'config.rl.algorithm={rl.algorithm!r}; expected one of {ALGORITHMS}.')
+    if not config.resume:
+      check_fresh_run_dir(run_dir)
     self.config, self.rl, self.policy, self.task = config, rl, policy, task
     self.cfg = policy.cfg
     self.run_dir = run_dir
