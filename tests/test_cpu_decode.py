@@ -319,10 +319,10 @@ def test_switched_off_kernels_fall_back_to_xla_attention(monkeypatch):
 
 
 # Kernel products and greedy_pick_rows at both: 3 rows through matvec, 21 through matmul; head_dim 16
-# and 12: the kernel's vector and scalar attention. The default run takes each path once (four
-# sampler compiles per case), -m slow the other two pairings.
-@pytest.mark.parametrize('rows,head_dim', [(3, 12), (21, 16), pytest.param(3, 16, marks=pytest.mark.slow),
-                                           pytest.param(21, 12, marks=pytest.mark.slow)])
+# and 12: the kernel's vector and scalar attention. Four sampler compiles per case: slow (over 15 s
+# each on 2 cores); the default run's float32 sampler tests (test_sampling) run the kernels already.
+@pytest.mark.slow
+@pytest.mark.parametrize('rows,head_dim', [(3, 12), (21, 16), (3, 16), (21, 12)])
 def test_sampler_with_kernels_equals_sampler_with_xla_ops(cpu_kernels, rows, head_dim):
   """float32: the same tokens and masks, log-probs within float32 summation-order noise, greedy and
   sampled (temperature, top-p), stop ids and left padding included."""

@@ -126,7 +126,7 @@ def test_prepared_decode_weights_are_reused_across_calls(tiny_qwen3_dir, monkeyp
     (dict(temperature=0.7, top_p=0.8), [3, 6, 1]),
     (dict(temperature=1.3, top_k=20), [3, 6, 1]),
     # More rows than sampling.WEIGHT_MAJOR_MAX_ROWS: the decode step's row-major products.
-    (dict(temperature=1.3, top_k=20), [3, 6, 1, 4, 2] * 8)])
+    pytest.param(dict(temperature=1.3, top_k=20), [3, 6, 1, 4, 2] * 8, marks=pytest.mark.slow)])
 def test_logprobs_equal_a_full_forward_recomputation(tiny_qwen3_dir, kw, lengths):
   cfg, params = hf.load_pretrained(tiny_qwen3_dir)
   assert (len(lengths) > sampling.WEIGHT_MAJOR_MAX_ROWS) == (len(lengths) == 40)
@@ -159,7 +159,7 @@ def test_logprobs_equal_a_full_forward_recomputation(tiny_qwen3_dir, kw, lengths
     ('tiny_qwen3_dir', 'bfloat16', [3, 6, 1]),
     ('tiny_qwen2_tied_dir', 'float32', [3, 6, 1]),
     # Over WEIGHT_MAJOR_MAX_ROWS rows: row-major products and the fused attention over uint16 caches.
-    ('tiny_qwen3_dir', 'bfloat16', [3, 6, 1, 4, 2] * 8)])
+    pytest.param('tiny_qwen3_dir', 'bfloat16', [3, 6, 1, 4, 2] * 8, marks=pytest.mark.slow)])
 def test_bfloat16_sampling_matches_a_float32_recomputation(fixture, param_dtype, lengths, attention, request):
   """bf16 compute (bf16 or f32 storage, Qwen3 and a tied Qwen2), with either decode attention: the
   returned log-probs equal a float32 forward over the same (bf16-rounded) weights to bf16 accuracy."""
@@ -327,6 +327,7 @@ def test_draw_never_picks_a_zero_probability_token():
   assert np.all(tokens[:, 0] == 1) and np.all(tokens[:, 1] == 0)
 
 
+@pytest.mark.slow
 def test_sample_draws_from_temperature_top_k_top_p_of_the_model():
   temperature, top_k, top_p = 1.5, 6, 0.8
   cfg, params = _known_logits_model(np.log(_PROBS))
@@ -361,6 +362,7 @@ def test_same_key_same_samples_and_buckets_change_nothing(tiny_qwen2_dir):
   assert a.tokens.shape == (3, 8) and a.tokens.dtype == jnp.int32 and a.logprobs.dtype == jnp.float32
 
 
+@pytest.mark.slow      # bf16 samplers at two bucket sizes: over 15 s of compiles on 2 cores
 def test_one_bf16_prompt_decodes_two_rows_with_the_same_result(tiny_qwen2_dir, monkeypatch):
   """A single bf16 prompt runs as a 2-row bucket on the unrolled sampler (see min_batch_bucket)
   and returns what the unbucketed one-row call returns."""
@@ -383,6 +385,7 @@ def test_one_bf16_prompt_decodes_two_rows_with_the_same_result(tiny_qwen2_dir, m
   np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=0.02)
 
 
+@pytest.mark.slow      # four sampler compiles
 def test_batches_within_a_bucket_do_not_recompile(tiny_qwen2_tied_dir):
   cfg, params = hf.load_pretrained(tiny_qwen2_tied_dir)
   run = lambda lengths, **kw: sampling.sample(
@@ -411,6 +414,7 @@ def test_decode_windows():
   assert [sampling.decode_segments_default(n) for n in (1, 33, 64, 65, 97, 129, 1024)] == expected
 
 
+@pytest.mark.slow      # one compile per segment count
 @pytest.mark.parametrize('unroll_layers', [True, False])
 def test_segmented_decoding_equals_one_loop_over_the_whole_cache(tiny_qwen3_dir, unroll_layers):
   """The decode loop in segments over growing caches gives the single loop's tokens and log-probs,
