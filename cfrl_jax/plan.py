@@ -347,11 +347,36 @@ class HloCounter:
     m = re.search(r'"known_trip_count":\{"n":"(\d+)"', instr.attrs)
     if m:
       return int(m.group(1))
-    bounds = [int(v) for c in _called(instr.attrs, 'condition') for v in self._int_constants(c)]
+    cond = _called(instr.attrs, 'condition')
+    bounds = [int(v) for c in cond for v in self._int_constants(c)]
     if bounds and max(bounds) > 0:
-      return max(bounds)
+      return -(-max(bounds) // self._step(instr, cond))
     self.unknown_loops += 1
     return self.unknown_trip
+
+  def _step(self, instr: _Instr, cond: list[str]) -> int:
+    """The increment of the loop counter the condition reads: 1, or k where XLA steps a counter by k
+    (XLA:TPU's collective-matmul loops over the FSDP shards handle two shards per iteration)."""
+    indices = {int(m.group(1)) for c in cond for j in self.comps.get(c, []) if j.op == 'get-tuple-element'
+               for m in [re.search(r'index=(\d+)', j.attrs)] if m}
+    body = (_called(instr.attrs, 'body') or [''])[0]
+    inner = self.comps.get(body, [])
+    if not inner or inner[-1].op != 'tuple':
+      return 1
+    by_name = {j.name: j for j in inner}
+    consts = {j.name: j.raw.strip() for j in inner if j.op == 'constant'}
+    for k in sorted(indices):
+      if k >= len(inner[-1].operands):
+        continue
+      j = by_name.get(inner[-1].operands[k])
+      if j is None:
+        continue
+      add = j.op == 'add' or (j.op == 'fusion' and any(
+          c and self.comps.get(c) and self.comps[c][-1].op == 'add' for c in _called(j.attrs, 'calls')))
+      steps = [int(consts[o]) for o in j.operands if re.fullmatch(r'\d+', consts.get(o, ''))] if add else []
+      if steps and steps[0] > 0:
+        return steps[0]
+    return 1
 
   def _int_constants(self, comp: str, depth: int = 0) -> list[int]:
     out = []
