@@ -164,6 +164,33 @@ def test_convolution_flops_count_only_taps_on_real_inputs():
   assert plan.HloCounter(hlo).flops() == 2 * 2 * 5 * 4 * (10 * 3 - 2)
 
 
+def test_loop_stepping_its_counter_by_two_runs_half_its_bound():
+  # XLA:TPU's collective-matmul loops over FSDP shards read `i < 16` but step i by 2: 8 iterations.
+  hlo = '''%body (p: (s32[], f32[8,32])) -> (s32[], f32[8,32]) {
+  %p = (s32[], f32[8,32]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8,32]{1,0} get-tuple-element(%p), index=1
+  %two = s32[] constant(2)
+  %next = s32[] add(%i, %two)
+  %w = f32[32,32]{1,0} constant({...})
+  %y = f32[8,32]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %t = (s32[], f32[8,32]{1,0}) tuple(%next, %y)
+}
+
+%cond (q: (s32[], f32[8,32])) -> pred[] {
+  %q = (s32[], f32[8,32]{1,0}) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %bound = s32[] constant(16)
+  ROOT %lt = pred[] compare(%j, %bound), direction=LT
+}
+
+ENTRY %main (a: (s32[], f32[8,32])) -> (s32[], f32[8,32]) {
+  %a = (s32[], f32[8,32]{1,0}) parameter(0)
+  ROOT %loop = (s32[], f32[8,32]{1,0}) while(%a), condition=%cond, body=%body
+}'''
+  assert plan.HloCounter(hlo).flops() == 8 * 2 * 8 * 32 * 32
+
+
 def test_topology_names():
   assert plan.parse_topology('v5e-32') == ('tpu', 'v5e', 'v5e:4x8')
   assert plan.parse_topology('v4-32') == ('tpu', 'v4', 'v4:2x2x4')
