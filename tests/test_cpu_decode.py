@@ -347,6 +347,7 @@ def test_sampler_with_kernels_equals_sampler_with_xla_ops(cpu_kernels, rows, hea
                                  np.asarray(getattr(outs['xla'], field)), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_sampler_with_kernel_products_matches_xla_products(cpu_kernels):
   """bfloat16, 3 rows: matvec reads the bfloat16 weights widened (exact products, float32 sums), as
   XLA's bfloat16 dots with a float32 result do; only the order of the sums differs."""

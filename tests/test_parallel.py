@@ -213,6 +213,7 @@ def test_shard_batch_and_host_rows_on_this_process():
   assert parallel.host_rows(n, mesh) == slice(0, n)
 
 
+@pytest.mark.slow
 def test_sample_sharded_on_this_process_equals_sample_and_checks_inputs_alike(tiny_qwen2_dir):
   from cfrl_jax import sampling
   from cfrl_jax.models import hf

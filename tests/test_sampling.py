@@ -84,6 +84,7 @@ def test_greedy_matches_transformers_generate(tiny_checkpoint_dir, load_hf_model
   np.testing.assert_array_equal(np.asarray(out.sample_logprobs), 0.0)
 
 
+@pytest.mark.slow
 def test_scanned_and_unrolled_decoding_agree(tiny_qwen3_dir):
   cfg, params = hf.load_pretrained(tiny_qwen3_dir)
   tokens, mask = _prompts(cfg.vocab_size, [3, 6, 1], seed=5)
