@@ -832,7 +832,8 @@ def report(plan: Plan, results: list[Result], target: Target, hbm_gib: float, co
   lines.append('- args / out / temp: compiled.memory_analysis() per device (out excludes buffers aliased to donated '
                'arguments); other resident: the trainer\'s parameters / optimizer state / reference / critic that '
                'stay in HBM while this program runs but are not its arguments. FLOPs and bytes: counted from the '
-               'compiled per-device HLO, loops by trip count.')
+               'compiled per-device HLO, loops by trip count; bytes count every kernel\'s operands in full, an '
+               'upper bound (see docs/plan.md).')
   return '\n'.join(lines) + '\n'
 
 
