@@ -49,6 +49,13 @@ ECHO_CHAMBER_PATTERNS = {
 ECHO_CHAMBER_ORDER = ('llm_code', 'code', 'text')
 
 
+def label_fractions(labels: Sequence[str], names: Sequence[str]) -> dict[str, float]:
+  """Fraction of labels equal to each name, plus 'unknown' (a detector's fractions())."""
+  if not labels:
+    raise ValueError('fractions() of an empty list of completions is undefined.')
+  return {name: list(labels).count(name) / len(labels) for name in tuple(names) + (UNKNOWN,)}
+
+
 @dataclasses.dataclass(frozen=True)
 class FormatDetector:
   """Classifies completions into named formats, or 'unknown'.
@@ -112,10 +119,7 @@ class FormatDetector:
 
   def fractions(self, completions: Sequence[str]) -> dict[str, float]:
     """Fraction of completions in each format, 'unknown' included (sums to 1)."""
-    if not completions:
-      raise ValueError('fractions() of an empty list of completions is undefined.')
-    labels = self.classify(completions)
-    return {name: labels.count(name) / len(labels) for name in self.order + (UNKNOWN,)}
+    return label_fractions(self.classify(completions), self.order)
 
 
 def formats_config(patterns: Mapping[str, str], order: Sequence[str]) -> ml_collections.ConfigDict:
@@ -177,7 +181,4 @@ class SubstringFormatDetector:
 
   def fractions(self, completions: Sequence[str]) -> dict[str, float]:
     """Fraction of completions with each label ('unknown' included, always 0, for FormatDetector's keys)."""
-    if not completions:
-      raise ValueError('fractions() of an empty list of completions is undefined.')
-    labels = self.classify(completions)
-    return {name: labels.count(name) / len(labels) for name in SUBSTRING_ORDER + (UNKNOWN,)}
+    return label_fractions(self.classify(completions), SUBSTRING_ORDER)
