@@ -291,7 +291,7 @@ def test_a_finished_run_is_not_silently_extended(tiny_tokenizer_dir, tmp_path):
   c = toy_config(tiny_tokenizer_dir, str(tmp_path), steps=1)
   run(c)
   before = open(tmp_path / 'metrics.jsonl').read()
-  with pytest.raises(ValueError, match=r'already holds a run \(checkpoints at steps \[1\]\).*'
+  with pytest.raises(ValueError, match=r'already holds a run \(checkpoints at steps \[0, 1\]\).*'
                                        r'--config.resume=True.*--config.run_dir'):
     run(c)
   assert open(tmp_path / 'metrics.jsonl').read() == before   # nothing appended
