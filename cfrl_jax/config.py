@@ -75,6 +75,14 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
   c.pretrain.length_bucket = 8    # completion lengths are padded to multiples of this (one compile per bucket)
   c.pretrain.cache_dir = 'cache'  # cached bases: <cache_dir>/base-<hash of the pretraining config>
   c.pretrain.seed = 0             # the base's own seed: RL seeds (config.seed) do not change the base
+  # Stop at an accuracy, not a step count, so that bases from different CPUs (whose float order differs)
+  # land in one band: every eval_every steps from eval_from, greedy accuracy on validation_problems
+  # problems of the task's *train* patterns (never the held-out eval set); the first reading at or above
+  # stop_accuracy ends pretraining, and `steps` is the cap. 0 = off (run all `steps`).
+  c.pretrain.stop_accuracy = 0.0
+  c.pretrain.eval_every = 10
+  c.pretrain.eval_from = 100
+  c.pretrain.validation_problems = 256
 
   c.rl = mc.ConfigDict()
   c.rl.algorithm = 'grpo'        # grpo | reinforce | rloo | ppo | expert_iteration | sft (with cfrl: LP-FT)
@@ -270,6 +278,10 @@ def validate(c: mc.ConfigDict) -> None:
   _at_least(c, f'{p}.weight_decay', 0)
   _within(c, f'{p}.b2', 0, 1, open_high=True)
   _one_of(c, f'{p}.batching', ('random', 'length_sorted'))
+  _within(c, f'{p}.stop_accuracy', 0, 1)
+  for f in ('eval_every', 'validation_problems'):
+    _at_least(c, f'{p}.{f}', 1)
+  _at_least(c, f'{p}.eval_from', 0)
 
   rl = c.rl
   _one_of(c, 'rl.algorithm', ALGORITHMS)

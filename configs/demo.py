@@ -38,24 +38,7 @@ def get_config(arg: str = ''):
   c.arms = 'grpo,cfgrpo'
   c.seeds = '0'
 
-  c.model.source = 'pretrain'
-  c.model.tie = 'untie'
-  c.model.arch.hidden_size = 192
-  c.model.arch.intermediate_size = 512
-  c.model.arch.num_layers = 4
-  c.model.arch.num_heads = 6
-  c.model.arch.num_kv_heads = 2
-  c.tokenizer.vocab_size = 160
-
-  # Smaller numbers than the task's defaults (start <= 20, operands <= 9): a 1.6M model trained for
-  # ten minutes then starts RL at a base accuracy that leaves room both ways.
-  c.task.start_max = 20
-  c.task.operand_max = 9
-
-  c.pretrain.steps = 330
-  c.pretrain.batch_size = 128
-  c.pretrain.lr = 3e-3
-  c.pretrain.num_examples = 42240
+  set_base(c)
 
   c.rl.steps = 100
   c.rl.prompts_per_step = 16
@@ -84,6 +67,32 @@ def get_config(arg: str = ''):
     apply_study(c)
   c.lock()
   return c
+
+
+def set_base(c):
+  """The demo's from-scratch base: model shape, tokenizer, task ranges and pretraining (shared by
+  configs/echo_chamber.py, so both use one cached base)."""
+  c.model.source = 'pretrain'
+  c.model.tie = 'untie'
+  c.model.arch.hidden_size = 192
+  c.model.arch.intermediate_size = 512
+  c.model.arch.num_layers = 4
+  c.model.arch.num_heads = 6
+  c.model.arch.num_kv_heads = 2
+  c.tokenizer.vocab_size = 160
+
+  # Smaller numbers than the task's defaults (start <= 20, operands <= 9): a 1.6M model trained for
+  # ten minutes then starts RL at a base accuracy that leaves room both ways.
+  c.task.start_max = 20
+  c.task.operand_max = 9
+
+  c.pretrain.steps = 450           # the cap; pretraining stops at the validation band below
+  c.pretrain.stop_accuracy = 0.65
+  c.pretrain.eval_from = 150
+  c.pretrain.eval_every = 10
+  c.pretrain.batch_size = 128
+  c.pretrain.lr = 3e-3
+  c.pretrain.num_examples = 57600   # 450 x 128: no example repeats up to the cap
 
 
 def apply_study(c):
@@ -135,6 +144,7 @@ def apply_smoke(c):
   c.task.operand_max = 2
   c.task.answer.last_number_fallback = True
   c.pretrain.steps = 40
+  c.pretrain.stop_accuracy = 0.0   # a fixed 40 steps: the smoke base only has to write the formats
   c.pretrain.batch_size = 32
   c.pretrain.num_examples = 1280
   c.pretrain.lr = 1e-2

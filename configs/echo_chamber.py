@@ -33,6 +33,7 @@ Overrides for the paper's GSM8K scale (a TPU/GPU run, not this CPU):
   python -m cfrl_jax.main --config=configs/echo_chamber.py:smoke      # tiny, end to end
 """
 from cfrl_jax.config import base_config
+from configs import demo
 
 ARGS = ('', 'smoke')
 
@@ -47,17 +48,7 @@ def get_config(arg: str = ''):
   c.arms = 'ppo,grpo,reinforce,expert_iteration'
   c.seeds = '0'
 
-  # the demo's base (same pretraining config, so the cached base is shared)
-  c.model.source = 'pretrain'
-  c.model.tie = 'untie'
-  c.model.arch.update(hidden_size=192, intermediate_size=512, num_layers=4, num_heads=6, num_kv_heads=2)
-  c.tokenizer.vocab_size = 160
-  c.task.start_max = 20
-  c.task.operand_max = 9
-  c.pretrain.steps = 330
-  c.pretrain.batch_size = 128
-  c.pretrain.lr = 3e-3
-  c.pretrain.num_examples = 42240
+  demo.set_base(c)   # the demo's base: one cached base for both
 
   rl = c.rl
   rl.steps = 100
@@ -122,7 +113,7 @@ def apply_smoke(c):
   c.task.update(max_ops=1, start_max=3, operand_max=2, num_train=16)
   c.task.answer.last_number_fallback = True
   c.pretrain.update(steps=40, batch_size=32, num_examples=1280, lr=1e-2, length_bucket=64,
-                    cache_dir='cache/smoke')
+                    cache_dir='cache/smoke', stop_accuracy=0.0)
   c.rl.update(steps=3, prompts_per_step=4, group_size=4, minibatches=4, max_new_tokens=32, lr=1e-3)
   c.rl.ei.update(samples_per_prompt=2, batch_size=8)
   c.study.arms.expert_iteration.rl.steps = 2

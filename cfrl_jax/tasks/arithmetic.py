@@ -276,6 +276,11 @@ def pretraining_corpus(config, n: int, seed: int = 0, mixture: dict | None = Non
   return [(r['prompt'], r['completion']) for r in pretraining_rows(config, n, seed, mixture)]
 
 
+def validation_rows(config, n: int) -> list[base.Row]:
+  """n problems of train patterns in their own stream: what pretraining measures its base on."""
+  return generate_rows(config, 'train', n, stream='pretrain_validation')
+
+
 def build_splits(config) -> tuple[list[base.Row], list[base.Row]]:
   """(train rows, eval rows) of the task."""
   return (generate_rows(config, 'train', config.num_train, 'train'),

@@ -41,6 +41,7 @@ class Task:
   is_correct: Callable[[str, str], bool]
   config: ml_collections.ConfigDict | None = None
   corpus_fn: Callable[[int, int], list[tuple[str, str]]] | None = None  # (n, seed) -> pairs
+  validation_fn: Callable[[int], list[Row]] | None = None  # n -> rows of train patterns, outside train/eval
 
   def pretraining_corpus(self, n: int, seed: int = 0) -> list[tuple[str, str]]:
     """n (prompt, completion) pairs for pretraining from scratch (synthetic tasks only)."""
@@ -48,6 +49,14 @@ class Task:
       raise ValueError(f'task {self.name!r} has no synthetic pretraining corpus; pretrain from scratch '
                        "on the 'arithmetic' task, or start from a pretrained model (model.source).")
     return self.corpus_fn(n, seed)
+
+  def validation_rows(self, n: int) -> list[Row]:
+    """n problems for measuring a from-scratch base during pretraining (synthetic tasks only): drawn
+    from the train patterns in their own stream, so stopping on them never looks at the eval set."""
+    if self.validation_fn is None:
+      raise ValueError(f'task {self.name!r} has no validation problems for config.pretrain.stop_accuracy; '
+                       'set --config.pretrain.stop_accuracy=0 (pretrain for config.pretrain.steps).')
+    return self.validation_fn(n)
 
   def columns(self, rows: list[Row]) -> dict[str, list]:
     """The reward functions' keyword columns for `rows`: every field but 'prompt', as lists."""

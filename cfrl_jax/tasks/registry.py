@@ -104,4 +104,5 @@ def build_task(config: ml_collections.ConfigDict | Mapping) -> base.Task:
       formats=detector, prompt_template=config.prompt_template,
       use_chat_template=config.use_chat_template, system_prompt=config.system_prompt,
       answer_key=correctness.answer_key, is_correct=correctness.is_correct, config=config,
-      corpus_fn=(functools.partial(arithmetic.pretraining_corpus, config) if name == 'arithmetic' else None))
+      corpus_fn=(functools.partial(arithmetic.pretraining_corpus, config) if name == 'arithmetic' else None),
+      validation_fn=(functools.partial(arithmetic.validation_rows, config) if name == 'arithmetic' else None))

@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from cfrl_jax import tokenization
+from cfrl_jax import evaluate, tokenization
 from cfrl_jax.models import hf, qwen
 from cfrl_jax.tasks import tokenizer as task_tokenizer
 from cfrl_jax.train import learner, objectives, sft_data
@@ -120,6 +120,9 @@ def pretrain(config, task, out_dir: str, *, progress: bool = True) -> dict:
   tx, opt_state = learner.init_stage(cfg, params, 0, ocfg)
   updates = {}
   losses = []
+  validation, readings, stopped_at = None, [], None
+  if pc.stop_accuracy > 0:
+    validation = task.validation_rows(pc.validation_problems)
   bar = tqdm(range(pc.steps), desc='pretrain', disable=not progress, dynamic_ncols=True)
   for step in bar:
     idx = batches[step]
@@ -141,7 +144,29 @@ def pretrain(config, task, out_dir: str, *, progress: bool = True) -> dict:
     params, opt_state = res.params, res.opt_state
     losses.append(float(res.loss))
     bar.set_postfix(loss=f'{np.mean(losses[-10:]):.3f}')
+    done = step + 1
+    if validation is not None and done >= pc.eval_from and done % pc.eval_every == 0:
+      acc = validation_accuracy(policy, params, validation, task, config.rl.max_new_tokens)
+      readings.append({'step': done, 'validation_greedy_accuracy': acc, 'loss': float(np.mean(losses[-10:]))})
+      bar.set_postfix(loss=f'{np.mean(losses[-10:]):.3f}', val_acc=f'{acc:.3f}')
+      if acc >= pc.stop_accuracy:
+        stopped_at = done
+        break
   bar.close()
+  steps = stopped_at or pc.steps
+  if validation is not None and stopped_at is None:
+    print(f'cfrl_jax: pretraining reached its cap config.pretrain.steps={pc.steps} before validation greedy '
+          f'accuracy {pc.stop_accuracy} (last reading '
+          f'{readings[-1]["validation_greedy_accuracy"] if readings else "none"}); the base lies outside its '
+          'stated band. Raise config.pretrain.steps or lower config.pretrain.stop_accuracy.', flush=True)
   hf.save_pretrained(cfg, params, out_dir)
-  return {'steps': pc.steps, 'examples': pc.steps * pc.batch_size, 'final_loss': float(np.mean(losses[-10:])),
-          'seconds': time.time() - t0, 'num_params': qwen.count_params(params), 'cache_key': cache_key(config)}
+  return {'steps': steps, 'examples': steps * pc.batch_size, 'final_loss': float(np.mean(losses[-10:])),
+          'seconds': time.time() - t0, 'num_params': qwen.count_params(params), 'cache_key': cache_key(config),
+          'stop_accuracy': pc.stop_accuracy, 'stopped_at': stopped_at, 'validation': readings}
+
+
+def validation_accuracy(policy, params, rows, task, max_new_tokens: int) -> float:
+  """Greedy accuracy of `params` on `rows` (the stop rule's reading: no sampling noise)."""
+  out = evaluate.evaluate(policy, params, rows, task, jax.random.PRNGKey(0), samples=0, temperature=1.0,
+                          max_new_tokens=max_new_tokens, batch_size=len(rows), greedy=True)
+  return out['greedy_accuracy']
