@@ -56,63 +56,6 @@ def pytest_unconfigure(config):
   if _OWN_JIT_CACHE:
     shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
-# Tests that take over ~15 s each on a 2-core machine without AVX-512 (pytest --durations there), in
-# files of other owners or as single cases of a cross-product parametrisation: marked slow here, so
-# that the default run stays within 10 minutes; .ci/run runs them with -m slow. A node id without
-# [parameters] stands for all of its parametrisations. Better moved into the files by their owners.
-SLOW_TESTS = frozenset({
-    'tests/test_checkpoint.py::test_trainer_resume_falls_back_to_the_previous_good_step',
-    'tests/test_grpo.py::test_one_sgd_step_on_a_tiny_qwen_moves_logprobs_with_the_advantage',
-    'tests/test_learner.py::test_stage_two_moves_both_and_keeps_head_state_at_switch',
-    'tests/test_ntk.py::test_logprob_kernel_gram_matrix_equals_brute_force[qwen3_tied-gram]',
-    'tests/test_ntk.py::test_logprob_cross_kernel_between_batches_in_chunks',
-    'tests/test_ntk.py::test_vmap_over_probe_sets_matches_python_loop',
-    'tests/test_ntk.py::test_logprob_kernel_vector_product_equals_brute_force',
-    'tests/test_probes.py::test_response_feature_cosine_and_offdiagonal_share_against_numpy',
-    'tests/test_sampling.py::test_bfloat16_sampling_matches_a_float32_recomputation[tiny_qwen3_dir-bfloat16-lengths0-xla]',
-    'tests/test_trainer.py::test_resumed_metrics_stream_is_one_history[step0_checkpoint]',
-    'tests/test_arms.py::test_headlr_arm_trains_the_backbone_from_step_one_with_cfgrpos_head_lrs',
-    'tests/test_arms.py::test_adaptive_arm_switches_when_the_head_share_falls_below_the_threshold',
-    'tests/test_echo_chamber.py::test_expert_iteration_round_covers_the_training_set',
-    'tests/test_echo_chamber.py::test_second_minibatch_is_off_policy_and_clipped',
-    'tests/test_echo_chamber.py::test_echo_chamber_reinforce_step_whitens_token_advantages',
-    'tests/test_ntk.py::test_feature_kernel_and_gradient_spectrum',
-    'tests/test_ntk.py::test_jit_and_eager_agree_on_two_entries',
-    'tests/test_ntk.py::test_kernel_vector_product_equals_brute_force',
-    'tests/test_ntk.py::test_logprob_jvp_equals_jvp_of_the_model',
-    'tests/test_ntk.py::test_brute_force_parts_add_up',
-    'tests/test_ntk.py::test_logprob_cross_kernel_between_batches_in_chunks[qwen3_tied-gram]',
-    'tests/test_ntk.py::test_first_order_prediction_error_shrinks_like_eta_squared',
-    'tests/test_ntk.py::test_vocab_trace_is_a_sum_over_the_vocabulary',
-    # cpu8_plan, their module fixture, compiles a whole CF-RL step for 8 devices.
-    'tests/test_plan.py::test_cpu8_plan_compiles_every_program_of_a_cfrl_step',
-    'tests/test_plan.py::test_stage_one_has_no_backbone_optimizer_state',
-    'tests/test_plan.py::test_learner_flops_match_a_hand_count',
-    'tests/test_plan.py::test_plan_exits_nonzero_naming_fields_when_it_does_not_fit',
-    'tests/test_probes.py::test_probe_set_with_every_format_and_per_format_changes',
-    'tests/test_probes.py::test_predicted_and_linearized_change_are_first_order',
-    'tests/test_probes.py::test_probe_metrics_against_numpy',
-    'tests/test_probes.py::test_training_probe_reports_floats_the_report_reads',
-    'tests/test_qwen.py::test_training_gradients_equal_torch_autograd',
-    'tests/test_readme_snippet.py::test_ntk_snippet_runs_on_a_tiny_checkpoint',
-    'tests/test_rollout.py::test_completion_stats_match_a_full_forward',
-    'tests/test_rollout.py::test_collect_pads_prompts_to_the_width_it_is_given',
-    # smoke_straight, their module fixture, runs the demo's smoke config.
-    'tests/test_trainer.py::test_smoke_config_rewards_vary_and_parameters_move',
-    'tests/test_trainer.py::test_resume_continues_exactly_on_the_smoke_config',
-    'tests/test_trainer.py::test_resume_continues_exactly',
-    'tests/test_trainer.py::test_reward_rises_on_a_learnable_task',
-    'tests/test_trainer.py::test_sft_and_lpft_fit_reference_solutions',
-})
-
-
-@pytest.hookimpl(tryfirst=True)   # before -m selects on the marks
-def pytest_collection_modifyitems(config, items):
-  for item in items:
-    if item.nodeid in SLOW_TESTS or item.nodeid.split('[', 1)[0] in SLOW_TESTS:
-      item.add_marker(pytest.mark.slow)
-
-
 TINY_VOCAB = 384
 TINY_TOKENIZER_VOCAB = 320
 EOS_TOKEN = '<|endoftext|>'

@@ -126,6 +126,7 @@ def moved(a, b):
              for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
+@pytest.mark.slow
 def test_headlr_arm_trains_the_backbone_from_step_one_with_cfgrpos_head_lrs(tiny_tokenizer_dir, tmp_path):
   cf, _, _ = trained(tiny_tokenizer_dir, tmp_path / 'cf', 'cfgrpo')
   hl, params, base = trained(tiny_tokenizer_dir, tmp_path / 'hl', 'grpo_headlr')
@@ -137,6 +138,7 @@ def test_headlr_arm_trains_the_backbone_from_step_one_with_cfgrpos_head_lrs(tiny
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('threshold, stages', [(0.999, [1, 2, 2]), (1e-9, [1, 1, 2])])
 def test_adaptive_arm_switches_when_the_head_share_falls_below_the_threshold(
     tiny_tokenizer_dir, tmp_path, threshold, stages):

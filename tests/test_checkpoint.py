@@ -193,6 +193,7 @@ def test_no_good_checkpoint_is_one_clear_error(tmp_path):
   ck.close()
 
 
+@pytest.mark.slow
 def test_trainer_resume_falls_back_to_the_previous_good_step(tiny_tokenizer_dir, tmp_path):
   c = toy_config(tiny_tokenizer_dir, str(tmp_path), steps=2)
   run(c)

@@ -42,6 +42,7 @@ def abs_sum(params):
   return float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree_util.tree_leaves(params)))
 
 
+@pytest.mark.slow
 def test_second_minibatch_is_off_policy_and_clipped(tiny_tokenizer_dir, tmp_path):
   """One rollout, two minibatch updates: the first moves the policy, so on the second the ratio is
   not 1 and the clip acts (clip fraction > 0, and the loss differs from the unclipped one)."""
@@ -72,6 +73,7 @@ def test_second_minibatch_is_off_policy_and_clipped(tiny_tokenizer_dir, tmp_path
   assert abs(float(loss) - float(loss_unclipped)) > 1e-4
 
 
+@pytest.mark.slow
 def test_echo_chamber_reinforce_step_whitens_token_advantages(tiny_tokenizer_dir, tmp_path):
   c = toy_config(tiny_tokenizer_dir, str(tmp_path), algorithm='reinforce', reinforce_style='echo_chamber',
                  baseline='group_mean', kl_coef=1e-3, kl_estimator='k1', minibatches=2)
@@ -90,6 +92,7 @@ def test_echo_chamber_reinforce_step_whitens_token_advantages(tiny_tokenizer_dir
   assert 'clip_fraction' in out and np.isfinite(out['loss'])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('from_base', [True, False])
 def test_expert_iteration_round_covers_the_training_set(tiny_tokenizer_dir, tmp_path, from_base):
   c = toy_config(tiny_tokenizer_dir, str(tmp_path), algorithm='expert_iteration', steps=2, prompts_per_step=4)

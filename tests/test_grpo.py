@@ -191,6 +191,7 @@ def test_jit_with_static_config_and_traced_kl_coef():
   assert float(m['entropy']) == pytest.approx(0.7)
 
 
+@pytest.mark.slow
 def test_one_sgd_step_on_a_tiny_qwen_moves_logprobs_with_the_advantage():
   # End to end through the model: positive advantage raises the sequence's log-prob,
   # negative lowers it.

@@ -58,6 +58,7 @@ def test_stage_one_freezes_backbone_bit_identically_and_moves_head(n):
   assert jax.tree_util.tree_leaves(backbone_state) == []
 
 
+@pytest.mark.slow
 def test_stage_two_moves_both_and_keeps_head_state_at_switch():
   cfg = tiny('untied')
   params = qwen.init_params(cfg, jax.random.PRNGKey(0))

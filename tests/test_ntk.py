@@ -210,6 +210,7 @@ def assert_parts(parts, expected, cfg):
     assert np.abs(np.asarray(parts.cross)).max() > 1e-6  # the tie does contribute
 
 
+@pytest.mark.slow
 def test_brute_force_parts_add_up():
   """The references themselves: explicit R + G + cross equals the tied model's own J J^T."""
   cfg, _ = make_model('qwen3_tied')
@@ -220,7 +221,7 @@ def test_brute_force_parts_add_up():
 
 # --- 1. scalar log-prob kernel ----------------------------------------------
 @pytest.mark.parametrize('model_name,method', [
-    ('qwen3_tied', 'gram'), ('qwen3_tied', 'jvp'), ('qwen2_untied', 'gram'),
+    pytest.param('qwen3_tied', 'gram', marks=pytest.mark.slow), ('qwen3_tied', 'jvp'), ('qwen2_untied', 'gram'),
     pytest.param('qwen2_untied', 'jvp', marks=pytest.mark.slow)])
 def test_logprob_kernel_gram_matrix_equals_brute_force(model_name, method):
   cfg, params = make_model(model_name)
@@ -234,6 +235,7 @@ def test_logprob_kernel_gram_matrix_equals_brute_force(model_name, method):
     assert eig.min() >= -TOL * np.abs(eig).max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', ['gram', 'jvp'])
 def test_logprob_cross_kernel_between_batches_in_chunks(name, method):
   cfg, params = make_model(name)
@@ -267,6 +269,7 @@ def random_u(shape, seed=3):
   return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float64)
 
 
+@pytest.mark.slow
 def test_kernel_vector_product_equals_brute_force(name):
   cfg, params = make_model(name)
   bf = brute(name)
@@ -281,6 +284,7 @@ def test_kernel_vector_product_equals_brute_force(name):
   assert_parts(parts, expected, cfg)
 
 
+@pytest.mark.slow
 def test_logprob_kernel_vector_product_equals_brute_force(name):
   cfg, params = make_model(name)
   bf = brute(name)
@@ -320,6 +324,7 @@ def test_token_block_equals_brute_force(name):
   assert_parts(parts, expected, cfg)
 
 
+@pytest.mark.slow
 def test_vocab_trace_is_a_sum_over_the_vocabulary(name):
   cfg, params = make_model(name)
   a, b = pairs()
@@ -329,6 +334,7 @@ def test_vocab_trace_is_a_sum_over_the_vocabulary(name):
 
 
 # --- 4. Theta_phi and spectra ------------------------------------------------
+@pytest.mark.slow
 def test_feature_kernel_and_gradient_spectrum(name):
   cfg, params = make_model(name)
   bf = brute(name)
@@ -351,6 +357,7 @@ def test_feature_kernel_and_gradient_spectrum(name):
 
 
 # --- first-order prediction of an SGD step -----------------------------------
+@pytest.mark.slow
 def test_first_order_prediction_error_shrinks_like_eta_squared(name):
   cfg, params = make_model(name)
   probe, batch = batch_a(), batch_b()
@@ -389,6 +396,7 @@ def random_delta(params, seed=9):
   return jax.tree_util.tree_unflatten(tree, [jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
 
 
+@pytest.mark.slow
 def test_logprob_jvp_equals_jvp_of_the_model(name):
   cfg, params = make_model(name)
   pts = batch_a()
@@ -412,6 +420,7 @@ def test_logprob_jvp_equals_jvp_of_the_model(name):
 
 
 # --- transformations ---------------------------------------------------------
+@pytest.mark.slow
 def test_jit_and_eager_agree_on_two_entries(name):
   """Eager (op-by-op) dispatch is slow, so the default suite checks two entries; `-m slow` all of them."""
   cfg, params = make_model(name)
@@ -433,6 +442,7 @@ def test_jit_and_eager_agree_for_the_kernel(name):
     assert_close(x, y)
 
 
+@pytest.mark.slow
 def test_vmap_over_probe_sets_matches_python_loop(name):
   cfg, params = make_model(name)
   a = batch_a()

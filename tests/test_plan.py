@@ -50,6 +50,7 @@ def cpu8_plan(tmp_path_factory):
   return res, out.read_text(), json.loads(out.with_suffix('.json').read_text())
 
 
+@pytest.mark.slow
 def test_cpu8_plan_compiles_every_program_of_a_cfrl_step(cpu8_plan):
   res, md, summary = cpu8_plan
   assert summary['devices'] == 8 and summary['mesh'] == {'data': 1, 'fsdp': 8, 'tensor': 1}
@@ -66,6 +67,7 @@ def test_cpu8_plan_compiles_every_program_of_a_cfrl_step(cpu8_plan):
   assert md in res.stdout
 
 
+@pytest.mark.slow
 def test_stage_one_has_no_backbone_optimizer_state(cpu8_plan):
   _, _, summary = cpu8_plan
   opt = summary['optimizer_state_bytes']
@@ -77,6 +79,7 @@ def test_stage_one_has_no_backbone_optimizer_state(cpu8_plan):
   assert opt['2']['backbone'] == pytest.approx(2 * 4 * backbone / 8, rel=0.05)
 
 
+@pytest.mark.slow
 def test_learner_flops_match_a_hand_count(cpu8_plan):
   _, _, summary = cpu8_plan
   by = {p['name']: p for p in summary['programs']}
@@ -98,6 +101,7 @@ def test_learner_flops_match_a_hand_count(cpu8_plan):
   assert by['learner update, CF-RL stage 2']['xla_cost_analysis_flops'] < by['learner update, CF-RL stage 2']['flops']
 
 
+@pytest.mark.slow
 def test_plan_exits_nonzero_naming_fields_when_it_does_not_fit(tmp_path, monkeypatch, capsys):
   n = len(jax.devices('cpu'))
   monkeypatch.setenv('XLA_FLAGS', os.environ.get('XLA_FLAGS', ''))   # plan.topology edits it

@@ -105,6 +105,7 @@ def test_build_probe_set_from_rows(tiny_tokenizer_dir):
     probes.build_probe_set(policy, [{'prompt': 'x'}], None)
 
 
+@pytest.mark.slow
 def test_probe_metrics_against_numpy(model):
   cfg, params = model
   probe = probes.make_probe_set(*probe_arrays(), positions=2)
@@ -155,6 +156,7 @@ def pg_setup(cfg, params):
   return batch_tokens, batch_mask, g, dz
 
 
+@pytest.mark.slow
 def test_predicted_and_linearized_change_are_first_order(model):
   cfg, params = model
   probe = probes.make_probe_set(*probe_arrays(), positions=2)
@@ -181,6 +183,7 @@ def test_predicted_and_linearized_change_are_first_order(model):
       assert 3.0 <= big / small <= 5.0, errors
 
 
+@pytest.mark.slow
 def test_training_probe_reports_floats_the_report_reads(model):
   cfg, params = model
   probe = probes.make_probe_set(*probe_arrays(), positions=2)
@@ -212,6 +215,7 @@ def test_offdiagonal_r_share_on_a_hand_built_kernel():
   assert 0 <= float(share) <= 1
 
 
+@pytest.mark.slow
 def test_response_feature_cosine_and_offdiagonal_share_against_numpy(model):
   cfg, params = model
   probe = probes.make_probe_set(*probe_arrays(), positions=2)
@@ -227,6 +231,7 @@ def test_response_feature_cosine_and_offdiagonal_share_against_numpy(model):
   np.testing.assert_allclose(m['phi_cosine_response'], (unit @ unit.T)[other].mean(), rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_probe_set_with_every_format_and_per_format_changes(tiny_tokenizer_dir, model):
   from cfrl_jax.policy import make_policy
   from cfrl_jax.tokenization import load_tokenizer

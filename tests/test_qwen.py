@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 from cfrl_jax.models import hf, qwen
@@ -94,6 +95,7 @@ def test_bfloat16_compute_stays_close_to_float32(tiny_qwen2_dir):
   assert 0 < err.max() < 0.25 * np.abs(np.asarray(z32)[real]).max()
 
 
+@pytest.mark.slow
 def test_training_gradients_equal_torch_autograd(tiny_checkpoint_dir, load_hf_model):
   """The gradient the learner follows (NLL of completion tokens through completion_stats, left padding)
   equals torch autograd through the transformers model, for every parameter."""

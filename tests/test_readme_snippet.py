@@ -3,9 +3,12 @@ against a tiny local checkpoint."""
 import os
 import pathlib
 
+import pytest
+
 SNIPPET = pathlib.Path(__file__).resolve().parent.parent / 'docs' / 'ntk_snippet.py'
 
 
+@pytest.mark.slow
 def test_ntk_snippet_runs_on_a_tiny_checkpoint(tiny_qwen2_dir, monkeypatch, capsys):
   monkeypatch.setenv('CHECKPOINT', os.fspath(tiny_qwen2_dir))
   namespace = {'__name__': '__snippet__'}

@@ -29,6 +29,7 @@ def test_logp_and_lse_values_and_gradients_match_autodiff():
   np.testing.assert_allclose(ga, gb, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_completion_stats_match_a_full_forward():
   cfg = qwen.QwenConfig(vocab_size=37, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
                         num_kv_heads=2, head_dim=4)
@@ -47,6 +48,7 @@ def test_completion_stats_match_a_full_forward():
   assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree_util.tree_leaves(g))
 
 
+@pytest.mark.slow
 def test_collect_pads_prompts_to_the_width_it_is_given(tiny_tokenizer_dir):
   """prompt_width (per-host loading's cross-process maximum) only adds left padding: same samples."""
   import transformers

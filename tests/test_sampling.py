@@ -155,12 +155,21 @@ def test_logprobs_equal_a_full_forward_recomputation(tiny_qwen3_dir, kw, lengths
 
 
 # --- bfloat16: the decode path's own layout (uint16 moves, float32 accumulation) ------------
-@pytest.mark.parametrize('attention', ['xla', 'kernel'])
-@pytest.mark.parametrize('fixture,param_dtype,lengths', [
-    ('tiny_qwen3_dir', 'bfloat16', [3, 6, 1]),
-    ('tiny_qwen2_tied_dir', 'float32', [3, 6, 1]),
+_BF16_CASES = [   # (fixture, param_dtype, lengths, the decode attentions whose case is slow)
+    ('tiny_qwen3_dir', 'bfloat16', [3, 6, 1], ('xla',)),
+    ('tiny_qwen2_tied_dir', 'float32', [3, 6, 1], ()),
     # Over WEIGHT_MAJOR_MAX_ROWS rows: row-major products and the fused attention over uint16 caches.
-    pytest.param('tiny_qwen3_dir', 'bfloat16', [3, 6, 1, 4, 2] * 8, marks=pytest.mark.slow)])
+    ('tiny_qwen3_dir', 'bfloat16', [3, 6, 1, 4, 2] * 8, ('xla', 'kernel')),
+]
+
+
+# One list (not two stacked parametrizations) so that a single (case, attention) pair can be slow.
+@pytest.mark.parametrize('fixture,param_dtype,lengths,attention', [
+    pytest.param(fixture, param_dtype, lengths, attention,
+                 id=f'{fixture}-{param_dtype}-lengths{i}-{attention}',
+                 marks=[pytest.mark.slow] if attention in slow else [])
+    for i, (fixture, param_dtype, lengths, slow) in enumerate(_BF16_CASES)
+    for attention in ('xla', 'kernel')])
 def test_bfloat16_sampling_matches_a_float32_recomputation(fixture, param_dtype, lengths, attention, request):
   """bf16 compute (bf16 or f32 storage, Qwen3 and a tied Qwen2), with either decode attention: the
   returned log-probs equal a float32 forward over the same (bf16-rounded) weights to bf16 accuracy."""

@@ -59,6 +59,7 @@ def without_timings(records):
   return [{k: v for k, v in r.items() if k != 'step_time'} for r in records]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('algorithm', ['grpo', 'rloo', 'reinforce', 'ppo'])
 def test_reward_rises_on_a_learnable_task(tiny_tokenizer_dir, tmp_path, algorithm):
   # PPO follows rl.aggregation since it became configurable; this toy task was tuned on its token mean.
@@ -103,6 +104,7 @@ def test_metrics_cover_the_trainer_contract(tiny_tokenizer_dir, tmp_path):
   assert os.path.exists(os.path.join(str(tmp_path), 'metrics.jsonl'))
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tiny_tokenizer_dir, tmp_path):
   """4 steps straight == 1 step + kill + resume for 3 more (crossing the CF-RL stage switch)."""
   def cfg(run_dir, steps, resume=False):
@@ -130,7 +132,8 @@ def test_resume_continues_exactly(tiny_tokenizer_dir, tmp_path):
   assert [drop(r) for r in ma] == [drop(r) for r in mb]
 
 
-@pytest.mark.parametrize('damage', ['step0_checkpoint', 'no_checkpoint', 'cut_last_line'])
+@pytest.mark.parametrize('damage', [pytest.param('step0_checkpoint', marks=pytest.mark.slow),
+                                    'no_checkpoint', 'cut_last_line'])
 def test_resumed_metrics_stream_is_one_history(tiny_tokenizer_dir, tmp_path, damage):
   """A run killed at three awkward points, resumed: metrics.jsonl equals the uninterrupted run's.
 
@@ -204,6 +207,7 @@ def smoke_straight(tmp_path_factory, smoke_pretrain_cache):
   return c
 
 
+@pytest.mark.slow
 def test_smoke_config_rewards_vary_and_parameters_move(smoke_straight):
   """The smoke run's RL updates are not no-ops: rewards differ within groups, and every step moves the weights."""
   run_dir = smoke_straight.run_dir
@@ -218,6 +222,7 @@ def test_smoke_config_rewards_vary_and_parameters_move(smoke_straight):
     assert any(not np.array_equal(x, y) for x, y in zip(before, after)), f'step {s + 1} changed nothing'
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_on_the_smoke_config(smoke_straight, tmp_path):
   """Smoke config: 3 steps straight == 1 step + resume for 2 more (across the CF-RL switch, with eval and probes)."""
   straight = smoke_straight.run_dir
@@ -263,6 +268,7 @@ def test_unknown_algorithm_is_an_error(tiny_tokenizer_dir, tmp_path):
     run(c)
 
 
+@pytest.mark.slow
 def test_sft_and_lpft_fit_reference_solutions(tiny_tokenizer_dir, tmp_path):
   """LP-FT = SFT with the CF-RL stages: the head alone first, then everything; the NLL falls."""
   task = toy_task()
