@@ -139,6 +139,22 @@ def test_damaged_file_is_an_error_naming_step_and_file(damage, tmp_path):
   np.testing.assert_array_equal(np.asarray(p1['head']['w']), np.asarray(params['head']['w']))
 
 
+def test_metadata_readers_verify_the_meta_item(tmp_path):
+  # read_meta / restore_model_config read the meta JSON without orbax; a changed file must not
+  # hand a wrong model config (e.g. a different layer count) to the analyses silently.
+  _saved(tmp_path, steps=(1, 2))
+  run_dir = str(tmp_path)
+  path = checkpoint._meta_path(run_dir, 2)
+  meta = json.load(open(path))
+  meta['model_config']['num_layers'] = 7
+  json.dump(meta, open(path, 'w'))
+  with pytest.raises(checkpoint.CheckpointError, match=rf'step 2 is damaged: {path} has'):
+    checkpoint.read_meta(run_dir, 2)
+  with pytest.raises(checkpoint.CheckpointError, match='step 2 is damaged'):
+    checkpoint.restore_model_config(run_dir)
+  assert checkpoint.restore_model_config(run_dir, 1).num_layers == 2   # the intact step still reads
+
+
 def test_without_checksums_a_flip_goes_unnoticed_so_legacy_steps_warn_once(tmp_path):
   """What the checksums guard against: orbax alone restores flipped bytes as other weights."""
   params, _ = _saved(tmp_path)

@@ -372,7 +372,13 @@ def _meta_path(run_dir: str, step: int) -> str:
 
 
 def read_meta(run_dir: str, step: int) -> dict:
-  """A checkpoint's JSON metadata (stage, stage_start, model_config, ...); {} when it has none."""
+  """A checkpoint's JSON metadata (stage, stage_start, model_config, ...); {} when it has none.
+
+  The meta item is checked against the step's checksums first (CheckpointError if it changed).
+  """
+  step_dir = os.path.join(checkpoint_dir(run_dir), str(step))
+  if os.path.exists(_meta_path(run_dir, step)):
+    _check(step_dir, step, items=('meta',))
   try:
     with open(_meta_path(run_dir, step)) as f:
       return json.load(f)
@@ -386,8 +392,11 @@ def restore_model_config(run_dir: str, step: int | None = None) -> qwen.QwenConf
   if not steps:
     raise FileNotFoundError(f'No checkpoints under {checkpoint_dir(run_dir)}.')
   step = steps[-1] if step is None else step
-  with open(_meta_path(run_dir, step)) as f:
-    meta = json.load(f)
+  meta = read_meta(run_dir, step)   # verified against the step's checksums
+  if 'model_config' not in meta:
+    raise CheckpointError(f'Checkpoint step {step} under {checkpoint_dir(run_dir)} records no model_config '
+                          f'in {_meta_path(run_dir, step)}; restore another step.', step,
+                          _meta_path(run_dir, step))
   return qwen.QwenConfig(**_tuple_fields(meta['model_config']))
 
 
