@@ -1,0 +1,720 @@
+"""Scale-out on JAX's own machinery: a device mesh, regex partition rules, sharded jit, multi-host start.
+
+Nothing here moves data by hand. Arrays carry `NamedSharding`s over one `jax.sharding.Mesh` spanning
+every device of every process; `jax.jit(in_shardings=..., out_shardings=...)` lets XLA's SPMD
+partitioner insert the collectives; `jax.distributed.initialize` starts the multi-controller runtime
+(one Python process per host, or per GPU) and every process runs the same program.
+
+Mesh axes (`config.mesh.shape`, -1 = the devices left over):
+
+    data    batch split, parameters replicated (pure data parallelism)
+    fsdp    batch split AND parameters / optimizer state split (ZeRO-3: XLA all-gathers each
+            weight when a layer needs it and reduce-scatters its gradient)
+    tensor  Megatron-style split of attention heads, MLP columns and the vocabulary
+
+Partition rules are an ordered list of (regex, spec): the regex is `re.search`ed in the '/'-joined
+path of a leaf ('backbone/layers/q_proj/kernel'), the first match wins, and spec has one entry per
+leading dimension: None (replicated), a mesh axis name, or a tuple of axis names (the dimension is
+split over their product). Missing trailing entries mean replicated. A dimension that its axes do
+not divide keeps the longest prefix of those axes that does (often none: replicated) and a warning
+says so; it is never an error. The stacked layer axis L of `backbone/layers/*` is scanned and is
+never sharded (a rule that tries is an error).
+
+Typical use (what the trainer does):
+
+    mesh = make_mesh((1, -1, 1))
+    specs = partition_specs(params, DEFAULT_RULES, mesh)
+    params = shard(params, mesh, specs)
+    opt_state, opt_specs = init_opt_state(tx, params, mesh, specs)
+    update = sharded_update(learner.make_update(cfg, loss_fn, tx, stage), mesh, specs, opt_specs)
+    result = update(params, opt_state, host_batch, lrs)     # host numpy batch is split over (data, fsdp)
+
+Multi-host: every process calls `initialize_distributed()` first (before anything touches a
+device), builds the same mesh and feeds the same host data (global mode) or its own rows
+(per-host mode: `process_block` says which rows, `shard_batch(..., process_local=True)` and
+`sample_sharded(..., process_local=True)` take them, `local_rows` and `gather_rows` bring results back).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')       # the leading (row) axis of batches and activations
+DEFAULT_MESH_SHAPE = (1, -1, 1)     # all devices on fsdp: ZeRO-3 data parallelism, the safe default
+
+# Qwen tree (cfrl_jax/models/qwen.py): kernels (L, in, out), embed / head (V, d).
+DEFAULT_RULES: tuple[tuple[str, tuple], ...] = (
+    # column-parallel: d over fsdp, output features (heads, MLP columns) over tensor
+    (r'layers/(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$', (None, 'fsdp', 'tensor')),
+    # row-parallel: input features over tensor, d over fsdp
+    (r'layers/(o_proj|down_proj)/kernel$', (None, 'tensor', 'fsdp')),
+    (r'layers/(q_proj|k_proj|v_proj)/bias$', (None, 'tensor')),
+    # vocabulary over tensor, d over fsdp (the embedding, an untied head, a tied head = the embedding)
+    (r'(^|/)embed$', ('tensor', 'fsdp')),
+    (r'(^|/)head/w$', ('tensor', 'fsdp')),
+    # norms, the o_proj bias, value heads, scalars: small, replicated
+    (r'.*', ()),
+)
+
+
+# --- the mesh ----------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh shape and extra partition rules, as in `config.mesh` (rules go before DEFAULT_RULES)."""
+  shape: tuple[int, ...] = DEFAULT_MESH_SHAPE
+  axes: tuple[str, ...] = AXES
+  rules: tuple[tuple[str, tuple], ...] = ()
+
+  @classmethod
+  def from_config(cls, mesh_config) -> 'MeshConfig':
+    """From the ml_collections `config.mesh` (shape, rules); lists from the command line become tuples."""
+    return cls(shape=tuple(int(s) for s in mesh_config.shape), rules=normalize_rules(mesh_config.rules))
+
+  def all_rules(self) -> tuple[tuple[str, tuple], ...]:
+    return tuple(self.rules) + DEFAULT_RULES
+
+  def make_mesh(self, devices: Sequence[Any] | None = None) -> Mesh:
+    return make_mesh(self.shape, self.axes, devices)
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Replaces one -1 by the devices left over; the product must equal num_devices."""
+  shape = tuple(int(s) for s in shape)
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f'mesh shape {shape}: use positive sizes and at most one -1 ("the rest").')
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if num_devices % known:
+      raise ValueError(f'mesh shape {shape}: the fixed axes ({known} devices) do not divide the '
+                       f'{num_devices} devices; pick sizes whose product divides {num_devices}.')
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != num_devices:
+    raise ValueError(f'mesh shape {shape} has {math.prod(shape)} devices but {num_devices} are present; '
+                     f'make the product {num_devices} or put -1 on one axis (e.g. (1, -1, 1)).')
+  return shape
+
+
+def make_mesh(shape: Sequence[int] = DEFAULT_MESH_SHAPE, axes: Sequence[str] = AXES,
+              devices: Sequence[Any] | None = None) -> Mesh:
+  """A Mesh over `devices` (default: all devices of all processes) with Auto (GSPMD) axes.
+
+  The device order comes from jax.make_mesh (mesh_utils), which follows the physical TPU torus
+  and the GPU numbering. Multi-slice TPU (devices with several slice_index values) gets a hybrid
+  mesh with the data axis across slices (DCN) and everything else inside a slice (ICI).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  axes = tuple(axes)
+  if len(axes) != len(tuple(shape)):
+    raise ValueError(f'mesh shape {tuple(shape)} has {len(tuple(shape))} axes but axes={axes}.')
+  if len(set(axes)) != len(axes):
+    raise ValueError(f'mesh axes {axes} repeat a name.')
+  shape = resolve_mesh_shape(shape, len(devices))
+  auto = (AxisType.Auto,) * len(axes)
+  slices = sorted({getattr(d, 'slice_index', 0) for d in devices})
+  if len(slices) > 1:
+    from jax.experimental import mesh_utils
+    n, lead = len(slices), axes.index('data') if 'data' in axes else 0
+    if shape[lead] % n:
+      raise ValueError(f'{n} TPU slices: the {axes[lead]!r} axis ({shape[lead]}) must be a multiple of '
+                       f'the slice count so that only it crosses slices.')
+    ici = tuple(s // n if i == lead else s for i, s in enumerate(shape))
+    dcn = tuple(n if i == lead else 1 for i in range(len(shape)))
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    return Mesh(grid, axes, axis_types=auto)
+  return jax.make_mesh(shape, axes, axis_types=auto, devices=devices)
+
+
+def axis_sizes(mesh) -> dict[str, int]:
+  """{axis name: size} of a Mesh or AbstractMesh."""
+  return dict(mesh.shape)
+
+
+def batch_shards(mesh) -> int:
+  """How many ways the batch (row) axis is split: data * fsdp."""
+  sizes = axis_sizes(mesh)
+  return math.prod(sizes.get(a, 1) for a in BATCH_AXES)
+
+
+# --- partition rules ---------------------------------------------------------
+def normalize_rules(rules: Iterable) -> tuple[tuple[str, tuple], ...]:
+  """((regex, spec), ...) with spec entries None | str | tuple of str (lists, e.g. from a CLI, accepted)."""
+  out = []
+  for rule in rules:
+    if len(rule) != 2:
+      raise ValueError(f'partition rule {rule!r}: expected (regex, spec), e.g. '
+                       "('layers/q_proj/kernel$', (None, 'fsdp', 'tensor')).")
+    regex, spec = rule
+    try:
+      re.compile(regex)
+    except re.error as e:
+      raise ValueError(f'partition rule regex {regex!r} does not compile: {e}.') from None
+    entries = []
+    for entry in (spec or ()):
+      if entry is None or isinstance(entry, str):
+        entries.append(entry)
+      elif isinstance(entry, (list, tuple)) and all(isinstance(a, str) for a in entry):
+        entries.append(tuple(entry))
+      else:
+        raise ValueError(f'partition rule {regex!r}: spec entry {entry!r} must be None, an axis name '
+                         'or a tuple of axis names.')
+    out.append((regex, tuple(entries)))
+  return tuple(out)
+
+
+def path_str(path) -> str:
+  """'backbone/layers/q_proj/kernel' for a jax key path."""
+  return jax.tree_util.keystr(tuple(path), simple=True, separator='/')
+
+
+def _axes_of(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _fit_entry(entry, dim: int, sizes: Mapping[str, int]):
+  """The longest prefix of the entry's axes whose product divides dim (None when empty)."""
+  axes = _axes_of(entry)
+  keep = len(axes)
+  while keep and dim % math.prod(sizes[a] for a in axes[:keep]):
+    keep -= 1
+  kept = axes[:keep]
+  fitted = None if not kept else kept[0] if len(kept) == 1 and isinstance(entry, str) else kept
+  return fitted, kept != axes
+
+
+def spec_for(path: str, shape: Sequence[int], rules, mesh) -> PartitionSpec:
+  """The PartitionSpec of one leaf: the first matching rule, fitted to divisibility."""
+  sizes = axis_sizes(mesh)
+  for regex, spec in rules:
+    if re.search(regex, path):
+      break
+  else:
+    raise ValueError(f'no partition rule matches {path!r}; end the rules with a catch-all (r".*", ()).')
+  spec = tuple(spec)
+  if len(spec) > len(shape):
+    raise ValueError(f'rule {regex!r} gives {len(spec)} dims {spec} for {path!r} of shape {tuple(shape)}.')
+  used = [a for entry in spec for a in _axes_of(entry)]
+  unknown = sorted(set(used) - set(sizes))
+  if unknown:
+    raise ValueError(f'rule {regex!r} for {path!r} names mesh axes {unknown}; the mesh has {tuple(sizes)}.')
+  if len(used) != len(set(used)):
+    raise ValueError(f'rule {regex!r} for {path!r} uses a mesh axis twice: {spec}.')
+  if re.search(r'(^|/)layers/', path) and spec and spec[0] is not None:
+    raise ValueError(f'rule {regex!r} shards the stacked layer axis of {path!r}; that axis is scanned '
+                     'layer by layer and must stay None.')
+  fitted = []
+  for i, entry in enumerate(spec):
+    new, dropped = _fit_entry(entry, shape[i], sizes)
+    if dropped:
+      log.warning('partition: %s dim %d (size %d) is not divisible by mesh axes %s; using %s for it.',
+                  path, i, shape[i], _axes_of(entry), _axes_of(new) or 'replication')
+    fitted.append(new)
+  while fitted and fitted[-1] is None:
+    fitted.pop()
+  return PartitionSpec(*fitted)
+
+
+def partition_specs(params, rules=DEFAULT_RULES, mesh=None):
+  """Tree of PartitionSpec mirroring `params` (arrays or ShapeDtypeStructs). mesh: Mesh or AbstractMesh."""
+  if mesh is None:
+    raise ValueError('partition_specs needs the mesh (its axis sizes decide divisibility).')
+  rules = normalize_rules(rules)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: spec_for(path_str(path), np.shape(x), rules, mesh), params)
+
+
+def drop_axes(specs, axes: Iterable[str]):
+  """Specs with the given mesh axes removed (those dimensions replicated over them).
+
+  E.g. drop_axes(specs, ('fsdp',)) for decoding: FSDP re-gathers every weight at every generated
+  token, so when the weights fit, sampling with fsdp-replicated weights (resharded once per RL
+  step with `shard`) trades memory for far less communication.
+  """
+  axes = set(axes)
+
+  def one(spec):
+    entries = []
+    for entry in spec:
+      kept = tuple(a for a in _axes_of(entry) if a not in axes)
+      entries.append(None if not kept else kept[0] if isinstance(entry, str) else kept)
+    return PartitionSpec(*entries)
+
+  return jax.tree.map(one, specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
+
+
+def named_shardings(mesh: Mesh, specs):
+  """PartitionSpec tree -> NamedSharding tree (a single spec gives a single sharding)."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda s: isinstance(s, PartitionSpec))
+
+
+def _put(x, sharding: NamedSharding):
+  """x placed with `sharding`; host data on a multi-process mesh: every process passes the same value."""
+  if getattr(x, 'sharding', None) == sharding:
+    return x
+  if sharding.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+    return jax.device_put(x, sharding)
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def shard(tree, mesh: Mesh, specs):
+  """device_put of every leaf with NamedSharding(mesh, spec); specs is a tree or a prefix of it."""
+  shardings = named_shardings(mesh, specs)
+  return jax.tree.map(lambda s, sub: jax.tree.map(lambda x: _put(x, s), sub), shardings, tree)
+
+
+def abstract_sharded(tree, mesh: Mesh, specs):
+  """ShapeDtypeStructs carrying the NamedShardings: restore targets (Checkpointer) and eval_shape inputs."""
+  shardings = named_shardings(mesh, specs)
+  return jax.tree.map(
+      lambda s, sub: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), sub),
+      shardings, tree)
+
+
+def opt_state_specs(opt_state, params, param_specs):
+  """Specs of an optax state: a leaf whose key path ends with a parameter's path and has its shape
+  (mu/nu of Adam, under any chain / multi_transform / inject_hyperparams nesting) takes that
+  parameter's spec; everything else (counts, hyperparameters) is replicated."""
+  by_path = {}
+  for (path, x), spec in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                             jax.tree_util.tree_leaves(param_specs, is_leaf=lambda s: isinstance(s, PartitionSpec))):
+    by_path[_keys(path)] = (np.shape(x), spec)
+
+  def spec_of(path, leaf):
+    keys = _keys(path)
+    for k in range(len(keys)):
+      hit = by_path.get(keys[k:])
+      if hit is not None and hit[0] == np.shape(leaf):
+        return hit[1]
+    return PartitionSpec()
+
+  return jax.tree_util.tree_map_with_path(spec_of, opt_state)
+
+
+def _keys(path) -> tuple[str, ...]:
+  return tuple(path_str((k,)) for k in path)
+
+
+def init_opt_state(tx, params, mesh: Mesh, param_specs):
+  """(opt_state, opt_specs): tx.init run under jit so the state is born sharded (never whole on one device)."""
+  abstract = jax.eval_shape(tx.init, params)
+  specs = opt_state_specs(abstract, params, param_specs)
+  init = jax.jit(tx.init, in_shardings=(named_shardings(mesh, param_specs),),
+                 out_shardings=named_shardings(mesh, specs))
+  with jax.sharding.set_mesh(mesh):
+    return init(shard(params, mesh, param_specs)), specs
+
+
+# --- batches and hosts ---------------------------------------------------------
+def batch_spec(mesh, rows: int | None = None) -> PartitionSpec:
+  """P(('data', 'fsdp')) for the leading axis; with `rows`, fitted to divisibility (warns when it drops axes)."""
+  axes = tuple(a for a in BATCH_AXES if a in axis_sizes(mesh))
+  if rows is None:
+    return PartitionSpec(axes)
+  entry, dropped = _fit_entry(axes, rows, axis_sizes(mesh))
+  if dropped:
+    log.warning('batch of %d rows is not divisible by the %d batch shards %s; splitting over %s.',
+                rows, batch_shards(mesh), axes, _axes_of(entry) or 'nothing (replicated)')
+  return PartitionSpec(entry)
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh, *, process_local: bool = False) -> dict:
+  """Arrays with their leading (row) axis split over ('data', 'fsdp'); scalars replicated; None dropped.
+
+  Global mode (default): every process passes the same full batch (B, ...). process_local: each
+  process passes only its own rows, B / process_count of them, the block process_block(B, mesh)
+  of the global batch (the split is batch_spec(mesh, B), which must put each process's devices on
+  one such block; process_block says how to fix a mesh or batch size where it does not).
+  """
+  out = {}
+  for name, x in batch.items():
+    if x is None:
+      continue
+    if np.ndim(x) == 0:
+      out[name] = _put(x, NamedSharding(mesh, PartitionSpec()))
+      continue
+    if process_local:
+      x = np.asarray(x)
+      rows = x.shape[0] * jax.process_count()
+      process_block(rows, mesh)   # raises unless this process's devices hold exactly these rows
+      sharding = NamedSharding(mesh, batch_spec(mesh, rows))
+      out[name] = jax.make_array_from_process_local_data(sharding, x, (rows,) + x.shape[1:])
+    else:
+      out[name] = _put(x, NamedSharding(mesh, batch_spec(mesh, np.shape(x)[0])))
+  return out
+
+
+def host_rows(global_rows: int, mesh: Mesh) -> slice:
+  """The rows of a (global_rows, ...) batch whose shards live on this process's devices.
+
+  For meshes from make_mesh this is process_index * B / P .. (process_index + 1) * B / P, or all rows
+  when the batch axis does not cross processes.
+  """
+  sharding = NamedSharding(mesh, batch_spec(mesh, global_rows))
+  starts_stops = sorted({(i[0].start or 0, global_rows if i[0].stop is None else i[0].stop)
+                         for i in sharding.addressable_devices_indices_map((global_rows,)).values()})
+  start, stop = starts_stops[0][0], starts_stops[-1][1]
+  covered = sum(b - a for a, b in starts_stops)
+  if covered != stop - start:
+    raise ValueError(f'this process owns non-contiguous rows {starts_stops} of the batch; build the mesh '
+                     'with make_mesh so that processes own contiguous blocks.')
+  return slice(start, stop)
+
+
+def process_block(global_rows: int, mesh: Mesh) -> slice:
+  """The rows of a (global_rows, ...) batch this process loads in per-host mode: host_rows, checked
+  to be exactly a 1 / process_count share (so every process loads a disjoint, equal block).
+
+  Raises ValueError when the batch split batch_spec(mesh, global_rows) does not cross processes
+  that way (e.g. a batch axis of 1 with tensor parallelism across hosts, or too few rows for the
+  batch shards): per-host loading then cannot work and the message says what to change.
+  """
+  n = jax.process_count()
+  if global_rows % n:
+    raise ValueError(f'{global_rows} batch rows do not split evenly over {n} processes; make the batch a '
+                     f'multiple of {n} or use config.mesh.data_loading="global".')
+  rows = host_rows(global_rows, mesh)
+  if rows.stop - rows.start != global_rows // n:
+    raise ValueError(
+        f'per-host data loading needs each of the {n} processes to hold 1/{n} of the batch, but with mesh '
+        f'{dict(axis_sizes(mesh))} and {global_rows} rows split as {batch_spec(mesh, global_rows)} this process '
+        f'holds rows {rows.start}..{rows.stop}. Put the batch axes (data, fsdp) across the processes and make '
+        f'the rows a multiple of data*fsdp={batch_shards(mesh)}, or set config.mesh.data_loading="global".')
+  return rows
+
+
+def local_rows(x) -> np.ndarray:
+  """This process's rows of an array whose leading axis is split over processes, as one numpy block
+  (the inverse of shard_batch(..., process_local=True)); the whole array when it is addressable here."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  blocks = {}
+  for s in x.addressable_shards:   # replicas (e.g. over the tensor axis) share an index: keep one
+    rows = s.index[0] if s.index else slice(None)
+    start, stop = rows.start or 0, x.shape[0] if rows.stop is None else rows.stop
+    if (start, stop) not in blocks:
+      blocks[(start, stop)] = np.asarray(s.data)
+  spans = sorted(blocks)
+  if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+    raise ValueError(f'this process holds non-contiguous rows {spans}; build the mesh with make_mesh so that '
+                     'processes own contiguous blocks.')
+  return np.concatenate([blocks[k] for k in spans], axis=0)
+
+
+def gather_rows(tree, mesh: Mesh):
+  """Every process's rows, in global row order, on every process: a tree of process-local (b, ...)
+  numpy arrays -> (b * process_count, ...) numpy arrays (placed with shard_batch(process_local=True),
+  so the order is the batch's, then all-gathered)."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  placed = shard_batch({str(i): x for i, x in enumerate(leaves)}, mesh, process_local=True)
+  return jax.tree_util.tree_unflatten(treedef, [to_host(placed[str(i)]) for i in range(len(leaves))])
+
+
+def process_max(n: int) -> int:
+  """The largest of an integer over all processes (every process must call it); n itself for one."""
+  if jax.process_count() == 1:
+    return int(n)
+  from jax.experimental import multihost_utils
+  return int(np.max(multihost_utils.process_allgather(np.int32(n))))
+
+
+def to_host(tree):
+  """numpy copies of every leaf; arrays spread over several processes are all-gathered first."""
+  from jax.experimental import multihost_utils
+
+  def one(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return np.asarray(x)
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  return jax.tree.map(one, tree)
+
+
+# --- sharded jit ------------------------------------------------------------------
+def jit_sharded(fn: Callable, mesh: Mesh, in_specs: Sequence, out_specs, *, donate_argnums=(),
+                static_argnames=()) -> Callable:
+  """jax.jit(fn) with NamedShardings from spec trees (one per positional argument; a prefix, e.g. a
+  single P() for a whole dict, is fine; None = keep the argument's own sharding).
+
+  The returned callable places host / wrongly placed inputs first (so numpy batches and Python
+  scalars work on multi-host meshes too) and traces under `jax.sharding.set_mesh(mesh)`, so
+  `constrain` calls inside fn see the mesh.
+  """
+  in_shardings = tuple(None if s is None else named_shardings(mesh, s) for s in in_specs)
+  jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=named_shardings(mesh, out_specs),
+                   donate_argnums=donate_argnums, static_argnames=static_argnames)
+
+  def call(*args, **kwargs):
+    if len(args) != len(in_shardings):
+      raise TypeError(f'{getattr(fn, "__name__", fn)} was sharded for {len(in_shardings)} positional '
+                      f'arguments, got {len(args)}.')
+    placed = []
+    for arg, sharding in zip(args, in_shardings):
+      if sharding is None:
+        placed.append(arg)
+      else:
+        placed.append(jax.tree.map(lambda s, sub: jax.tree.map(lambda x: _put(x, s), sub), sharding, arg))
+    with jax.sharding.set_mesh(mesh):
+      return jitted(*placed, **kwargs)
+
+  call.jitted = jitted
+  call.mesh = mesh
+  return call
+
+
+def sharded_update(update_fn: Callable, mesh: Mesh, param_specs, opt_specs, batch_specs=None) -> Callable:
+  """The learner step (params, opt_state, batch, lrs) -> learner.UpdateResult, jitted with shardings.
+
+  update_fn: learner.make_update(...) (a jax.jit of the plain step; its __wrapped__ step is
+  re-jitted here) or any plain step function with that signature. Params and optimizer state keep
+  their specs in and out (donated); the batch is split over ('data', 'fsdp') (batch_specs None:
+  placed by shard_batch on every call, so any row count works; or a spec tree / prefix such as
+  P(BATCH_AXES)); lrs and all outputs but the new state are replicated.
+  """
+  from cfrl_jax.train import learner
+  step = getattr(update_fn, '__wrapped__', update_fn)
+  rep = PartitionSpec()
+  out_specs = learner.UpdateResult(params=param_specs, opt_state=opt_specs, loss=rep, finite=rep, metrics=rep)
+  jitted = jit_sharded(step, mesh, (param_specs, opt_specs, batch_specs, rep), out_specs, donate_argnums=(0, 1))
+
+  def call(params, opt_state, batch, lrs):
+    if batch_specs is None:
+      batch = shard_batch(batch, mesh)
+    return jitted(params, opt_state, batch, lrs)
+
+  call.jitted = jitted.jitted
+  call.mesh = mesh
+  return call
+
+
+def sample_sharded(cfg, params, prompt_tokens, prompt_mask, key, *, mesh: Mesh, max_new_tokens: int,
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+                   stop_token_ids: Iterable[int] = (), pad_id: int = 0, process_local: bool = False,
+                   decode_segments: int | None = None, attention: str | None = None):
+  """sampling.sample with the prompt batch split over ('data', 'fsdp') and params as sharded.
+
+  Same arguments and result as sampling.sample (host numpy arrays, gathered on every process);
+  params should already be placed with `shard`. The batch bucket is rounded up to a multiple of the
+  batch shards so the rows split evenly. (Until sampling.sample takes a mesh itself: see the
+  integration note in the module's report.)
+
+  process_local: each process passes only its own prompts (b, P), the block process_block(b *
+  process_count, mesh) of the global batch, with the same (b, P) on every process, and gets back
+  its own rows (b, N). The rows are not bucketed, so every row sits at its global index and draws
+  the random numbers it would draw in a single-process run (sampling.draw folds in the row index).
+  """
+  from cfrl_jax import sampling
+  tokens, mask = sampling.check_prompts(cfg, prompt_tokens, prompt_mask)
+  sampling.check_decoding(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          greedy=greedy, decode_segments=decode_segments)
+  B, P = tokens.shape
+  unroll = sampling.unroll_layers_default()
+  attention = sampling.resolve_attention(cfg, attention, unroll)
+  if process_local and jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    shapes = multihost_utils.process_allgather(np.asarray([B, P], np.int32))
+    if np.any(shapes != shapes[:1]):
+      raise ValueError(f'process-local prompt batches must have one shape on every process; got (rows, width) '
+                       f'{shapes.tolist()} by process. Pad the prompts to the widest (rollout.collect\'s '
+                       'prompt_width does) and give every process the same number of prompts.')
+    Bp = B
+  else:
+    process_local = False
+    Bp = sampling.batch_bucket(cfg, B, unroll, batch_shards(mesh))
+  Pp = sampling.bucket_size(P, sampling.LENGTH_BUCKET_STEP, sampling.MIN_LENGTH_BUCKET)
+  tokens, mask, live = sampling.pad_prompts(tokens, mask, Bp, Pp, pad_id)
+  rows = shard_batch({'tokens': tokens, 'mask': mask, 'live': live}, mesh, process_local=process_local)
+  rep = lambda x: _put(x, NamedSharding(mesh, PartitionSpec()))
+  greedy, top_k, use_top_p = sampling.decoding_statics(cfg, greedy, top_k, top_p)
+  stops = sampling.stop_id_array(stop_token_ids)
+  with jax.sharding.set_mesh(mesh):
+    out = sampling._sample_padded(  # pylint: disable=protected-access
+        sampling.sampler_model(cfg, params, unroll), rows['tokens'], rows['mask'], rows['live'], rep(key),
+        rep(np.float32(1.0 if greedy else temperature)), rep(np.float32(top_p)), rep(stops),
+        rep(np.int32(pad_id)), cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=top_k,
+        use_top_p=use_top_p, unroll_layers=unroll,
+        segments=None if decode_segments is None else int(decode_segments), attention=attention)
+  if process_local:   # rows split as the prompts were (the partitioner may have chosen otherwise)
+    out = jax.device_put(tuple(out), NamedSharding(mesh, batch_spec(mesh, Bp)))
+    return sampling.SampleOutput(*(local_rows(x) for x in out))
+  return sampling.SampleOutput(*(x[:B] for x in to_host(tuple(out))))
+
+
+def constrain(x, *spec):
+  """with_sharding_constraint(x, P(*spec)) against the mesh of the enclosing `jax.sharding.set_mesh`
+  (jit_sharded / sharded_update set it); a no-op without one, for axes the mesh lacks, and for
+  dimensions the axes do not divide. For model code, e.g. constrain(h, BATCH_AXES, None, None)
+  on (B, T, d) activations."""
+  if len(spec) > x.ndim:
+    raise ValueError(f'constrain: spec {spec} has more entries than x has dimensions {x.shape}.')
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  sizes = axis_sizes(mesh)
+  entries = []
+  for i, entry in enumerate(spec):
+    axes = tuple(a for a in _axes_of(entry) if a in sizes)
+    entries.append(_fit_entry(axes, x.shape[i], sizes)[0] if axes else None)
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(*entries))
+
+
+def constrain_batch(x):
+  """Leading axis over ('data', 'fsdp'), the rest replicated: activations (B, T, d), logits (B, T, V)."""
+  return constrain(x, BATCH_AXES, *([None] * (x.ndim - 1)))
+
+
+# --- processes ----------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LaunchSpec:
+  """Arguments for jax.distributed.initialize; None fields are left to JAX's cluster detection."""
+  coordinator: str | None
+  num_processes: int | None
+  process_id: int | None
+  local_device_ids: tuple[int, ...] | None
+  source: str                # where they came from, for the log
+  detect: bool = False       # True: let JAX detect the cluster (Cloud TPU pods, ...)
+
+
+ENV_COORDINATOR = 'CFRL_COORDINATOR'          # host:port of process 0
+ENV_NUM_PROCESSES = 'CFRL_NUM_PROCESSES'
+ENV_PROCESS_ID = 'CFRL_PROCESS_ID'
+ENV_LOCAL_DEVICE_IDS = 'CFRL_LOCAL_DEVICE_IDS'  # e.g. '0' (one GPU per process) or '0,1,2,3'
+ENV_DISTRIBUTED = 'CFRL_DISTRIBUTED'          # 'auto' (JAX detects: TPU pods, ...) | 'off'
+ENV_COORDINATOR_PORT = 'CFRL_COORDINATOR_PORT'  # SLURM without CFRL_COORDINATOR: port on the first node
+
+
+def first_slurm_host(nodelist: str) -> str:
+  """The first hostname of a SLURM node list: 'gpu[003-007,010],cpu1' -> 'gpu003'."""
+  m = re.match(r'([^,\[]+)(\[([^\]]+)\])?', nodelist.strip())
+  if not m:
+    raise ValueError(f'cannot parse SLURM node list {nodelist!r}; set {ENV_COORDINATOR}=host:port.')
+  prefix, ranges = m.group(1), m.group(3)
+  return prefix if ranges is None else prefix + re.split(r'[,-]', ranges)[0]
+
+
+def _int_env(env, name) -> int:
+  try:
+    return int(env[name])
+  except ValueError:
+    raise ValueError(f'{name}={env[name]!r} is not an integer.') from None
+
+
+def launch_spec(env: Mapping[str, str] | None = None, *, coordinator: str | None = None,
+                num_processes: int | None = None, process_id: int | None = None) -> LaunchSpec | None:
+  """How this process joins a multi-process run, or None for a single process.
+
+  Priority: explicit arguments, then CFRL_COORDINATOR / CFRL_NUM_PROCESSES / CFRL_PROCESS_ID
+  (+ CFRL_LOCAL_DEVICE_IDS), then CFRL_DISTRIBUTED=auto (JAX's own detection: Cloud TPU pods,
+  Open MPI, Kubernetes, SLURM), then a SLURM job step of several tasks (srun), then a GKE TPU pod
+  (TPU_WORKER_HOSTNAMES with several hosts). CFRL_DISTRIBUTED=off forces a single process.
+  """
+  env = os.environ if env is None else env
+  local = env.get(ENV_LOCAL_DEVICE_IDS)
+  local_ids = tuple(int(i) for i in local.split(',') if i.strip()) if local else None
+  explicit = {'coordinator': coordinator if coordinator is not None else env.get(ENV_COORDINATOR),
+              'num_processes': num_processes if num_processes is not None else (
+                  _int_env(env, ENV_NUM_PROCESSES) if ENV_NUM_PROCESSES in env else None),
+              'process_id': process_id if process_id is not None else (
+                  _int_env(env, ENV_PROCESS_ID) if ENV_PROCESS_ID in env else None)}
+  mode = env.get(ENV_DISTRIBUTED, '').strip().lower()
+  if mode not in ('', 'auto', 'off'):
+    raise ValueError(f"{ENV_DISTRIBUTED}={env[ENV_DISTRIBUTED]!r}; expected 'auto', 'off' or unset.")
+  if mode == 'off':
+    return None
+  given = {k: v for k, v in explicit.items() if v is not None}
+  slurm = 'SLURM_STEP_NODELIST' in env and 'SLURM_PROCID' in env and int(
+      env.get('SLURM_STEP_NUM_TASKS', env.get('SLURM_NTASKS', '1'))) > 1
+  if given and len(given) < 3 and not slurm:
+    missing = sorted(set(explicit) - set(given))
+    raise ValueError(f'multi-process launch is missing {missing}: give coordinator (host:port), '
+                     f'num_processes and process_id (or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}).')
+  if len(given) == 3:
+    _check_launch(explicit['coordinator'], explicit['num_processes'], explicit['process_id'])
+    return LaunchSpec(explicit['coordinator'], explicit['num_processes'], explicit['process_id'], local_ids,
+                      'arguments / CFRL_* environment')
+  if mode == 'auto':
+    return LaunchSpec(None, None, None, local_ids, 'JAX cluster detection', detect=True)
+  if slurm:
+    n = explicit['num_processes'] or int(env.get('SLURM_STEP_NUM_TASKS', env.get('SLURM_NTASKS')))
+    pid = explicit['process_id'] if explicit['process_id'] is not None else _int_env(env, 'SLURM_PROCID')
+    coord = explicit['coordinator']
+    if coord is None:
+      port = env.get(ENV_COORDINATOR_PORT) or str(61000 + _int_env(env, 'SLURM_JOB_ID') % 4000)
+      coord = f"{first_slurm_host(env['SLURM_STEP_NODELIST'])}:{port}"
+    if local_ids is None and _tasks_on_this_node(env) > 1:
+      local_ids = (_int_env(env, 'SLURM_LOCALID'),)   # one process per GPU
+    _check_launch(coord, n, pid)
+    return LaunchSpec(coord, n, pid, local_ids, 'SLURM')
+  hosts = env.get('TPU_WORKER_HOSTNAMES', '')
+  if len([h for h in hosts.split(',') if h.strip()]) > 1 or env.get('MEGASCALE_COORDINATOR_ADDRESS'):
+    return LaunchSpec(None, None, None, None, 'Cloud TPU environment', detect=True)
+  return None
+
+
+def _tasks_on_this_node(env) -> int:
+  """SLURM tasks on this node, from SLURM_TASKS_PER_NODE ('8(x2)' or '8,4') and SLURM_NODEID."""
+  spec = env.get('SLURM_STEP_TASKS_PER_NODE') or env.get('SLURM_TASKS_PER_NODE')
+  if not spec:
+    return 1
+  counts = []
+  for part in spec.split(','):
+    m = re.fullmatch(r'(\d+)(\(x(\d+)\))?', part.strip())
+    if not m:
+      return 1
+    counts += [int(m.group(1))] * int(m.group(3) or 1)
+  node = int(env.get('SLURM_NODEID', 0))
+  return counts[node] if node < len(counts) else counts[-1]
+
+
+def _check_launch(coordinator, num_processes, process_id):
+  if not re.fullmatch(r'.+:\d+', str(coordinator)):
+    raise ValueError(f'coordinator {coordinator!r} must be host:port, e.g. 10.0.0.1:12345.')
+  if not (isinstance(num_processes, int) and num_processes >= 1):
+    raise ValueError(f'num_processes={num_processes!r} must be a positive int.')
+  if not (isinstance(process_id, int) and 0 <= process_id < num_processes):
+    raise ValueError(f'process_id={process_id!r} must lie in [0, num_processes={num_processes}).')
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, env: Mapping[str, str] | None = None,
+                           initialization_timeout: int = 300) -> bool:
+  """jax.distributed.initialize from the launch environment; True when this is a multi-process run.
+
+  A no-op (False) for a single process without launch variables. Must run before anything touches a
+  device (jax.devices(), an array, a jit call); main.py calls it first. Idempotent.
+  """
+  spec = launch_spec(env, coordinator=coordinator, num_processes=num_processes, process_id=process_id)
+  if spec is None:
+    return False
+  if jax.distributed.is_initialized():
+    return True
+  kw = dict(coordinator_address=spec.coordinator, num_processes=spec.num_processes, process_id=spec.process_id,
+            local_device_ids=list(spec.local_device_ids) if spec.local_device_ids is not None else None,
+            initialization_timeout=initialization_timeout)
+  if not spec.detect:
+    kw['cluster_detection_method'] = 'deactivate'   # ours are complete; JAX's SLURM guess would pin one GPU
+  log.info('jax.distributed.initialize via %s: %s', spec.source, {k: v for k, v in kw.items() if v is not None})
+  jax.distributed.initialize(**kw)
+  log.info('process %d of %d, %d local / %d global devices', jax.process_index(), jax.process_count(),
+           jax.local_device_count(), jax.device_count())
+  return True
+
+
+def is_main_process() -> bool:
+  """True on process 0: the one that writes logs, reports and metrics files."""
+  return jax.process_index() == 0
