@@ -5,6 +5,7 @@
   pass@k, majority@k  unbiased pass@k (Chen et al. 2021) and majority vote over the k samples
   distinct_answers    mean number of distinct final answers among a problem's samples
   format_<name>       fraction of sampled completions in each solution format
+  greedy_format_<name>  the same fraction among the greedy completions (Echo Chamber reports both)
 
 The standard error of pass@1 over problems is reported too, so a report can say
 whether a change is beyond noise.
@@ -16,6 +17,7 @@ import numpy as np
 
 from cfrl_jax import sampling, tokenization
 from cfrl_jax.dynamics import confidence
+from cfrl_jax.tasks import formats as formats_lib
 
 
 def _generate(policy, params, prompts, key, *, n_per_prompt, greedy, temperature, max_new_tokens,
@@ -50,6 +52,8 @@ def evaluate(policy, params, rows: list[dict], task, key, *, samples: int, tempe
     texts, _ = _generate(policy, params, prompts, jax.random.fold_in(key, 0), n_per_prompt=1, greedy=True,
                          temperature=1.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
     out['greedy_accuracy'] = float(np.mean([task.is_correct(t, r['answer']) for t, r in zip(texts, rows)]))
+    if task.formats is not None:
+      out.update(format_fractions([task.formats(t) for t in texts], task.formats.names, 'greedy_format_'))
   if samples > 0:
     texts, lengths = _generate(policy, params, prompts, jax.random.fold_in(key, 1), n_per_prompt=samples,
                                greedy=False, temperature=temperature, max_new_tokens=max_new_tokens,
@@ -82,6 +86,11 @@ def evaluate(policy, params, rows: list[dict], task, key, *, samples: int, tempe
         if sel:
           out[f'accuracy_{name}'] = float(np.mean(sel))
   return out
+
+
+def format_fractions(labels: list[str], names, prefix: str) -> dict[str, float]:
+  """{prefix + name: fraction of `labels` equal to name} for every format name and 'unknown'."""
+  return {prefix + name: frac for name, frac in formats_lib.label_fractions(labels, names).items()}
 
 
 def evaluator_for_run(run_dir: str, *, metric: str = 'auto', num_problems: int | None = None):

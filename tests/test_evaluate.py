@@ -75,3 +75,41 @@ def test_evaluate_metrics_equal_hand_computed_values(tiny_qwen2_dir, monkeypatch
     assert seen[1] is seen[2] is seen[3]
   else:
     assert all(m is params for m in seen)
+
+
+class _FormattedTask(_LastNumberTask):
+  """_LastNumberTask with two formats: 'so' (contains 'so ') and 'is' (contains 'is '); else 'unknown'."""
+  def __init__(self):
+    from cfrl_jax.tasks import formats
+    self.formats = formats.FormatDetector({'so': r'so ', 'is': r'is '}, ('so', 'is'))
+
+
+def test_greedy_and_sampled_format_fractions(tiny_qwen2_dir, monkeypatch):
+  cfg, params = hf.load_pretrained(tiny_qwen2_dir)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_qwen2_dir)
+  policy = types.SimpleNamespace(cfg=cfg, tokenizer=tokenizer, chat_template=False, system_prompt=None,
+                                 stop_ids=(0,), pad_id=0)
+  rows = [{'prompt': 'What is 3 + 4?', 'answer': '7'}, {'prompt': 'What is 1 + 1?', 'answer': '2'},
+          {'prompt': 'What is 2 + 2?', 'answer': '4'}, {'prompt': 'What is 0 + 1?', 'answer': '1'}]
+  # Greedy (one per problem): so, so, is, unknown. Sampled (2 per problem): is x5, so x2, unknown x1.
+  script = ['so 7', 'so 5', 'is 4', '1',
+            'is 7', 'is 3', 'so 2', 'is 2', 'is 4', 'is 4', 'so 1', '0']
+  monkeypatch.setattr(sampling, 'sample', _scripted_sampler(tokenizer, script, []))
+  out = evaluate_lib.evaluate(policy, params, rows, _FormattedTask(), jax.random.PRNGKey(0), samples=2,
+                              temperature=0.7, max_new_tokens=8, pass_k=(1,), batch_size=4)
+  assert not script
+  assert {k: out[k] for k in out if k.startswith('greedy_format_')} == {
+      'greedy_format_so': 0.5, 'greedy_format_is': 0.25, 'greedy_format_unknown': 0.25}
+  assert {k: out[k] for k in out if k.startswith('format_')} == {
+      'format_so': 2 / 8, 'format_is': 5 / 8, 'format_unknown': 1 / 8}
+  assert out['greedy_accuracy'] == 0.75                             # 'so 7', 'is 4' and '1' are right
+  assert out['accuracy_so'] == 1.0                                  # 'so 2', 'so 1'
+  assert out['accuracy_is'] == pytest.approx(4 / 5)                 # all but 'is 3'
+
+
+def test_format_fractions_names_every_format_and_unknown():
+  got = evaluate_lib.format_fractions(['a', 'b', 'a', 'unknown'], ('a', 'b', 'c'), 'greedy_format_')
+  assert got == {'greedy_format_a': 0.5, 'greedy_format_b': 0.25, 'greedy_format_c': 0.0,
+                 'greedy_format_unknown': 0.25}
+  with pytest.raises(ValueError, match='empty'):
+    evaluate_lib.format_fractions([], ('a',), 'greedy_format_')
