@@ -2,7 +2,7 @@
 
 The step is what the trainer runs: forward over [prompt | completion] sequences, the GRPO clipped
 surrogate on the completion tokens, backward, global-norm clip and AdamW on all parameters (CF-RL
-stage two), jitted through cfrl_jax.parallel.sharded_update on a mesh of every local device.
+stage two), jitted through cfrl_jax.train.placement.sharded_update on a mesh of every local device.
 Its FLOPs are counted analytically (below) and also read from XLA's cost_analysis() of the compiled
 step. The peak is a dense (M x M) @ (M x M) matmul in the same dtype, timed in the same run: rounds
 alternate matmul and learner timings, so machine load hits both alike, and the headline ratio
@@ -51,10 +51,10 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from cfrl_jax import parallel  # noqa: E402
+from cfrl_jax import sharding  # noqa: E402
 from cfrl_jax.models import qwen  # noqa: E402
 from cfrl_jax.rl import grpo  # noqa: E402
-from cfrl_jax.train import learner, objectives, rollout  # noqa: E402
+from cfrl_jax.train import learner, objectives, placement, rollout  # noqa: E402
 
 
 # name -> QwenConfig fields (Qwen2.5 shapes from their config.json; 'cpu' is bench_decode's model)
@@ -180,12 +180,12 @@ class Variant:
   def __init__(self, name, objective, dense, cfg, mesh, state, batch, lrs, P, N):
     self.name = name
     self.loss_fn = objective(cfg, P, rl_settings(N))
-    self.step = parallel.sharded_update(learner.make_update(cfg, self.loss_fn, state['tx'], stage=2), mesh,
+    self.step = placement.sharded_update(learner.make_update(cfg, self.loss_fn, state['tx'], stage=2), mesh,
                                         state['specs'], state['opt_specs'])
     self.batch, self.lrs, self.times = batch, lrs, []
     with qwen_dense(dense):   # trace (and compile) with the variant's dense
       lowered = self.step.jitted.lower(state['params'], state['opt_state'], batch,
-                                       parallel.shard(lrs, mesh, parallel.PartitionSpec()))
+                                       sharding.shard(lrs, mesh, sharding.PartitionSpec()))
       self.xla_flops = float((lowered.compile().cost_analysis() or {}).get('flops', float('nan')))
       self.compile_s = self.run(state)
     self.times.clear()
@@ -199,10 +199,10 @@ class Variant:
 
 def init_state(cfg, mesh) -> dict:
   params = qwen.init_params(cfg, jax.random.PRNGKey(0))
-  specs = parallel.partition_specs(params, parallel.DEFAULT_RULES, mesh)
-  params = parallel.shard(params, mesh, specs)
+  specs = sharding.partition_specs(params, sharding.DEFAULT_RULES, mesh)
+  params = sharding.shard(params, mesh, specs)
   tx = learner.make_optimizer(cfg, params, 2, learner.OptimConfig())
-  opt_state, opt_specs = parallel.init_opt_state(tx, params, mesh, specs)
+  opt_state, opt_specs = sharding.init_opt_state(tx, params, mesh, specs)
   return {'params': params, 'opt_state': opt_state, 'tx': tx, 'specs': specs, 'opt_specs': opt_specs}
 
 
@@ -226,7 +226,7 @@ def main():
   N = T - P
   if N < 1:
     raise SystemExit(f'--seq {T} must exceed --prompt_len {P}.')
-  mesh = parallel.make_mesh(tuple(int(s) for s in args.mesh.split(',')))
+  mesh = sharding.make_mesh(tuple(int(s) for s in args.mesh.split(',')))
 
   rng = np.random.RandomState(0)
   tokens = rng.randint(1, cfg.vocab_size, (B, T)).astype(np.int32)
@@ -236,7 +236,7 @@ def main():
   del params0
   host_batch = {'tokens': tokens, 'mask': mask, 'completion_mask': np.ones((B, N), np.float32),
                 'old_logp': np.asarray(old_logp), 'advantages': rng.randn(B).astype(np.float32)}
-  batch = parallel.shard_batch(host_batch, mesh)
+  batch = sharding.shard_batch(host_batch, mesh)
   lrs = {'head': np.float32(1e-6), 'backbone': np.float32(1e-6)}
 
   chosen = VARIANTS[:1] if args.stock_only else VARIANTS

@@ -183,7 +183,7 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
   c.alpharl.select_on = 'auto'    # selection problems: 'eval_rest' (eval rows after eval.num_problems) | 'train' | 'auto'
   c.alpharl.select_problems = -1  # how many; -1: eval.num_problems
 
-  c.mesh = mc.ConfigDict()        # device mesh for the learner and sampler (cfrl_jax/parallel.py)
+  c.mesh = mc.ConfigDict()        # device mesh for the learner and sampler (cfrl_jax/sharding.py)
   c.mesh.shape = (1, -1, 1)       # (data, fsdp, tensor); -1 takes the remaining devices
   c.mesh.rules = ()               # ((regex, spec), ...) before the default rules; () = defaults only
   c.mesh.data_loading = 'per_host'  # several processes: 'per_host' = each samples and scores only its share of

@@ -66,7 +66,7 @@ def command_line_problem(argv: list[str]) -> str | None:
 
 def main(argv):
   del argv
-  from cfrl_jax import experiment, parallel
+  from cfrl_jax import distributed, experiment
   from cfrl_jax.config import check_against_schema, validate
   config = _CONFIG.value
   try:
@@ -81,7 +81,7 @@ def main(argv):
   # orbax logs every checkpoint step at INFO through absl, which buries the progress bars.
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
-  parallel.initialize_distributed()
+  distributed.initialize_distributed()
   if config.compile_cache_dir:
     import jax
     jax.config.update('jax_compilation_cache_dir', os.path.abspath(config.compile_cache_dir))

@@ -13,11 +13,11 @@ CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N, set here before
 backend), XLA:CPU's memory figures standing in for the chip of --chip.
 
 What is compiled is what the trainer (cfrl_jax/train/trainer.py) jits, built from the same
-functions with the same shardings (cfrl_jax/parallel.py): the sharded sampler
-(sampling._sample_padded as parallel.sample_sharded calls it on an accelerator: layers scanned,
+functions with the same shardings (cfrl_jax/sharding.py): the sharded sampler
+(sampling._sample_padded as sampling.sample(..., mesh=...) calls it on an accelerator: layers scanned,
 XLA attention, one decode segment), the old-policy and reference log-prob passes over the whole
 rollout batch (rollout.completion_stats, as Trainer._logp), the learner update of each stage
-(learner.make_update through parallel.sharded_update; CF-RL stage one has no backbone optimizer
+(learner.make_update through placement.sharded_update; CF-RL stage one has no backbone optimizer
 state) on one minibatch, and for PPO the critic's value pass and update. Inputs are
 jax.ShapeDtypeStructs carrying NamedShardings: no weights are read and nothing is allocated.
 
@@ -46,10 +46,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cfrl_jax import parallel, sampling
+from cfrl_jax import sampling, sharding
 from cfrl_jax.models import presets, qwen
 from cfrl_jax.rl import ppo
-from cfrl_jax.train import learner, objectives, rollout, trainer
+from cfrl_jax.train import learner, objectives, placement, rollout, trainer
 
 GIB = 1024 ** 3
 EXIT_DOES_NOT_FIT = 2
@@ -185,7 +185,7 @@ def abstract_params(cfg: qwen.QwenConfig):
 
 
 def with_shardings(tree, mesh, specs):
-  return parallel.abstract_sharded(tree, mesh, specs)
+  return sharding.abstract_sharded(tree, mesh, specs)
 
 
 def leaf_bytes(x) -> int:
@@ -537,7 +537,7 @@ def step_shapes(config, cfg: qwen.QwenConfig, prompt_width: int, mesh) -> Shapes
                        f'(rl.prompts_per_step x rl.group_size); pick a divisor of {rows}.')
     minibatch = rows // rl.minibatches
   return Shapes(rows=rows, prompt_len=trainer.bucket(prompt_width),
-                sampler_rows=sampling.batch_bucket(cfg, rows, False, parallel.batch_shards(mesh)),
+                sampler_rows=sampling.batch_bucket(cfg, rows, False, sharding.batch_shards(mesh)),
                 sampler_prompt_len=sampling.bucket_size(prompt_width, sampling.LENGTH_BUCKET_STEP,
                                                         sampling.MIN_LENGTH_BUCKET),
                 minibatch_rows=minibatch, new_tokens=int(rl.max_new_tokens))
@@ -548,7 +548,7 @@ def _sds(shape, dtype, mesh, spec):
 
 
 def _rows(mesh, n, *cols, dtype=jnp.float32):
-  return _sds((n,) + tuple(cols), dtype, mesh, parallel.batch_spec(mesh, n))
+  return _sds((n,) + tuple(cols), dtype, mesh, sharding.batch_spec(mesh, n))
 
 
 def _learner_batch(config, mesh, rows: int, prompt_len: int, N: int, kind: str) -> dict:
@@ -599,9 +599,9 @@ def build_programs(config, cfg: qwen.QwenConfig, mesh, prompt_width: int, platfo
   rl = config.rl
   if rl.algorithm not in trainer.ALGORITHMS:
     raise ValueError(f'config.rl.algorithm={rl.algorithm!r}; expected one of {trainer.ALGORITHMS}.')
-  rules = parallel.MeshConfig.from_config(config.mesh).all_rules()
+  rules = sharding.MeshConfig.from_config(config.mesh).all_rules()
   params0 = abstract_params(cfg)
-  pspecs = parallel.partition_specs(params0, rules, mesh)
+  pspecs = sharding.partition_specs(params0, rules, mesh)
   params = with_shardings(params0, mesh, pspecs)
   shapes = step_shapes(config, cfg, prompt_width, mesh)
   P, N = shapes.prompt_len, shapes.new_tokens
@@ -612,8 +612,9 @@ def build_programs(config, cfg: qwen.QwenConfig, mesh, prompt_width: int, platfo
   if rl.kl_coef > 0:
     resident['reference params'] = tree_bytes(params)
 
-  # The sampler, as parallel.sample_sharded runs it on an accelerator (scanned layers, XLA attention,
-  # one decode segment: sampling.unroll_layers_default / decode_segments_default off the CPU backend).
+  # The sampler, as sampling.sample(..., mesh=...) runs it on an accelerator (scanned layers, XLA
+  # attention, one decode segment: sampling.unroll_layers_default / decode_segments_default off the
+  # CPU backend).
   if rl.algorithm != 'sft':
     B, Pp = shapes.sampler_rows, shapes.sampler_prompt_len
     greedy, top_k, use_top_p = sampling.decoding_statics(cfg, False, rl.top_k, rl.top_p)
@@ -630,9 +631,9 @@ def build_programs(config, cfg: qwen.QwenConfig, mesh, prompt_width: int, platfo
   # Old-policy / reference log-probs over the whole rollout batch (Trainer._logp).
   calls = int(bool(rl.recompute_old_logp)) + int(rl.kl_coef > 0)
   if calls and rl.algorithm not in ('sft', 'expert_iteration'):
-    bspec = parallel.batch_spec(mesh, shapes.rows)
+    bspec = sharding.batch_spec(mesh, shapes.rows)
     fn = lambda p, t, m: rollout.completion_stats(cfg, p, t, m, P)[0]
-    jitted = parallel.jit_sharded(fn, mesh, (pspecs, bspec, bspec), bspec).jitted
+    jitted = sharding.jit_sharded(fn, mesh, (pspecs, bspec, bspec), bspec).jitted
     seq = _rows(mesh, shapes.rows, P + N, dtype=jnp.int32)
     which = ' + '.join(n for n, on in (('old policy', rl.recompute_old_logp), ('reference', rl.kl_coef > 0)) if on)
     programs.append(Program('log-probs', calls, jitted, (params, seq, seq), {}, ('params',), 'logp',
@@ -642,27 +643,27 @@ def build_programs(config, cfg: qwen.QwenConfig, mesh, prompt_width: int, platfo
   if rl.algorithm == 'ppo':
     critic0 = {'backbone': params0['backbone'],
                'value_head': jax.eval_shape(lambda: ppo.init_value_head(cfg.hidden_size, jax.random.PRNGKey(0)))}
-    cspecs = parallel.partition_specs(critic0, rules, mesh)
+    cspecs = sharding.partition_specs(critic0, rules, mesh)
     critic = with_shardings(critic0, mesh, cspecs)
     ctx = optax.chain(optax.clip_by_global_norm(rl.grad_clip) if rl.grad_clip > 0 else optax.identity(),
                       optax.adamw(rl.ppo.critic_lr, b1=rl.b1, b2=rl.b2, eps=rl.eps))
     copt0 = jax.eval_shape(ctx.init, critic0)
-    cospecs = parallel.opt_state_specs(copt0, critic0, cspecs)
+    cospecs = sharding.opt_state_specs(copt0, critic0, cspecs)
     copt = with_shardings(copt0, mesh, cospecs)
     resident.update({'critic': tree_bytes(critic), 'critic optimizer': tree_bytes(copt)})
-    bspec = parallel.batch_spec(mesh, shapes.rows)
+    bspec = sharding.batch_spec(mesh, shapes.rows)
     values = lambda c, t, m: objectives.critic_values(cfg, c, t, m, P)
     seq = _rows(mesh, shapes.rows, P + N, dtype=jnp.int32)
-    programs.append(Program('critic values', 1, parallel.jit_sharded(values, mesh, (cspecs, bspec, bspec), bspec).jitted,
+    programs.append(Program('critic values', 1, sharding.jit_sharded(values, mesh, (cspecs, bspec, bspec), bspec).jitted,
                             (critic, seq, seq), {}, ('critic',), 'values', notes=f'{shapes.rows} rows'))
     mb = _learner_batch(config, mesh, shapes.minibatch_rows, P, N, 'ppo')
     step = critic_step(objectives.critic_objective(cfg, P, rl), ctx)
-    jitted = parallel.jit_sharded(step, mesh, (cspecs, cospecs, parallel.batch_spec(mesh, shapes.minibatch_rows)),
+    jitted = sharding.jit_sharded(step, mesh, (cspecs, cospecs, sharding.batch_spec(mesh, shapes.minibatch_rows)),
                                   (cspecs, cospecs, rep), donate_argnums=(0, 1)).jitted
     programs.append(Program('critic update', rl.epochs * rl.minibatches, jitted, (critic, copt, mb), {},
                             ('critic', 'critic optimizer'), 'critic', notes=f'{shapes.minibatch_rows} rows'))
 
-  # The learner update of each stage (Trainer._update_fn -> Placement.update -> parallel.sharded_update).
+  # The learner update of each stage (Trainer._update_fn -> Placement.update -> placement.sharded_update).
   kind = {'expert_iteration': 'sft', 'sft': 'sft'}.get(rl.algorithm, rl.algorithm)
   if kind == 'sft':
     loss_fn = objectives.sft_objective(cfg, P)
@@ -679,13 +680,13 @@ def build_programs(config, cfg: qwen.QwenConfig, mesh, prompt_width: int, platfo
   for stage in stages:
     tx = learner.make_optimizer(cfg, params0, stage, ocfg)
     opt0 = jax.eval_shape(tx.init, params0)
-    ospecs = parallel.opt_state_specs(opt0, params0, pspecs)
+    ospecs = sharding.opt_state_specs(opt0, params0, pspecs)
     opt = with_shardings(opt0, mesh, ospecs)
     opt_groups[stage] = opt_group_bytes(opt)
     name = f'optimizer (stage {stage})' if stage else 'optimizer'
     resident[name] = tree_bytes(opt)
     stage_resident[stage] = [k for k in resident if not k.startswith('optimizer')] + [name]
-    update = parallel.sharded_update(learner.make_update(cfg, loss_fn, tx, stage), mesh, pspecs, ospecs)
+    update = placement.sharded_update(learner.make_update(cfg, loss_fn, tx, stage), mesh, pspecs, ospecs)
     label = {0: 'learner update', 1: 'learner update, CF-RL stage 1', 2: 'learner update, CF-RL stage 2'}[stage]
     groups = opt_groups[stage]
     programs.append(Program(label, updates, update.jitted, (params, opt, mb, lrs), {}, ('params', name), 'learner',
@@ -752,10 +753,10 @@ def predicted_seconds(r: Result, chip: Chip) -> tuple[float, float, str]:
 
 def fixes(r: Result, config, cfg: qwen.QwenConfig, mesh) -> list[str]:
   """Config fields that lower this program's per-device memory, most effective first."""
-  rl, sizes = config.rl, parallel.axis_sizes(mesh)
+  rl, sizes = config.rl, sharding.axis_sizes(mesh)
   shape = tuple(config.mesh.shape)
   out = []
-  batch_axes = f'data x fsdp = {parallel.batch_shards(mesh)}'
+  batch_axes = f'data x fsdp = {sharding.batch_shards(mesh)}'
   if r.program.kind in ('learner', 'critic'):
     out.append(f'rl.minibatches={rl.minibatches * 2} (now {rl.minibatches}: half the rows per update)')
     if not cfg.remat:
@@ -789,7 +790,7 @@ def report(plan: Plan, results: list[Result], target: Target, hbm_gib: float, co
   """The markdown report: setup, one row per program, the step total, and what does not fit."""
   cfg, chip, s = plan.cfg, target.chip, plan.shapes
   n_params = qwen.count_params(abstract_params(cfg))
-  mesh_txt = ' x '.join(f'{k}={v}' for k, v in parallel.axis_sizes(plan.mesh).items())
+  mesh_txt = ' x '.join(f'{k}={v}' for k, v in sharding.axis_sizes(plan.mesh).items())
   lines = [
       f'# Plan: {config_path} on {target.name}',
       '',
@@ -872,7 +873,7 @@ def summary(plan: Plan, results: list[Result], target: Target, hbm_gib: float) -
       row['error'] = r.error[:2000]
     programs.append(row)
   return {'topology': target.name, 'devices': len(target.devices), 'chip': dataclasses.asdict(target.chip),
-          'hbm_gib': hbm_gib, 'mesh': parallel.axis_sizes(plan.mesh), 'model': dataclasses.asdict(plan.cfg),
+          'hbm_gib': hbm_gib, 'mesh': sharding.axis_sizes(plan.mesh), 'model': dataclasses.asdict(plan.cfg),
           'shapes': dataclasses.asdict(plan.shapes), 'resident_bytes': plan.resident,
           'optimizer_state_bytes': {str(k): v for k, v in plan.opt_groups.items()}, 'programs': programs}
 
@@ -881,7 +882,7 @@ def run_plan(config, target: Target, *, prompt_width: int, hbm_gib: float | None
              vocab_size: int = 0, log: Callable[[str], None] = print) -> tuple[str, list[Result], Plan, bool]:
   """Builds, compiles and reports. Returns (markdown, results, plan, fits)."""
   cfg, origin = model_config(config, vocab_size)
-  mesh = parallel.MeshConfig.from_config(config.mesh).make_mesh(target.devices)
+  mesh = sharding.MeshConfig.from_config(config.mesh).make_mesh(target.devices)
   plan = build_programs(config, cfg, mesh, prompt_width, target.platform)
   plan.origin = origin
   hbm = float(hbm_gib or target.chip.hbm_gib)

@@ -27,7 +27,7 @@ if [[ -z "${SLURM_JOB_ID:-}" ]]; then
   exit 2
 fi
 
-# What cfrl_jax.parallel.initialize_distributed reads (it would also derive them from SLURM_* alone).
+# What cfrl_jax.distributed.initialize_distributed reads (it would also derive them from SLURM_* alone).
 coordinator_host="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 export CFRL_COORDINATOR="$coordinator_host:$PORT"
 export CFRL_NUM_PROCESSES="$SLURM_NTASKS"

@@ -91,19 +91,19 @@ def optimizer(cfg, params):
 
 def flat(tree) -> dict:
   import jax
-  from cfrl_jax import parallel
-  return {parallel.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  from cfrl_jax import sharding
+  return {sharding.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def spec_report(tree) -> dict:
   """path -> {'spec': [...], 'shards': sorted distinct per-device shard shapes, 'devices': count}."""
   import jax
-  from cfrl_jax import parallel
+  from cfrl_jax import sharding
   out = {}
   for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
     spec = [list(e) if isinstance(e, tuple) else e for e in x.sharding.spec]
     shapes = sorted({tuple(s.data.shape) for s in x.addressable_shards})
-    out[parallel.path_str(path)] = {'spec': spec, 'shards': [list(s) for s in shapes],
+    out[sharding.path_str(path)] = {'spec': spec, 'shards': [list(s) for s in shapes],
                                     'devices': len(x.sharding.device_set)}
   return out
 
@@ -111,29 +111,30 @@ def spec_report(tree) -> dict:
 def run_meshes(out_dir: str, shapes: list[tuple[int, ...]]):
   import jax
   from jax.sharding import PartitionSpec as P
-  from cfrl_jax import parallel
+  from cfrl_jax import sampling, sharding
+  from cfrl_jax.train import placement
   cfg = tiny_config()
   report = {'device_count': jax.device_count(), 'meshes': {}}
   for shape in shapes:
     name = 'x'.join(map(str, shape))
-    mesh = parallel.make_mesh(shape)
+    mesh = sharding.make_mesh(shape)
     params = tiny_params(cfg)
-    specs = parallel.partition_specs(params, parallel.DEFAULT_RULES, mesh)
-    params = parallel.shard(params, mesh, specs)
+    specs = sharding.partition_specs(params, sharding.DEFAULT_RULES, mesh)
+    params = sharding.shard(params, mesh, specs)
     tx = optimizer(cfg, params)
-    opt_state, opt_specs = parallel.init_opt_state(tx, params, mesh, specs)
-    step = parallel.sharded_update(update_fn(cfg, tx), mesh, specs, opt_specs)
+    opt_state, opt_specs = sharding.init_opt_state(tx, params, mesh, specs)
+    step = placement.sharded_update(update_fn(cfg, tx), mesh, specs, opt_specs)
     placed = spec_report(params)
     res = step(params, opt_state, tiny_batch(cfg), LRS)
     tokens, mask = tiny_prompts(cfg)
-    sample = parallel.sample_sharded(cfg, res.params, tokens, mask, jax.random.PRNGKey(1), mesh=mesh,
-                                     max_new_tokens=6, greedy=True)
+    sample = sampling.sample(cfg, res.params, tokens, mask, jax.random.PRNGKey(1), mesh=mesh,
+                             max_new_tokens=6, greedy=True)
     np.savez(os.path.join(out_dir, f'mesh_{name}.npz'),
              loss=np.asarray(res.loss), sample_tokens=sample.tokens, sample_logprobs=sample.logprobs,
              **{f'param:{k}': v for k, v in flat(res.params).items()})
     opt_leaves = jax.tree_util.tree_leaves(res.opt_state)
     # constrain_batch inside a jit_sharded function: the output takes the constrained (batch) sharding.
-    act = parallel.jit_sharded(lambda x: parallel.constrain_batch(x * 2.0), mesh, (P(),), None)(np.ones((8, 4, 6)))
+    act = sharding.jit_sharded(lambda x: sharding.constrain_batch(x * 2.0), mesh, (P(),), None)(np.ones((8, 4, 6)))
     report['meshes'][name] = {
         'params_in': placed, 'params_out': spec_report(res.params),
         'opt_out': {k: v for k, v in spec_report(res.opt_state).items() if '/mu/' in k or '/nu/' in k},
@@ -147,26 +148,27 @@ def run_meshes(out_dir: str, shapes: list[tuple[int, ...]]):
 def run_checkpoint(out_dir: str):
   """Save params + optimizer state under (8,1,1), restore under (2,2,2) with abstract sharded targets."""
   import jax
-  from cfrl_jax import parallel
+  from cfrl_jax import sharding
+  from cfrl_jax.train import placement
   from cfrl_jax.train.checkpoint import Checkpointer
   cfg = tiny_config()
-  mesh_a, mesh_b = parallel.make_mesh((8, 1, 1)), parallel.make_mesh((2, 2, 2))
+  mesh_a, mesh_b = sharding.make_mesh((8, 1, 1)), sharding.make_mesh((2, 2, 2))
   params = tiny_params(cfg)
-  specs_a = parallel.partition_specs(params, parallel.DEFAULT_RULES, mesh_a)
-  params_a = parallel.shard(params, mesh_a, specs_a)
+  specs_a = sharding.partition_specs(params, sharding.DEFAULT_RULES, mesh_a)
+  params_a = sharding.shard(params, mesh_a, specs_a)
   tx = optimizer(cfg, params)
-  opt_a, opt_specs_a = parallel.init_opt_state(tx, params_a, mesh_a, specs_a)
-  res = parallel.sharded_update(update_fn(cfg, tx), mesh_a, specs_a, opt_specs_a)(
+  opt_a, opt_specs_a = sharding.init_opt_state(tx, params_a, mesh_a, specs_a)
+  res = placement.sharded_update(update_fn(cfg, tx), mesh_a, specs_a, opt_specs_a)(
       params_a, opt_a, tiny_batch(cfg), LRS)
   saved_params, saved_opt = flat(res.params), flat(res.opt_state)
   ckpt = Checkpointer(os.path.join(out_dir, 'run'))
   ckpt.save(1, res.params, {'opt_state': res.opt_state}, {'stage': 2})
   ckpt.wait()
 
-  specs_b = parallel.partition_specs(params, parallel.DEFAULT_RULES, mesh_b)
-  opt_specs_b = parallel.opt_state_specs(jax.eval_shape(tx.init, params), params, specs_b)
-  target_params = parallel.abstract_sharded(params, mesh_b, specs_b)
-  target_train = {'opt_state': parallel.abstract_sharded(jax.eval_shape(tx.init, params), mesh_b, opt_specs_b)}
+  specs_b = sharding.partition_specs(params, sharding.DEFAULT_RULES, mesh_b)
+  opt_specs_b = sharding.opt_state_specs(jax.eval_shape(tx.init, params), params, specs_b)
+  target_params = sharding.abstract_sharded(params, mesh_b, specs_b)
+  target_train = {'opt_state': sharding.abstract_sharded(jax.eval_shape(tx.init, params), mesh_b, opt_specs_b)}
   params_b, train_b, meta = ckpt.restore(1, target_params, target_train)
   ckpt.close()
   same = all(np.array_equal(saved_params[k], v) for k, v in flat(params_b).items()) and \
@@ -175,7 +177,7 @@ def run_checkpoint(out_dir: str):
             'restored': spec_report(params_b),
             'restored_opt': {k: v for k, v in spec_report(train_b['opt_state']).items() if '/mu/' in k}}
   # The restored state must train on in the new mesh (the step donates params_b and its state).
-  res_b = parallel.sharded_update(update_fn(cfg, tx), mesh_b, specs_b, opt_specs_b)(
+  res_b = placement.sharded_update(update_fn(cfg, tx), mesh_b, specs_b, opt_specs_b)(
       params_b, train_b['opt_state'], tiny_batch(cfg, 1), LRS)
   report.update(continued_finite=bool(res_b.finite), continued_out=spec_report(res_b.params))
   with open(os.path.join(out_dir, 'checkpoint.json'), 'w') as f:
@@ -183,31 +185,32 @@ def run_checkpoint(out_dir: str):
 
 
 def run_multihost(out_dir: str, coordinator: str, num_processes: int, process_id: int):
-  from cfrl_jax import parallel
-  assert parallel.initialize_distributed(coordinator, num_processes, process_id)
+  from cfrl_jax import distributed, sharding
+  from cfrl_jax.train import placement
+  assert distributed.initialize_distributed(coordinator, num_processes, process_id)
   import jax
   cfg = tiny_config()
-  mesh = parallel.make_mesh((2, 2, 2))
+  mesh = sharding.make_mesh((2, 2, 2))
   params = tiny_params(cfg)
-  specs = parallel.partition_specs(params, parallel.DEFAULT_RULES, mesh)
-  params = parallel.shard(params, mesh, specs)
+  specs = sharding.partition_specs(params, sharding.DEFAULT_RULES, mesh)
+  params = sharding.shard(params, mesh, specs)
   tx = optimizer(cfg, params)
-  opt_state, opt_specs = parallel.init_opt_state(tx, params, mesh, specs)
-  step = parallel.sharded_update(update_fn(cfg, tx), mesh, specs, opt_specs)
+  opt_state, opt_specs = sharding.init_opt_state(tx, params, mesh, specs)
+  step = placement.sharded_update(update_fn(cfg, tx), mesh, specs, opt_specs)
   losses = []
   for i in range(STEPS_MULTIHOST):
     res = step(params, opt_state, tiny_batch(cfg, i), LRS)
     params, opt_state = res.params, res.opt_state
     losses.append(float(res.loss))
-  rows = parallel.host_rows(ROWS, mesh)
-  host = parallel.to_host(params)       # a collective: every process takes part
-  if parallel.is_main_process():
+  rows = sharding.host_rows(ROWS, mesh)
+  host = sharding.to_host(params)       # a collective: every process takes part
+  if distributed.is_main_process():
     np.savez(os.path.join(out_dir, 'multihost.npz'), losses=np.asarray(losses), **{
         f'param:{k}': v for k, v in flat(host).items()})
   with open(os.path.join(out_dir, f'multihost_{process_id}.json'), 'w') as f:
     json.dump({'process_count': jax.process_count(), 'process_index': jax.process_index(),
                'local_devices': jax.local_device_count(), 'devices': jax.device_count(),
-               'host_rows': [rows.start, rows.stop], 'is_main': parallel.is_main_process(),
+               'host_rows': [rows.start, rows.stop], 'is_main': distributed.is_main_process(),
                'fully_addressable': bool(jax.tree_util.tree_leaves(params)[0].is_fully_addressable)}, f)
   jax.distributed.shutdown()
 
@@ -271,8 +274,8 @@ def run_trainer_per_host(out_dir: str, tokenizer_dir: str, mesh_shape, coordinat
 
   Writes per process: the prompts its reward function scored per step, every metrics record it
   logged (enabled or not), and what the per-host checks raised; process 0 also the final params."""
-  from cfrl_jax import parallel
-  assert parallel.initialize_distributed(coordinator, num_processes, process_id)
+  from cfrl_jax import distributed, sharding
+  assert distributed.initialize_distributed(coordinator, num_processes, process_id)
   import jax
   from cfrl_jax.policy import load_policy
   from cfrl_jax.train import trainer
@@ -288,21 +291,21 @@ def run_trainer_per_host(out_dir: str, tokenizer_dir: str, mesh_shape, coordinat
     result = t.run()
   finally:
     t.close()
-  host = parallel.to_host(result.params)   # a collective: every process takes part
+  host = sharding.to_host(result.params)   # a collective: every process takes part
   mesh = t.place.mesh
   B = c.rl.prompts_per_step * c.rl.group_size
-  block = parallel.process_block(B, mesh)
-  gathered = parallel.gather_rows({'x': np.arange(B)[block] * 10}, mesh)['x']
+  block = sharding.process_block(B, mesh)
+  gathered = sharding.gather_rows({'x': np.arange(B)[block] * 10}, mesh)['x']
   errors = {}
-  for name, check in (('odd_rows', lambda: parallel.process_block(B + 1, mesh)),
-                      ('unsplit_rows', lambda: parallel.process_block(2, mesh)),
+  for name, check in (('odd_rows', lambda: sharding.process_block(B + 1, mesh)),
+                      ('unsplit_rows', lambda: sharding.process_block(2, mesh)),
                       ('prompts_per_step', lambda: (t.rl.update(prompts_per_step=3), t._step_prompts(4)))):
     try:
       check()
       errors[name] = None
     except ValueError as e:
       errors[name] = str(e)
-  if parallel.is_main_process():
+  if distributed.is_main_process():
     np.savez(os.path.join(out_dir, 'params.npz'), **{f'param:{k}': v for k, v in flat(host).items()})
   with open(os.path.join(out_dir, f'per_host_{process_id}.json'), 'w') as f:
     json.dump({'prompts': seen, 'logged': logged, 'block': [block.start, block.stop],

@@ -1,5 +1,6 @@
-"""cfrl_jax.parallel: meshes, partition rules, sharded learner/sampler steps, checkpoints across meshes,
-multi-process start.
+"""cfrl_jax.sharding, cfrl_jax.distributed and the mesh paths of sampling.sample and
+train.placement.sharded_update: meshes, partition rules, sharded learner/sampler steps, checkpoints
+across meshes, multi-process start.
 
 Rule / spec / launch-environment logic is checked in this process against hand-written expectations
 (AbstractMesh needs no devices). Sharded execution runs in subprocesses (tests/parallel_worker.py) with
@@ -31,10 +32,10 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from cfrl_jax import parallel
+from cfrl_jax import distributed, sampling, sharding
 from cfrl_jax.kernels import cpu_decode
 from cfrl_jax.models import qwen
-from cfrl_jax.train import learner
+from cfrl_jax.train import learner, placement
 
 import parallel_worker as worker
 
@@ -44,37 +45,37 @@ MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
 
 
 def abstract_mesh(data, fsdp, tensor):
-  return AbstractMesh((data, fsdp, tensor), parallel.AXES)
+  return AbstractMesh((data, fsdp, tensor), sharding.AXES)
 
 
 # --- meshes --------------------------------------------------------------------
 def test_resolve_mesh_shape_fills_the_rest_and_rejects_mismatches():
-  assert parallel.resolve_mesh_shape((1, -1, 1), 8) == (1, 8, 1)
-  assert parallel.resolve_mesh_shape((2, -1, 2), 8) == (2, 2, 2)
-  assert parallel.resolve_mesh_shape((2, 4, 1), 8) == (2, 4, 1)
+  assert sharding.resolve_mesh_shape((1, -1, 1), 8) == (1, 8, 1)
+  assert sharding.resolve_mesh_shape((2, -1, 2), 8) == (2, 2, 2)
+  assert sharding.resolve_mesh_shape((2, 4, 1), 8) == (2, 4, 1)
   for bad in ((3, -1, 1), (2, 2, 1), (-1, -1, 1), (0, -1, 1), (2, -2, 1)):
     with pytest.raises(ValueError, match='mesh shape'):
-      parallel.resolve_mesh_shape(bad, 8)
+      sharding.resolve_mesh_shape(bad, 8)
 
 
 def test_make_mesh_on_this_process():
   n = jax.device_count()
-  mesh = parallel.make_mesh((1, -1, 1))
+  mesh = sharding.make_mesh((1, -1, 1))
   assert dict(mesh.shape) == {'data': 1, 'fsdp': n, 'tensor': 1}
   assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
   with pytest.raises(ValueError, match=f'{n} are present'):
-    parallel.make_mesh((n + 1, 1, 1))
+    sharding.make_mesh((n + 1, 1, 1))
   with pytest.raises(ValueError, match='axes'):
-    parallel.make_mesh((1, -1), ('data', 'fsdp', 'tensor'))
+    sharding.make_mesh((1, -1), ('data', 'fsdp', 'tensor'))
 
 
 def test_mesh_config_from_ml_collections():
   import ml_collections as mc
   c = mc.ConfigDict({'shape': (2, -1, 1), 'rules': (('head/w$', [None, ['data', 'fsdp']]),)})
-  mcfg = parallel.MeshConfig.from_config(c)
+  mcfg = sharding.MeshConfig.from_config(c)
   assert mcfg.shape == (2, -1, 1)
   assert mcfg.rules == (('head/w$', (None, ('data', 'fsdp'))),)
-  assert mcfg.all_rules()[0] == mcfg.rules[0] and mcfg.all_rules()[1:] == parallel.DEFAULT_RULES
+  assert mcfg.all_rules()[0] == mcfg.rules[0] and mcfg.all_rules()[1:] == sharding.DEFAULT_RULES
 
 
 # --- partition rules -----------------------------------------------------------------
@@ -88,8 +89,8 @@ def _abstract_params(cfg):
 
 
 def test_default_rules_on_the_qwen_tree():
-  specs = parallel.partition_specs(_abstract_params(QWEN3), parallel.DEFAULT_RULES, abstract_mesh(2, 2, 2))
-  got = {parallel.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(
+  specs = sharding.partition_specs(_abstract_params(QWEN3), sharding.DEFAULT_RULES, abstract_mesh(2, 2, 2))
+  got = {sharding.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(
       specs, is_leaf=lambda s: isinstance(s, P))[0]}
   col, row = P(None, 'fsdp', 'tensor'), P(None, 'tensor', 'fsdp')
   expected = {
@@ -108,19 +109,19 @@ def test_default_rules_on_the_qwen_tree():
 
 def test_tied_model_and_critic_trees():
   tied = QWEN3.replace(tie='tied')
-  specs = parallel.partition_specs(_abstract_params(tied), parallel.DEFAULT_RULES, abstract_mesh(1, 4, 2))
+  specs = sharding.partition_specs(_abstract_params(tied), sharding.DEFAULT_RULES, abstract_mesh(1, 4, 2))
   assert specs['head'] == {} and specs['backbone']['embed'] == P('tensor', 'fsdp')
   critic = {'backbone': _abstract_params(QWEN3)['backbone'],
             'value_head': {'w': jax.ShapeDtypeStruct((64,), jnp.float32), 'b': jax.ShapeDtypeStruct((), jnp.float32)}}
-  cs = parallel.partition_specs(critic, parallel.DEFAULT_RULES, abstract_mesh(1, 4, 2))
+  cs = sharding.partition_specs(critic, sharding.DEFAULT_RULES, abstract_mesh(1, 4, 2))
   assert cs['value_head'] == {'w': P(), 'b': P()}
   assert cs['backbone']['layers']['q_proj']['kernel'] == P(None, 'fsdp', 'tensor')
 
 
 def test_non_divisible_dims_fall_back_with_a_warning(caplog):
   cfg = QWEN3.replace(vocab_size=100)          # 100 rows over tensor=8: not divisible
-  with caplog.at_level(logging.WARNING, logger='cfrl_jax.parallel'):
-    specs = parallel.partition_specs(_abstract_params(cfg), parallel.DEFAULT_RULES, abstract_mesh(1, 1, 8))
+  with caplog.at_level(logging.WARNING, logger='cfrl_jax.sharding'):
+    specs = sharding.partition_specs(_abstract_params(cfg), sharding.DEFAULT_RULES, abstract_mesh(1, 1, 8))
   assert specs['head']['w'] == P(None, 'fsdp') and specs['backbone']['embed'] == P(None, 'fsdp')
   # kv out = 2 heads x 16 = 32 divides by 8; q out 64 too: these stay sharded
   assert specs['backbone']['layers']['k_proj']['kernel'] == P(None, 'fsdp', 'tensor')
@@ -128,15 +129,15 @@ def test_non_divisible_dims_fall_back_with_a_warning(caplog):
   # a tuple entry keeps its longest dividing prefix of axes: 6 rows over data=2 x fsdp=4 -> data only
   rules = [(r'x$', (('data', 'fsdp'),)), (r'.*', ())]
   x = {'x': jax.ShapeDtypeStruct((6, 3), jnp.float32), 'y': jax.ShapeDtypeStruct((8,), jnp.float32)}
-  got = parallel.partition_specs(x, rules, abstract_mesh(2, 4, 1))
+  got = sharding.partition_specs(x, rules, abstract_mesh(2, 4, 1))
   assert got == {'x': P(('data',)), 'y': P()}
-  got = parallel.partition_specs({'x': jax.ShapeDtypeStruct((8, 3), jnp.float32)}, rules, abstract_mesh(2, 4, 1))
+  got = sharding.partition_specs({'x': jax.ShapeDtypeStruct((8, 3), jnp.float32)}, rules, abstract_mesh(2, 4, 1))
   assert got == {'x': P(('data', 'fsdp'))}
 
 
 def test_first_matching_rule_wins_and_user_rules_go_first():
-  mcfg = parallel.MeshConfig(rules=((r'head/w$', (None, 'tensor')),))
-  specs = parallel.partition_specs(_abstract_params(QWEN3), mcfg.all_rules(), abstract_mesh(1, 2, 2))
+  mcfg = sharding.MeshConfig(rules=((r'head/w$', (None, 'tensor')),))
+  specs = sharding.partition_specs(_abstract_params(QWEN3), mcfg.all_rules(), abstract_mesh(1, 2, 2))
   assert specs['head']['w'] == P(None, 'tensor')
   assert specs['backbone']['embed'] == P('tensor', 'fsdp')     # default still applies elsewhere
 
@@ -149,30 +150,30 @@ def test_first_matching_rule_wins_and_user_rules_go_first():
 ])
 def test_bad_rules_are_errors(rule, match):
   with pytest.raises(ValueError, match=match):
-    parallel.partition_specs(_abstract_params(QWEN3), (rule,) + parallel.DEFAULT_RULES, abstract_mesh(1, 2, 2))
+    sharding.partition_specs(_abstract_params(QWEN3), (rule,) + sharding.DEFAULT_RULES, abstract_mesh(1, 2, 2))
 
 
 def test_rules_without_catch_all_and_malformed_rules():
   with pytest.raises(ValueError, match='no partition rule matches'):
-    parallel.partition_specs({'a': jnp.zeros(3)}, [(r'^b$', ())], abstract_mesh(1, 1, 1))
+    sharding.partition_specs({'a': jnp.zeros(3)}, [(r'^b$', ())], abstract_mesh(1, 1, 1))
   with pytest.raises(ValueError, match='does not compile'):
-    parallel.normalize_rules([('(', ())])
+    sharding.normalize_rules([('(', ())])
   with pytest.raises(ValueError, match='expected \\(regex, spec\\)'):
-    parallel.normalize_rules([('a',)])
+    sharding.normalize_rules([('a',)])
 
 
 @pytest.mark.parametrize('stage', [1, 2])
 def test_opt_state_specs_mirror_the_params(stage):
   cfg = QWEN3
   params = qwen.init_params(cfg, jax.random.PRNGKey(0))
-  specs = parallel.partition_specs(params, parallel.DEFAULT_RULES, abstract_mesh(2, 2, 2))
+  specs = sharding.partition_specs(params, sharding.DEFAULT_RULES, abstract_mesh(2, 2, 2))
   _, state = learner.init_stage(cfg, params, stage, learner.OptimConfig())
-  ospecs = parallel.opt_state_specs(state, params, specs)
-  param_spec = {parallel.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(
+  ospecs = sharding.opt_state_specs(state, params, specs)
+  param_spec = {sharding.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(
       specs, is_leaf=lambda s: isinstance(s, P))[0]}
   moments = 0
   for path, spec in jax.tree_util.tree_flatten_with_path(ospecs, is_leaf=lambda s: isinstance(s, P))[0]:
-    name = parallel.path_str(path)
+    name = sharding.path_str(path)
     for tag in ('/mu/', '/nu/'):
       if tag in name:
         assert spec == param_spec[name.split(tag, 1)[1]], name
@@ -186,43 +187,42 @@ def test_opt_state_specs_mirror_the_params(stage):
 
 def test_drop_axes_for_decoding():
   specs = {'w': P(None, 'fsdp', 'tensor'), 'e': P('tensor', ('data', 'fsdp')), 'n': P()}
-  assert parallel.drop_axes(specs, ('fsdp',)) == {'w': P(None, None, 'tensor'), 'e': P('tensor', ('data',)),
+  assert sharding.drop_axes(specs, ('fsdp',)) == {'w': P(None, None, 'tensor'), 'e': P('tensor', ('data',)),
                                                   'n': P()}
 
 
 def test_batch_spec_and_constrain_without_mesh():
-  assert parallel.batch_spec(abstract_mesh(2, 4, 1)) == P(('data', 'fsdp'))
-  assert parallel.batch_spec(abstract_mesh(2, 4, 1), rows=16) == P(('data', 'fsdp'))
-  assert parallel.batch_spec(abstract_mesh(2, 4, 1), rows=6) == P(('data',))
-  assert parallel.batch_spec(abstract_mesh(2, 4, 1), rows=3) == P(None)
+  assert sharding.batch_spec(abstract_mesh(2, 4, 1)) == P(('data', 'fsdp'))
+  assert sharding.batch_spec(abstract_mesh(2, 4, 1), rows=16) == P(('data', 'fsdp'))
+  assert sharding.batch_spec(abstract_mesh(2, 4, 1), rows=6) == P(('data',))
+  assert sharding.batch_spec(abstract_mesh(2, 4, 1), rows=3) == P(None)
   x = jnp.ones((4, 3, 2))
-  assert parallel.constrain_batch(x) is x            # no mesh in context: untouched
-  assert jax.jit(parallel.constrain_batch)(x).shape == x.shape
+  assert sharding.constrain_batch(x) is x            # no mesh in context: untouched
+  assert jax.jit(sharding.constrain_batch)(x).shape == x.shape
   with pytest.raises(ValueError, match='more entries'):
-    parallel.constrain(jnp.ones(3), 'data', None)
+    sharding.constrain(jnp.ones(3), 'data', None)
 
 
 def test_shard_batch_and_host_rows_on_this_process():
-  mesh = parallel.make_mesh((1, -1, 1))
+  mesh = sharding.make_mesh((1, -1, 1))
   n = 4 * jax.device_count()
   batch = {'tokens': np.arange(2 * n).reshape(n, 2), 'scale': np.float32(2.0), 'ref_logp': None}
-  out = parallel.shard_batch(batch, mesh)
+  out = sharding.shard_batch(batch, mesh)
   assert set(out) == {'tokens', 'scale'}
-  np.testing.assert_array_equal(parallel.to_host(out)['tokens'], batch['tokens'])
+  np.testing.assert_array_equal(sharding.to_host(out)['tokens'], batch['tokens'])
   assert out['scale'].sharding.spec == P()
-  assert parallel.host_rows(n, mesh) == slice(0, n)
+  assert sharding.host_rows(n, mesh) == slice(0, n)
 
 
 @pytest.mark.slow
-def test_sample_sharded_on_this_process_equals_sample_and_checks_inputs_alike(tiny_qwen2_dir):
-  from cfrl_jax import sampling
+def test_sample_on_a_mesh_of_this_process_equals_sample_and_checks_inputs_alike(tiny_qwen2_dir):
   from cfrl_jax.models import hf
   cfg, params = hf.load_pretrained(tiny_qwen2_dir)
-  mesh = parallel.make_mesh((1, -1, 1))
+  mesh = sharding.make_mesh((1, -1, 1))
   tokens = np.asarray([[0, 0, 5, 9], [3, 4, 8, 2], [0, 7, 1, 6]], np.int32)
   mask = (np.arange(4)[None] >= np.asarray([[2], [0], [1]])).astype(np.int32)
   kw = dict(max_new_tokens=5, temperature=0.9, top_k=7, stop_token_ids=(3,))
-  ours = parallel.sample_sharded(cfg, params, tokens, mask, jax.random.PRNGKey(2), mesh=mesh, **kw)
+  ours = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(2), mesh=mesh, **kw)
   ref = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(2), **kw)
   np.testing.assert_array_equal(ours.tokens, np.asarray(ref.tokens))
   np.testing.assert_allclose(ours.logprobs, np.asarray(ref.logprobs), atol=1e-5)
@@ -233,22 +233,21 @@ def test_sample_sharded_on_this_process_equals_sample_and_checks_inputs_alike(ti
          (dict(decode_segments=0), 'decode_segments')]
   for change, match in bad:
     args = {'prompt_tokens': tokens, 'prompt_mask': mask, **kw, **change}
-    for fn, extra in ((parallel.sample_sharded, {'mesh': mesh}), (sampling.sample, {})):
+    for extra in ({'mesh': mesh}, {}):
       with pytest.raises(ValueError, match=match):
-        fn(cfg, params, key=jax.random.PRNGKey(2), **args, **extra)
+        sampling.sample(cfg, params, key=jax.random.PRNGKey(2), **args, **extra)
 
 
 def test_per_host_helpers_are_identities_on_one_process():
   """With one process every row is local: the per-host helpers must not change a single-process run."""
   import ml_collections as mc
-  from cfrl_jax.train import placement
-  mesh = parallel.make_mesh((1, -1, 1))
+  mesh = sharding.make_mesh((1, -1, 1))
   n = 4 * jax.device_count()
   x = np.arange(3 * n, dtype=np.float32).reshape(n, 3)
-  assert parallel.process_block(n, mesh) == slice(0, n)
-  np.testing.assert_array_equal(parallel.gather_rows({'x': x}, mesh)['x'], x)
-  np.testing.assert_array_equal(parallel.local_rows(parallel.shard_batch({'x': x}, mesh, process_local=True)['x']), x)
-  assert parallel.process_max(7) == 7
+  assert sharding.process_block(n, mesh) == slice(0, n)
+  np.testing.assert_array_equal(sharding.gather_rows({'x': x}, mesh)['x'], x)
+  np.testing.assert_array_equal(sharding.local_rows(sharding.shard_batch({'x': x}, mesh, process_local=True)['x']), x)
+  assert sharding.process_max(7) == 7
   params = {'w': jnp.ones((4, 2))}
   place = placement.Placement(mc.ConfigDict({'shape': (1, -1, 1), 'rules': (), 'data_loading': 'per_host'}), params)
   assert not place.per_host and place.rows_of_process(n) == slice(0, n)
@@ -261,50 +260,50 @@ def test_per_host_helpers_are_identities_on_one_process():
 
 # --- launch environments ---------------------------------------------------------------
 def test_single_process_without_launch_environment_is_a_no_op():
-  assert parallel.launch_spec({}) is None
-  assert parallel.initialize_distributed(env={}) is False
-  assert parallel.launch_spec({'SLURM_JOB_ID': '5', 'SLURM_NTASKS': '1', 'SLURM_PROCID': '0',
+  assert distributed.launch_spec({}) is None
+  assert distributed.initialize_distributed(env={}) is False
+  assert distributed.launch_spec({'SLURM_JOB_ID': '5', 'SLURM_NTASKS': '1', 'SLURM_PROCID': '0',
                                'SLURM_STEP_NODELIST': 'n1'}) is None       # a one-task job step
-  assert parallel.launch_spec({'CFRL_DISTRIBUTED': 'off', 'CFRL_COORDINATOR': 'h:1'}) is None
+  assert distributed.launch_spec({'CFRL_DISTRIBUTED': 'off', 'CFRL_COORDINATOR': 'h:1'}) is None
 
 
 def test_explicit_and_cfrl_environment_launch():
-  spec = parallel.launch_spec({'CFRL_COORDINATOR': '10.0.0.1:1234', 'CFRL_NUM_PROCESSES': '4',
+  spec = distributed.launch_spec({'CFRL_COORDINATOR': '10.0.0.1:1234', 'CFRL_NUM_PROCESSES': '4',
                                'CFRL_PROCESS_ID': '3', 'CFRL_LOCAL_DEVICE_IDS': '0,1'})
   assert (spec.coordinator, spec.num_processes, spec.process_id, spec.local_device_ids, spec.detect) == \
       ('10.0.0.1:1234', 4, 3, (0, 1), False)
-  spec = parallel.launch_spec({}, coordinator='h:9', num_processes=2, process_id=0)
+  spec = distributed.launch_spec({}, coordinator='h:9', num_processes=2, process_id=0)
   assert (spec.coordinator, spec.num_processes, spec.process_id) == ('h:9', 2, 0)
   with pytest.raises(ValueError, match=r"missing \['num_processes', 'process_id'\]"):
-    parallel.launch_spec({'CFRL_COORDINATOR': 'h:1'})
+    distributed.launch_spec({'CFRL_COORDINATOR': 'h:1'})
   with pytest.raises(ValueError, match='host:port'):
-    parallel.launch_spec({}, coordinator='h', num_processes=2, process_id=0)
+    distributed.launch_spec({}, coordinator='h', num_processes=2, process_id=0)
   with pytest.raises(ValueError, match=r'process_id=2 must lie in \[0, num_processes=2\)'):
-    parallel.launch_spec({}, coordinator='h:1', num_processes=2, process_id=2)
+    distributed.launch_spec({}, coordinator='h:1', num_processes=2, process_id=2)
   with pytest.raises(ValueError, match='is not an integer'):
-    parallel.launch_spec({'CFRL_COORDINATOR': 'h:1', 'CFRL_NUM_PROCESSES': 'two', 'CFRL_PROCESS_ID': '0'})
+    distributed.launch_spec({'CFRL_COORDINATOR': 'h:1', 'CFRL_NUM_PROCESSES': 'two', 'CFRL_PROCESS_ID': '0'})
   with pytest.raises(ValueError, match='CFRL_DISTRIBUTED'):
-    parallel.launch_spec({'CFRL_DISTRIBUTED': 'yes'})
+    distributed.launch_spec({'CFRL_DISTRIBUTED': 'yes'})
 
 
 def test_slurm_and_tpu_environments():
   slurm = {'SLURM_JOB_ID': '4097', 'SLURM_NTASKS': '4', 'SLURM_STEP_NUM_TASKS': '4', 'SLURM_PROCID': '2',
            'SLURM_LOCALID': '0', 'SLURM_NODEID': '2', 'SLURM_STEP_NODELIST': 'gpu[007-009,012]',
            'SLURM_STEP_TASKS_PER_NODE': '1(x4)'}
-  spec = parallel.launch_spec(slurm)
+  spec = distributed.launch_spec(slurm)
   assert (spec.coordinator, spec.num_processes, spec.process_id, spec.local_device_ids) == \
       ('gpu007:61097', 4, 2, None)                       # one task per node: all its GPUs
   per_gpu = dict(slurm, SLURM_STEP_NUM_TASKS='16', SLURM_STEP_TASKS_PER_NODE='8(x2)', SLURM_NODEID='1',
                  SLURM_LOCALID='5', SLURM_PROCID='13', CFRL_COORDINATOR='gpu007:5555')
-  spec = parallel.launch_spec(per_gpu)
+  spec = distributed.launch_spec(per_gpu)
   assert (spec.coordinator, spec.num_processes, spec.process_id, spec.local_device_ids) == \
       ('gpu007:5555', 16, 13, (5,))                      # one task per GPU: pinned to its GPU
-  assert parallel.first_slurm_host('node001') == 'node001'
-  assert parallel.first_slurm_host('a1,b2') == 'a1'
-  assert parallel.first_slurm_host('tpu-[3,5-7]') == 'tpu-3'
-  assert parallel.launch_spec({'CFRL_DISTRIBUTED': 'auto'}).detect
-  assert parallel.launch_spec({'TPU_WORKER_HOSTNAMES': 'w0,w1,w2,w3'}).detect
-  assert parallel.launch_spec({'TPU_WORKER_HOSTNAMES': 'w0'}) is None
+  assert distributed.first_slurm_host('node001') == 'node001'
+  assert distributed.first_slurm_host('a1,b2') == 'a1'
+  assert distributed.first_slurm_host('tpu-[3,5-7]') == 'tpu-3'
+  assert distributed.launch_spec({'CFRL_DISTRIBUTED': 'auto'}).detect
+  assert distributed.launch_spec({'TPU_WORKER_HOSTNAMES': 'w0,w1,w2,w3'}).detect
+  assert distributed.launch_spec({'TPU_WORKER_HOSTNAMES': 'w0'}) is None
 
 
 # --- sharded execution in subprocesses (8 simulated CPU devices) ---------------------
@@ -356,7 +355,6 @@ def sharded_runs(tmp_path_factory):
 @pytest.fixture(scope='module')
 def reference():
   """The same step and sample on one device with the unsharded learner and sampler."""
-  from cfrl_jax import sampling
   cfg = worker.tiny_config()
   params = worker.tiny_params(cfg)
   tx = worker.optimizer(cfg, params)
@@ -399,7 +397,7 @@ def test_sharded_step_and_greedy_sample_match_one_device(sharded_runs, reference
   report = json.load(open(sharded_runs / 'meshes.json'))
   assert report['device_count'] == 8
   mesh = report['meshes'][name]
-  assert mesh['mesh_axes'] == dict(zip(parallel.AXES, shape)) and mesh['finite']
+  assert mesh['mesh_axes'] == dict(zip(sharding.AXES, shape)) and mesh['finite']
   expected = _expected_shards(shape[1], shape[2])
   for placed in ('params_in', 'params_out'):
     assert {k: v['shards'] for k, v in mesh[placed].items()} == {k: [v] for k, v in expected.items()}, placed

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from cfrl_jax import parallel
+from cfrl_jax import sharding
 
 Params = dict[str, Any]
 
@@ -338,16 +338,16 @@ def features(cfg: QwenConfig, backbone: Params, tokens, mask=None, positions=Non
   if positions is None:
     positions = positions_from_mask(mask, None if cache is None else cache.mask.sum(-1))
   cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-  # Under a mesh (parallel.jit_sharded), keep the residual stream split by rows over data x fsdp:
+  # Under a mesh (sharding.jit_sharded), keep the residual stream split by rows over data x fsdp:
   # the embedding gather and each layer's output would otherwise follow the weights' sharding.
-  h = parallel.constrain_batch(jnp.take(backbone['embed'], tokens, axis=0).astype(cfg.compute_dtype))
+  h = sharding.constrain_batch(jnp.take(backbone['embed'], tokens, axis=0).astype(cfg.compute_dtype))
   layers = backbone['layers']
 
   if cache is None:
     q_slots = jnp.arange(T)
 
     def body(h, p):
-      return parallel.constrain_batch(_layer(cfg, p, h, cos, sin, q_slots, mask, lambda k, v: (k, v))), None
+      return sharding.constrain_batch(_layer(cfg, p, h, cos, sin, q_slots, mask, lambda k, v: (k, v))), None
 
     body = jax.checkpoint(body) if cfg.remat else body
     h, _ = jax.lax.scan(body, h, layers)

@@ -4,7 +4,7 @@ The trainer asks this object for its jitted pieces instead of calling `jax.jit` 
 same loop runs on a laptop and on a pod:
 
   * one device (`jax.device_count() == 1`): plain `jax.jit`, arrays wherever JAX puts them;
-  * several devices: a mesh from `config.mesh` (cfrl_jax/parallel.py), parameters, optimizer
+  * several devices: a mesh from `config.mesh` (cfrl_jax/sharding.py), parameters, optimizer
     state, reference policy and critic placed with `NamedSharding`s from the partition rules,
     and every step (learner update, critic update, reference / old-policy log-probs, value
     forward pass, sampler) a `jax.jit` with explicit `in_shardings` / `out_shardings` whose
@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from cfrl_jax import parallel
+from cfrl_jax import sampling, sharding
+from cfrl_jax.train import learner
 
 _REP = PartitionSpec()
 DATA_LOADING = ('per_host', 'global')
@@ -38,13 +39,13 @@ class Placement:
   unsharded equivalent)."""
 
   def __init__(self, mesh_config, params):
-    self.mesh_config = parallel.MeshConfig.from_config(mesh_config)
+    self.mesh_config = sharding.MeshConfig.from_config(mesh_config)
     n = jax.device_count()
     # Checked on one device too, so a config that cannot run on the pod fails here, not there.
-    parallel.resolve_mesh_shape(self.mesh_config.shape, n)
+    sharding.resolve_mesh_shape(self.mesh_config.shape, n)
     self.mesh = self.mesh_config.make_mesh() if n > 1 else None
     self.rules = self.mesh_config.all_rules()
-    self.param_specs = (parallel.partition_specs(params, self.rules, self.mesh)
+    self.param_specs = (sharding.partition_specs(params, self.rules, self.mesh)
                         if self.mesh is not None else None)
     data_loading = mesh_config.get('data_loading', 'per_host')
     if data_loading not in DATA_LOADING:
@@ -62,27 +63,27 @@ class Placement:
     """The block of a (global_rows, ...) batch that this process loads: all rows unless per_host."""
     if not self.per_host:
       return slice(0, global_rows)
-    return parallel.process_block(global_rows, self.mesh)
+    return sharding.process_block(global_rows, self.mesh)
 
   def to_global(self, batch: dict) -> dict:
     """Per-host: this process's numpy rows -> global arrays on the mesh (rows split over processes).
     Otherwise the batch as is (the jitted steps place host data themselves)."""
     if not self.per_host:
       return batch
-    return parallel.shard_batch(batch, self.mesh, process_local=True)
+    return sharding.shard_batch(batch, self.mesh, process_local=True)
 
   def own_rows(self, x) -> np.ndarray:
     """A per-row result of a jitted step as numpy: this process's rows when per_host, else all of them."""
-    return parallel.local_rows(x) if self.per_host else parallel.to_host(x)
+    return sharding.local_rows(x) if self.per_host else sharding.to_host(x)
 
   def all_rows(self, tree):
     """Per-host: every process's rows of a tree of process-local numpy arrays, in batch order, on
     every process (an all-gather). Otherwise the tree as is (every process has every row)."""
-    return parallel.gather_rows(tree, self.mesh) if self.per_host else tree
+    return sharding.gather_rows(tree, self.mesh) if self.per_host else tree
 
   def max_over_processes(self, n: int) -> int:
     """An integer all processes agree on (the largest), e.g. the prompt width; n itself unless per_host."""
-    return parallel.process_max(n) if self.per_host else int(n)
+    return sharding.process_max(n) if self.per_host else int(n)
 
   def take_rows(self, batch: dict, idx) -> dict:
     """Per-host: rows idx (global indices, the same on every process) of a to_global batch, gathered
@@ -92,36 +93,36 @@ class Placement:
     idx = np.asarray(idx, np.int32)
     if len(idx) not in self._take_fns:
       gather = lambda b, i: jax.tree_util.tree_map(lambda x: jnp.take(x, i, axis=0), b)
-      self._take_fns[len(idx)] = parallel.jit_sharded(gather, self.mesh, (None, _REP),
-                                                      parallel.batch_spec(self.mesh, len(idx)))
+      self._take_fns[len(idx)] = sharding.jit_sharded(gather, self.mesh, (None, _REP),
+                                                      sharding.batch_spec(self.mesh, len(idx)))
     return self._take_fns[len(idx)](batch, idx)
 
   # -- trees ---------------------------------------------------------------------
   def specs_of(self, tree):
     """Partition specs of any params-like tree (params, critic) under the rules."""
-    return parallel.partition_specs(tree, self.rules, self.mesh)
+    return sharding.partition_specs(tree, self.rules, self.mesh)
 
   def put(self, tree, specs=None):
     """tree placed on the mesh (specs default: the rules); unchanged on one device."""
     if not self.sharded or tree is None:
       return tree
-    return parallel.shard(tree, self.mesh, self.specs_of(tree) if specs is None else specs)
+    return sharding.shard(tree, self.mesh, self.specs_of(tree) if specs is None else specs)
 
   def opt_specs(self, opt_state, params, param_specs=None):
-    return parallel.opt_state_specs(opt_state, params, self.param_specs if param_specs is None else param_specs)
+    return sharding.opt_state_specs(opt_state, params, self.param_specs if param_specs is None else param_specs)
 
   def put_opt_state(self, opt_state, params, param_specs=None):
     """(placed opt_state, its specs); specs None on one device."""
     if not self.sharded:
       return opt_state, None
     specs = self.opt_specs(opt_state, params, param_specs)
-    return parallel.shard(opt_state, self.mesh, specs), specs
+    return sharding.shard(opt_state, self.mesh, specs), specs
 
   def restore_target(self, tree, specs):
     """Abstract arrays for Checkpointer.restore: shapes, dtypes and (on a mesh) the shardings."""
     if not self.sharded:
       return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-    return parallel.abstract_sharded(tree, self.mesh, specs)
+    return sharding.abstract_sharded(tree, self.mesh, specs)
 
   # -- jitted steps ----------------------------------------------------------------
   def update(self, update_fn, opt_specs) -> Callable:
@@ -129,7 +130,7 @@ class Placement:
     if not self.sharded:
       return lambda params, opt_state, batch, lrs: update_fn(
           params, opt_state, {k: jnp.asarray(v) for k, v in batch.items() if v is not None}, lrs)
-    return parallel.sharded_update(update_fn, self.mesh, self.param_specs, opt_specs)
+    return sharded_update(update_fn, self.mesh, self.param_specs, opt_specs)
 
   def tree_step(self, step: Callable, tree_specs, opt_specs) -> Callable:
     """(tree, opt, batch) -> (tree, opt, metrics), e.g. the critic update; donates tree and opt."""
@@ -142,8 +143,8 @@ class Placement:
       batch = {k: v for k, v in batch.items() if v is not None}
       rows = len(next(iter(batch.values())))
       if rows not in jitted:
-        bspec = parallel.batch_spec(self.mesh, rows)
-        jitted[rows] = parallel.jit_sharded(step, self.mesh, (tree_specs, opt_specs, bspec),
+        bspec = sharding.batch_spec(self.mesh, rows)
+        jitted[rows] = sharding.jit_sharded(step, self.mesh, (tree_specs, opt_specs, bspec),
                                             (tree_specs, opt_specs, _REP), donate_argnums=(0, 1))
       return jitted[rows](tree, opt, batch)
 
@@ -161,14 +162,14 @@ class Placement:
     def call(tree, *xs):
       rows = len(xs[0])
       if rows not in jitted:
-        bspec = parallel.batch_spec(self.mesh, rows)
-        jitted[rows] = parallel.jit_sharded(fn, self.mesh, (tree_specs,) + (bspec,) * len(xs), bspec)
+        bspec = sharding.batch_spec(self.mesh, rows)
+        jitted[rows] = sharding.jit_sharded(fn, self.mesh, (tree_specs,) + (bspec,) * len(xs), bspec)
       return jitted[rows](tree, *xs)
 
     return call
 
   def sample_fn(self, process_local: bool = False) -> Callable | None:
-    """The sampler rollouts use on a mesh (parallel.sample_sharded bound to it); None: the default.
+    """The sampler rollouts use on a mesh (sampling.sample bound to it); None: the default.
 
     process_local (with per_host): it takes and returns this process's rows only."""
     if not self.sharded:
@@ -176,9 +177,34 @@ class Placement:
     mesh, local = self.mesh, process_local and self.per_host
 
     def sample(cfg, params, tokens, mask, key, **kw):
-      return parallel.sample_sharded(cfg, params, tokens, mask, key, mesh=mesh, process_local=local, **kw)
+      return sampling.sample(cfg, params, tokens, mask, key, mesh=mesh, process_local=local, **kw)
 
     return sample
+
+
+def sharded_update(update_fn: Callable, mesh, param_specs, opt_specs, batch_specs=None) -> Callable:
+  """The learner step (params, opt_state, batch, lrs) -> learner.UpdateResult, jitted with shardings.
+
+  update_fn: learner.make_update(...) (a jax.jit of the plain step; its __wrapped__ step is
+  re-jitted here) or any plain step function with that signature. Params and optimizer state keep
+  their specs in and out (donated); the batch is split over ('data', 'fsdp') (batch_specs None:
+  placed by shard_batch on every call, so any row count works; or a spec tree / prefix such as
+  P(sharding.BATCH_AXES)); lrs and all outputs but the new state are replicated.
+  """
+  step = getattr(update_fn, '__wrapped__', update_fn)
+  rep = PartitionSpec()
+  out_specs = learner.UpdateResult(params=param_specs, opt_state=opt_specs, loss=rep, finite=rep, metrics=rep)
+  jitted = sharding.jit_sharded(step, mesh, (param_specs, opt_specs, batch_specs, rep), out_specs,
+                                donate_argnums=(0, 1))
+
+  def call(params, opt_state, batch, lrs):
+    if batch_specs is None:
+      batch = sharding.shard_batch(batch, mesh)
+    return jitted(params, opt_state, batch, lrs)
+
+  call.jitted = jitted.jitted
+  call.mesh = mesh
+  return call
 
 
 def describe(placement: Placement) -> dict[str, Any]:

@@ -1,9 +1,11 @@
-"""Scale-out on JAX's own machinery: a device mesh, regex partition rules, sharded jit, multi-host start.
+"""Scale-out on JAX's own machinery: a device mesh, regex partition rules, sharded jit.
 
 Nothing here moves data by hand. Arrays carry `NamedSharding`s over one `jax.sharding.Mesh` spanning
-every device of every process; `jax.jit(in_shardings=..., out_shardings=...)` lets XLA's SPMD
-partitioner insert the collectives; `jax.distributed.initialize` starts the multi-controller runtime
-(one Python process per host, or per GPU) and every process runs the same program.
+every device of every process, and `jax.jit(in_shardings=..., out_shardings=...)` lets XLA's SPMD
+partitioner insert the collectives. This module sits at the bottom of the package (it imports only
+jax and numpy), so the model can call `constrain` on its activations. How several processes start
+is cfrl_jax/distributed.py; the sharded sampler is `sampling.sample(..., mesh=...)`, the sharded
+learner step `train.placement.sharded_update`.
 
 Mesh axes (`config.mesh.shape`, -1 = the devices left over):
 
@@ -26,20 +28,20 @@ Typical use (what the trainer does):
     specs = partition_specs(params, DEFAULT_RULES, mesh)
     params = shard(params, mesh, specs)
     opt_state, opt_specs = init_opt_state(tx, params, mesh, specs)
-    update = sharded_update(learner.make_update(cfg, loss_fn, tx, stage), mesh, specs, opt_specs)
+    update = placement.sharded_update(learner.make_update(cfg, loss_fn, tx, stage), mesh, specs, opt_specs)
     result = update(params, opt_state, host_batch, lrs)     # host numpy batch is split over (data, fsdp)
 
-Multi-host: every process calls `initialize_distributed()` first (before anything touches a
-device), builds the same mesh and feeds the same host data (global mode) or its own rows
+Multi-host: every process calls `distributed.initialize_distributed()` first (before anything
+touches a device), builds the same mesh and feeds the same host data (global mode) or its own rows
 (per-host mode: `process_block` says which rows, `shard_batch(..., process_local=True)` and
-`sample_sharded(..., process_local=True)` take them, `local_rows` and `gather_rows` bring results back).
+`sampling.sample(..., mesh=mesh, process_local=True)` take them, `local_rows` and `gather_rows`
+bring results back).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
-import os
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -477,83 +479,6 @@ def jit_sharded(fn: Callable, mesh: Mesh, in_specs: Sequence, out_specs, *, dona
   return call
 
 
-def sharded_update(update_fn: Callable, mesh: Mesh, param_specs, opt_specs, batch_specs=None) -> Callable:
-  """The learner step (params, opt_state, batch, lrs) -> learner.UpdateResult, jitted with shardings.
-
-  update_fn: learner.make_update(...) (a jax.jit of the plain step; its __wrapped__ step is
-  re-jitted here) or any plain step function with that signature. Params and optimizer state keep
-  their specs in and out (donated); the batch is split over ('data', 'fsdp') (batch_specs None:
-  placed by shard_batch on every call, so any row count works; or a spec tree / prefix such as
-  P(BATCH_AXES)); lrs and all outputs but the new state are replicated.
-  """
-  from cfrl_jax.train import learner
-  step = getattr(update_fn, '__wrapped__', update_fn)
-  rep = PartitionSpec()
-  out_specs = learner.UpdateResult(params=param_specs, opt_state=opt_specs, loss=rep, finite=rep, metrics=rep)
-  jitted = jit_sharded(step, mesh, (param_specs, opt_specs, batch_specs, rep), out_specs, donate_argnums=(0, 1))
-
-  def call(params, opt_state, batch, lrs):
-    if batch_specs is None:
-      batch = shard_batch(batch, mesh)
-    return jitted(params, opt_state, batch, lrs)
-
-  call.jitted = jitted.jitted
-  call.mesh = mesh
-  return call
-
-
-def sample_sharded(cfg, params, prompt_tokens, prompt_mask, key, *, mesh: Mesh, max_new_tokens: int,
-                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-                   stop_token_ids: Iterable[int] = (), pad_id: int = 0, process_local: bool = False,
-                   decode_segments: int | None = None, attention: str | None = None):
-  """sampling.sample with the prompt batch split over ('data', 'fsdp') and params as sharded.
-
-  Same arguments and result as sampling.sample (host numpy arrays, gathered on every process);
-  params should already be placed with `shard`. The batch bucket is rounded up to a multiple of the
-  batch shards so the rows split evenly. (Until sampling.sample takes a mesh itself: see the
-  integration note in the module's report.)
-
-  process_local: each process passes only its own prompts (b, P), the block process_block(b *
-  process_count, mesh) of the global batch, with the same (b, P) on every process, and gets back
-  its own rows (b, N). The rows are not bucketed, so every row sits at its global index and draws
-  the random numbers it would draw in a single-process run (sampling.draw folds in the row index).
-  """
-  from cfrl_jax import sampling
-  tokens, mask = sampling.check_prompts(cfg, prompt_tokens, prompt_mask)
-  sampling.check_decoding(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          greedy=greedy, decode_segments=decode_segments)
-  B, P = tokens.shape
-  unroll = sampling.unroll_layers_default()
-  attention = sampling.resolve_attention(cfg, attention, unroll)
-  if process_local and jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    shapes = multihost_utils.process_allgather(np.asarray([B, P], np.int32))
-    if np.any(shapes != shapes[:1]):
-      raise ValueError(f'process-local prompt batches must have one shape on every process; got (rows, width) '
-                       f'{shapes.tolist()} by process. Pad the prompts to the widest (rollout.collect\'s '
-                       'prompt_width does) and give every process the same number of prompts.')
-    Bp = B
-  else:
-    process_local = False
-    Bp = sampling.batch_bucket(cfg, B, unroll, batch_shards(mesh))
-  Pp = sampling.bucket_size(P, sampling.LENGTH_BUCKET_STEP, sampling.MIN_LENGTH_BUCKET)
-  tokens, mask, live = sampling.pad_prompts(tokens, mask, Bp, Pp, pad_id)
-  rows = shard_batch({'tokens': tokens, 'mask': mask, 'live': live}, mesh, process_local=process_local)
-  rep = lambda x: _put(x, NamedSharding(mesh, PartitionSpec()))
-  greedy, top_k, use_top_p = sampling.decoding_statics(cfg, greedy, top_k, top_p)
-  stops = sampling.stop_id_array(stop_token_ids)
-  with jax.sharding.set_mesh(mesh):
-    out = sampling._sample_padded(  # pylint: disable=protected-access
-        sampling.sampler_model(cfg, params, unroll), rows['tokens'], rows['mask'], rows['live'], rep(key),
-        rep(np.float32(1.0 if greedy else temperature)), rep(np.float32(top_p)), rep(stops),
-        rep(np.int32(pad_id)), cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=top_k,
-        use_top_p=use_top_p, unroll_layers=unroll,
-        segments=None if decode_segments is None else int(decode_segments), attention=attention)
-  if process_local:   # rows split as the prompts were (the partitioner may have chosen otherwise)
-    out = jax.device_put(tuple(out), NamedSharding(mesh, batch_spec(mesh, Bp)))
-    return sampling.SampleOutput(*(local_rows(x) for x in out))
-  return sampling.SampleOutput(*(x[:B] for x in to_host(tuple(out))))
-
 
 def constrain(x, *spec):
   """with_sharding_constraint(x, P(*spec)) against the mesh of the enclosing `jax.sharding.set_mesh`
@@ -576,145 +501,3 @@ def constrain(x, *spec):
 def constrain_batch(x):
   """Leading axis over ('data', 'fsdp'), the rest replicated: activations (B, T, d), logits (B, T, V)."""
   return constrain(x, BATCH_AXES, *([None] * (x.ndim - 1)))
-
-
-# --- processes ----------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class LaunchSpec:
-  """Arguments for jax.distributed.initialize; None fields are left to JAX's cluster detection."""
-  coordinator: str | None
-  num_processes: int | None
-  process_id: int | None
-  local_device_ids: tuple[int, ...] | None
-  source: str                # where they came from, for the log
-  detect: bool = False       # True: let JAX detect the cluster (Cloud TPU pods, ...)
-
-
-ENV_COORDINATOR = 'CFRL_COORDINATOR'          # host:port of process 0
-ENV_NUM_PROCESSES = 'CFRL_NUM_PROCESSES'
-ENV_PROCESS_ID = 'CFRL_PROCESS_ID'
-ENV_LOCAL_DEVICE_IDS = 'CFRL_LOCAL_DEVICE_IDS'  # e.g. '0' (one GPU per process) or '0,1,2,3'
-ENV_DISTRIBUTED = 'CFRL_DISTRIBUTED'          # 'auto' (JAX detects: TPU pods, ...) | 'off'
-ENV_COORDINATOR_PORT = 'CFRL_COORDINATOR_PORT'  # SLURM without CFRL_COORDINATOR: port on the first node
-
-
-def first_slurm_host(nodelist: str) -> str:
-  """The first hostname of a SLURM node list: 'gpu[003-007,010],cpu1' -> 'gpu003'."""
-  m = re.match(r'([^,\[]+)(\[([^\]]+)\])?', nodelist.strip())
-  if not m:
-    raise ValueError(f'cannot parse SLURM node list {nodelist!r}; set {ENV_COORDINATOR}=host:port.')
-  prefix, ranges = m.group(1), m.group(3)
-  return prefix if ranges is None else prefix + re.split(r'[,-]', ranges)[0]
-
-
-def _int_env(env, name) -> int:
-  try:
-    return int(env[name])
-  except ValueError:
-    raise ValueError(f'{name}={env[name]!r} is not an integer.') from None
-
-
-def launch_spec(env: Mapping[str, str] | None = None, *, coordinator: str | None = None,
-                num_processes: int | None = None, process_id: int | None = None) -> LaunchSpec | None:
-  """How this process joins a multi-process run, or None for a single process.
-
-  Priority: explicit arguments, then CFRL_COORDINATOR / CFRL_NUM_PROCESSES / CFRL_PROCESS_ID
-  (+ CFRL_LOCAL_DEVICE_IDS), then CFRL_DISTRIBUTED=auto (JAX's own detection: Cloud TPU pods,
-  Open MPI, Kubernetes, SLURM), then a SLURM job step of several tasks (srun), then a GKE TPU pod
-  (TPU_WORKER_HOSTNAMES with several hosts). CFRL_DISTRIBUTED=off forces a single process.
-  """
-  env = os.environ if env is None else env
-  local = env.get(ENV_LOCAL_DEVICE_IDS)
-  local_ids = tuple(int(i) for i in local.split(',') if i.strip()) if local else None
-  explicit = {'coordinator': coordinator if coordinator is not None else env.get(ENV_COORDINATOR),
-              'num_processes': num_processes if num_processes is not None else (
-                  _int_env(env, ENV_NUM_PROCESSES) if ENV_NUM_PROCESSES in env else None),
-              'process_id': process_id if process_id is not None else (
-                  _int_env(env, ENV_PROCESS_ID) if ENV_PROCESS_ID in env else None)}
-  mode = env.get(ENV_DISTRIBUTED, '').strip().lower()
-  if mode not in ('', 'auto', 'off'):
-    raise ValueError(f"{ENV_DISTRIBUTED}={env[ENV_DISTRIBUTED]!r}; expected 'auto', 'off' or unset.")
-  if mode == 'off':
-    return None
-  given = {k: v for k, v in explicit.items() if v is not None}
-  slurm = 'SLURM_STEP_NODELIST' in env and 'SLURM_PROCID' in env and int(
-      env.get('SLURM_STEP_NUM_TASKS', env.get('SLURM_NTASKS', '1'))) > 1
-  if given and len(given) < 3 and not slurm:
-    missing = sorted(set(explicit) - set(given))
-    raise ValueError(f'multi-process launch is missing {missing}: give coordinator (host:port), '
-                     f'num_processes and process_id (or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}).')
-  if len(given) == 3:
-    _check_launch(explicit['coordinator'], explicit['num_processes'], explicit['process_id'])
-    return LaunchSpec(explicit['coordinator'], explicit['num_processes'], explicit['process_id'], local_ids,
-                      'arguments / CFRL_* environment')
-  if mode == 'auto':
-    return LaunchSpec(None, None, None, local_ids, 'JAX cluster detection', detect=True)
-  if slurm:
-    n = explicit['num_processes'] or int(env.get('SLURM_STEP_NUM_TASKS', env.get('SLURM_NTASKS')))
-    pid = explicit['process_id'] if explicit['process_id'] is not None else _int_env(env, 'SLURM_PROCID')
-    coord = explicit['coordinator']
-    if coord is None:
-      port = env.get(ENV_COORDINATOR_PORT) or str(61000 + _int_env(env, 'SLURM_JOB_ID') % 4000)
-      coord = f"{first_slurm_host(env['SLURM_STEP_NODELIST'])}:{port}"
-    if local_ids is None and _tasks_on_this_node(env) > 1:
-      local_ids = (_int_env(env, 'SLURM_LOCALID'),)   # one process per GPU
-    _check_launch(coord, n, pid)
-    return LaunchSpec(coord, n, pid, local_ids, 'SLURM')
-  hosts = env.get('TPU_WORKER_HOSTNAMES', '')
-  if len([h for h in hosts.split(',') if h.strip()]) > 1 or env.get('MEGASCALE_COORDINATOR_ADDRESS'):
-    return LaunchSpec(None, None, None, None, 'Cloud TPU environment', detect=True)
-  return None
-
-
-def _tasks_on_this_node(env) -> int:
-  """SLURM tasks on this node, from SLURM_TASKS_PER_NODE ('8(x2)' or '8,4') and SLURM_NODEID."""
-  spec = env.get('SLURM_STEP_TASKS_PER_NODE') or env.get('SLURM_TASKS_PER_NODE')
-  if not spec:
-    return 1
-  counts = []
-  for part in spec.split(','):
-    m = re.fullmatch(r'(\d+)(\(x(\d+)\))?', part.strip())
-    if not m:
-      return 1
-    counts += [int(m.group(1))] * int(m.group(3) or 1)
-  node = int(env.get('SLURM_NODEID', 0))
-  return counts[node] if node < len(counts) else counts[-1]
-
-
-def _check_launch(coordinator, num_processes, process_id):
-  if not re.fullmatch(r'.+:\d+', str(coordinator)):
-    raise ValueError(f'coordinator {coordinator!r} must be host:port, e.g. 10.0.0.1:12345.')
-  if not (isinstance(num_processes, int) and num_processes >= 1):
-    raise ValueError(f'num_processes={num_processes!r} must be a positive int.')
-  if not (isinstance(process_id, int) and 0 <= process_id < num_processes):
-    raise ValueError(f'process_id={process_id!r} must lie in [0, num_processes={num_processes}).')
-
-
-def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, *, env: Mapping[str, str] | None = None,
-                           initialization_timeout: int = 300) -> bool:
-  """jax.distributed.initialize from the launch environment; True when this is a multi-process run.
-
-  A no-op (False) for a single process without launch variables. Must run before anything touches a
-  device (jax.devices(), an array, a jit call); main.py calls it first. Idempotent.
-  """
-  spec = launch_spec(env, coordinator=coordinator, num_processes=num_processes, process_id=process_id)
-  if spec is None:
-    return False
-  if jax.distributed.is_initialized():
-    return True
-  kw = dict(coordinator_address=spec.coordinator, num_processes=spec.num_processes, process_id=spec.process_id,
-            local_device_ids=list(spec.local_device_ids) if spec.local_device_ids is not None else None,
-            initialization_timeout=initialization_timeout)
-  if not spec.detect:
-    kw['cluster_detection_method'] = 'deactivate'   # ours are complete; JAX's SLURM guess would pin one GPU
-  log.info('jax.distributed.initialize via %s: %s', spec.source, {k: v for k, v in kw.items() if v is not None})
-  jax.distributed.initialize(**kw)
-  log.info('process %d of %d, %d local / %d global devices', jax.process_index(), jax.process_count(),
-           jax.local_device_count(), jax.device_count())
-  return True
-
-
-def is_main_process() -> bool:
-  """True on process 0: the one that writes logs, reports and metrics files."""
-  return jax.process_index() == 0
