@@ -858,8 +858,10 @@ def failure_message(failing: list[Result], plan: Plan, config, hbm_gib: float) -
   return '\n'.join(out)
 
 
-def summary(plan: Plan, results: list[Result], target: Target, hbm_gib: float) -> dict:
-  """The report's numbers as JSON (per device; bytes, FLOPs, seconds)."""
+def summary(plan: Plan, results: list[Result], target: Target, hbm_gib: float, config_path: str = '',
+            overrides: Sequence[str] = ()) -> dict:
+  """The report's numbers as JSON (per device; bytes, FLOPs, seconds), with the config file and the
+  command line's --config.* overrides that made them."""
   programs = []
   for r in results:
     row = {'name': r.program.name, 'kind': r.program.kind, 'calls': r.program.calls, 'fits_compiler': r.ok,
@@ -872,10 +874,72 @@ def summary(plan: Plan, results: list[Result], target: Target, hbm_gib: float) -
     else:
       row['error'] = r.error[:2000]
     programs.append(row)
-  return {'topology': target.name, 'devices': len(target.devices), 'chip': dataclasses.asdict(target.chip),
+  return {'config': config_path, 'overrides': list(overrides), 'model_origin': plan.origin,
+          'parameters': qwen.count_params(abstract_params(plan.cfg)),
+          'topology': target.name, 'devices': len(target.devices), 'chip': dataclasses.asdict(target.chip),
           'hbm_gib': hbm_gib, 'mesh': sharding.axis_sizes(plan.mesh), 'model': dataclasses.asdict(plan.cfg),
           'shapes': dataclasses.asdict(plan.shapes), 'resident_bytes': plan.resident,
           'optimizer_state_bytes': {str(k): v for k, v in plan.opt_groups.items()}, 'programs': programs}
+
+
+# --- one line per plan: the README's summary of generated plans ---------------------------------------
+_TITLE = re.compile(r'^# Plan: (.+) on (\S+)$', re.M)
+_MODEL_LINE = re.compile(r'^- model: (.+?), ([\d,]+) parameters', re.M)
+
+
+def _plan_header(summary_: dict, json_path: str) -> tuple[str, str, int]:
+  """(config, model origin, parameters) of a plan summary; plans written before the .json carried
+  them have them in the title and model line of the .md beside it."""
+  if 'model_origin' in summary_:
+    config = ' '.join([summary_['config']] + list(summary_.get('overrides', ())))
+    return config, summary_['model_origin'], int(summary_['parameters'])
+  md_path = os.path.splitext(json_path)[0] + '.md'
+  with open(md_path) as f:
+    md = f.read()
+  title, model = _TITLE.search(md), _MODEL_LINE.search(md)
+  if not title or not model:
+    raise ValueError(f'{json_path} has no model_origin and {md_path} no "# Plan: ..." title and "- model: ..." '
+                     'line to take it from; regenerate the plan with python -m cfrl_jax.plan.')
+  return title.group(1), model.group(1), int(model.group(2).replace(',', ''))
+
+
+def readme_row(summary_: dict, json_path: str = '') -> dict[str, str]:
+  """One plan's line: config, topology, model, its largest program, that program's per-device total
+  against the HBM, and whether every program fits (XLA compiled it and its total is within the HBM)."""
+  config, origin, params = _plan_header(summary_, json_path)
+  hbm = float(summary_['hbm_gib'])
+  progs = summary_['programs']
+  refused = [p for p in progs if not p['fits_compiler']]
+  mesh = 'x'.join(str(v) for v in summary_['mesh'].values())
+  row = {'config': f'`{config}`',
+         'topology': f"{summary_['topology']} ({summary_['devices']} x {summary_['chip']['name']}, mesh {mesh})",
+         'model': f'{origin}, {params / 1e9:.2f}B params'}
+  if refused:
+    row.update(largest=', '.join(p['name'] for p in refused) + ' (XLA: out of memory)',
+               peak=f'> {hbm:g} GiB', fits='no')
+    return row
+  top = max(progs, key=lambda p: p['total_bytes'])
+  peak = top['total_bytes'] / GIB
+  row.update(largest=top['name'], peak=f'{peak:.3g} / {hbm:g} GiB ({100 * peak / hbm:.0f}%)',
+             fits='yes' if all(p['total_bytes'] <= hbm * GIB for p in progs) else 'no')
+  return row
+
+
+_README_COLUMNS = (('config', 'config'), ('topology', 'topology'), ('model', 'model'),
+                   ('largest', 'largest program'), ('peak', 'peak HBM per chip / HBM'), ('fits', 'fits'))
+
+
+def readme_table(json_paths: Sequence[str]) -> str:
+  """A Markdown table, one row per plan .json (written by this module), in the order given."""
+  if not json_paths:
+    raise ValueError('--readme_table needs the plan .json files as arguments, e.g. docs/plan/*.json.')
+  lines = ['| ' + ' | '.join(h for _, h in _README_COLUMNS) + ' |',
+           '|' + '---|' * len(_README_COLUMNS)]
+  for path in json_paths:
+    with open(path) as f:
+      row = readme_row(json.load(f), path)
+    lines.append('| ' + ' | '.join(row[k] for k, _ in _README_COLUMNS) + ' |')
+  return '\n'.join(lines)
 
 
 def run_plan(config, target: Target, *, prompt_width: int, hbm_gib: float | None = None, config_path: str = '',
@@ -913,7 +977,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   flags.DEFINE_integer('vocab_size', 0, 'vocabulary of a config.model.arch model (0: config.tokenizer.vocab_size)',
                        flag_values=fv)
   flags.DEFINE_string('out', '', 'where to write the markdown (default: <run_dir>/plan-<topology>.md)', flag_values=fv)
-  fv(argv)
+  flags.DEFINE_bool('readme_table', False, 'print the one-row-per-plan summary table of the plan .json files given '
+                    'as arguments (e.g. docs/plan/*.json) and exit; compiles nothing', flag_values=fv)
+  rest = fv(argv)[1:]
+  if fv.readme_table:
+    try:
+      print(readme_table(rest))
+    except (ValueError, OSError) as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 1
+    return 0
   if fv['config'].value is None:
     print('error: --config=configs/<file>.py is required', file=sys.stderr)
     return 1
@@ -934,7 +1007,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   with open(path, 'w') as f:
     f.write(md)
   with open(os.path.splitext(path)[0] + '.json', 'w') as f:
-    json.dump(summary(plan, results, target, fv.hbm_gib or target.chip.hbm_gib), f, indent=1, default=str)
+    json.dump(summary(plan, results, target, fv.hbm_gib or target.chip.hbm_gib, config_path,
+                      [a for a in argv[1:] if a.startswith('--config.')]), f, indent=1, default=str)
   print(md)
   print(f'written to {path}', file=sys.stderr)
   if not fits:

@@ -219,3 +219,64 @@ def test_presets_have_the_public_parameter_counts():
   assert presets.resolve('/data/my-finetune') is None
   with pytest.raises(ValueError, match='qwen2.5-7b'):
     presets.resolve('preset:qwen9')
+
+
+def _written_summary(totals_gib, refused=(), hbm_gib=16.0):
+  """plan.summary() of a synthetic plan on v5e:4x8: one program per total (GiB; all temporaries), the
+  names in `refused` refused by XLA. Goes through the writer the planner uses, so a change of its
+  keys breaks this test rather than the README table."""
+  cfg = presets.config('qwen2.5-0.5b', dtype='bfloat16')
+  mesh = jax.make_mesh((1, 1, 1), ('data', 'fsdp', 'tensor'), devices=jax.devices()[:1])
+  shapes = plan.Shapes(rows=8, prompt_len=16, sampler_rows=8, sampler_prompt_len=16, minibatch_rows=2, new_tokens=8)
+  the_plan = plan.Plan(cfg, 'preset qwen2.5-0.5b', mesh, shapes, [], {}, {}, {})
+  results = []
+  for name, total in totals_gib.items():
+    program = plan.Program(name, 1, None, (), {}, (), 'logp')
+    if name in refused:
+      results.append(plan.Result(program, False, error='RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm'))
+    else:
+      results.append(plan.Result(program, True, temp=int(total * plan.GIB), flops=1e12, hbm_bytes=1e9))
+  target = plan.Target('v5e:4x8', 'tpu', plan.CHIPS['v5e'], tuple(range(32)))
+  return json.loads(json.dumps(plan.summary(the_plan, results, target, hbm_gib, 'configs/qwen_cfrl.py',
+                                            ['--config.rl.minibatches=8']), default=str))
+
+
+def test_readme_row_names_the_largest_program_and_its_share_of_hbm():
+  row = plan.readme_row(_written_summary({'sampler': 2.0, 'log-probs': 12.0, 'learner update': 4.0}))
+  assert row == {'config': '`configs/qwen_cfrl.py --config.rl.minibatches=8`',
+                 'topology': 'v5e:4x8 (32 x TPU v5e, mesh 1x1x1)',
+                 'model': 'preset qwen2.5-0.5b, 0.49B params',   # 494,032,768 as published (tied)
+                 'largest': 'log-probs', 'peak': '12 / 16 GiB (75%)', 'fits': 'yes'}
+
+
+def test_readme_row_says_no_when_a_program_exceeds_hbm_or_xla_refuses_it():
+  over = plan.readme_row(_written_summary({'sampler': 2.0, 'log-probs': 20.0}))
+  assert (over['largest'], over['peak'], over['fits']) == ('log-probs', '20 / 16 GiB (125%)', 'no')
+  refused = plan.readme_row(_written_summary({'sampler': 2.0, 'log-probs': 0.0}, refused=('log-probs',)))
+  assert (refused['largest'], refused['peak'], refused['fits']) == ('log-probs (XLA: out of memory)', '> 16 GiB', 'no')
+
+
+def test_readme_table_from_the_command_line(tmp_path, capsys):
+  paths = []
+  for i, totals in enumerate(({'sampler': 2.0, 'log-probs': 8.0}, {'sampler': 3.0})):
+    paths.append(tmp_path / f'plan-{i}.json')
+    paths[-1].write_text(json.dumps(_written_summary(totals)))
+  assert plan.main(['plan', '--readme_table'] + [str(p) for p in paths]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[0] == '| config | topology | model | largest program | peak HBM per chip / HBM | fits |'
+  assert len(lines) == 4 and '| log-probs | 8 / 16 GiB (50%) | yes |' in lines[2] and '| sampler | 3 / 16' in lines[3]
+  assert plan.main(['plan', '--readme_table']) == 1
+  assert 'needs the plan .json files' in capsys.readouterr().err
+
+
+def test_readme_row_of_an_older_plan_reads_config_and_model_from_its_markdown(tmp_path):
+  summary = _written_summary({'log-probs': 8.0})
+  for key in ('config', 'overrides', 'model_origin', 'parameters'):
+    del summary[key]
+  (tmp_path / 'old.md').write_text('# Plan: configs/qwen_cfrl.py on v5e:4x8\n\n- devices: 32 x TPU v5 lite (tpu)\n'
+                                   '- model: preset qwen2.5-1.5b, 1,777,088,000 parameters, tie=untied\n')
+  row = plan.readme_row(summary, str(tmp_path / 'old.json'))
+  assert row['config'] == '`configs/qwen_cfrl.py`' and row['model'] == 'preset qwen2.5-1.5b, 1.78B params'
+  with pytest.raises(ValueError, match='regenerate the plan'):
+    (tmp_path / 'old.md').write_text('something else\n')
+    plan.readme_row(summary, str(tmp_path / 'old.json'))
