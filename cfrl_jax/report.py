@@ -27,6 +27,10 @@ Conventions (stated in the report too):
     eval interval. Default target: the best arm's base pass@1 plus half of its gain (the midpoint of
     the best improvement).
   - One record per (kind, step): when a step was logged twice (a resumed run), the last wins.
+  - An Echo Chamber study (configs/echo_chamber.py; is_echo_chamber) gets its own section and figure,
+    echo_chamber.png: per arm the format shares of training samples with held-out accuracy on a second
+    axis, sampled and greedy eval format fractions at base and end, and whether the format collapse falls
+    in the eval interval of the largest pass@1 rise (rules in the section).
 
 Figures are drawn on matplotlib Figure objects with the Agg canvas (no pyplot, no global
 backend switch), so importing this module changes nothing for an interactive session.
@@ -1043,6 +1047,244 @@ def figure_formats(study: Study, out_dir: str) -> str | None:
   return _save(fig, out_dir, 'formats')
 
 
+# -- Echo Chamber: solution formats over training, with held-out accuracy ---------------
+
+ECHO_CHAMBER_FIGURE = 'echo_chamber'
+COLLAPSE_SHARE = 0.9        # a format has taken over once its smoothed share of training samples reaches this
+GREEDY_FORMAT_KEY = re.compile(r'^greedy_format_(.+)$')
+
+
+def is_echo_chamber(study: Study) -> bool:
+  """A study of configs/echo_chamber.py: its config's name starts with 'echo_chamber' (that config and its
+  :smoke variant), or it uses Echo Chamber's REINFORCE (rl.reinforce_style), which only that config sets."""
+  name = _get(study.config, 'name')
+  return ((isinstance(name, str) and name.startswith('echo_chamber'))
+          or _get(study.config, 'rl.reinforce_style') == 'echo_chamber')
+
+
+@dataclasses.dataclass(frozen=True)
+class FormatTrack:
+  """One solution format's share of an arm's training samples (train format_<name>) over RL steps.
+
+  steps (n,): the training steps every seed logged; raw (n,): seed mean of the per-step fraction;
+  smooth (n,): its centred moving average over `window` steps (study_stats.moving_average);
+  low, high (n,): min / max over seeds of each seed's moving average (both equal smooth for one seed).
+  """
+  name: str
+  steps: np.ndarray
+  raw: np.ndarray
+  smooth: np.ndarray
+  low: np.ndarray
+  high: np.ndarray
+  num_seeds: int
+
+
+def format_tracks(runs: Sequence[RunMetrics], window: int = SMOOTH_WINDOW) -> list[FormatTrack]:
+  """A FormatTrack per format logged in the runs' training records ('unknown' last)."""
+  out = []
+  for name in format_names(runs, 'train'):
+    per_seed = [(s, v) for s, v in (r.series('train', f'format_{name}') for r in runs) if len(s)]
+    if not per_seed:
+      continue
+    steps = functools.reduce(np.intersect1d, [s for s, _ in per_seed])
+    if not len(steps):
+      continue
+    vals = np.stack([v[np.searchsorted(s, steps)] for s, v in per_seed])            # (S, n)
+    smooth = np.stack([study_stats.moving_average(v, window) for v in vals])         # (S, n)
+    out.append(FormatTrack(name, steps, vals.mean(0), smooth.mean(0), smooth.min(0), smooth.max(0), len(vals)))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class EchoChamberPanel:
+  """One arm's panel of the Echo Chamber figure.
+
+  pass1: held-out pass@1 at the eval temperature (band: min-max over seeds, or +- the eval's s.e. with one
+  seed); greedy: held-out greedy accuracy (band: min-max over seeds). None where not logged.
+  """
+  arm: str
+  formats: list[FormatTrack]
+  pass1: Curve | None
+  greedy: Curve | None
+
+
+def echo_chamber_panels(study: Study, window: int = SMOOTH_WINDOW) -> list[EchoChamberPanel]:
+  """The series the Echo Chamber figure draws, per arm that logged training format fractions."""
+  out = []
+  for arm, runs in study.arms.items():
+    tracks = format_tracks(runs, window)
+    if not tracks:
+      continue
+    pass1 = arm_curve(runs, 'eval', 'pass@1')
+    if pass1 is not None:
+      pass1 = with_se_band(pass1, runs, 'eval', 'pass@1_stderr')
+    out.append(EchoChamberPanel(arm, tracks, pass1, arm_curve(runs, 'eval', 'greedy_accuracy')))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CollapseAndGain:
+  """Does the format collapse coincide with the largest accuracy gain? (one arm)
+
+  dominant: the format with the largest smoothed share at the last training step; first_share /
+  last_share: its smoothed share at the first / last training step; collapse_step: the first training
+  step at which that share reaches COLLAPSE_SHARE (None: never); gain_from, gain_to, gain: the pair of
+  consecutive evals with the largest rise of seed-mean pass@1 (None with fewer than 2 evals);
+  coincides: gain_from < collapse_step <= gain_to (None when either is unknown).
+  """
+  arm: str
+  dominant: str
+  first_share: float
+  last_share: float
+  collapse_step: int | None
+  gain_from: int | None
+  gain_to: int | None
+  gain: float | None
+  coincides: bool | None
+
+
+def collapse_and_gain(panel: EchoChamberPanel, share: float = COLLAPSE_SHARE) -> CollapseAndGain:
+  dom = max(panel.formats, key=lambda t: t.smooth[-1])
+  hit = np.nonzero(dom.smooth >= share)[0]
+  collapse = int(dom.steps[hit[0]]) if len(hit) else None
+  gain_from = gain_to = gain = None
+  p = panel.pass1
+  if p is not None and len(p.steps) >= 2:
+    i = int(np.argmax(np.diff(p.mean)))
+    gain_from, gain_to, gain = int(p.steps[i]), int(p.steps[i + 1]), float(p.mean[i + 1] - p.mean[i])
+  coincides = None if collapse is None or gain_from is None else gain_from < collapse <= gain_to
+  return CollapseAndGain(panel.arm, dom.name, float(dom.smooth[0]), float(dom.smooth[-1]), collapse,
+                         gain_from, gain_to, gain, coincides)
+
+
+def eval_format_endpoints(runs: Sequence[RunMetrics]) -> dict[str, dict[str, float | None]]:
+  """Per format: seed means of its eval fraction among sampled (format_<name>) and greedy
+  (greedy_format_<name>) completions at the base eval (step 0) and at each seed's last eval.
+
+  {name: {'sampled_base', 'sampled_end', 'greedy_base', 'greedy_end'}}; None where a seed lacks it.
+  """
+  keys = logged_keys(runs, 'eval')
+  names = {m.group(1) for k in keys for m in [FORMAT_KEY.match(k) or GREEDY_FORMAT_KEY.match(k)] if m}
+  out = {}
+  for name in sorted(names, key=lambda n: (n == 'unknown', n)):
+    row = {}
+    for source, prefix in (('sampled', 'format_'), ('greedy', 'greedy_format_')):
+      for which, label in (('base', 'base'), ('final', 'end')):
+        ends = _eval_endpoint(runs, prefix + name, which)
+        row[f'{source}_{label}'] = None if ends is None else float(np.mean([v for _, v in ends]))
+    out[name] = row
+  return out
+
+
+def eval_temperature(config: dict[str, Any]) -> float | None:
+  """The eval's sampling temperature: eval.temperature, or rl.temperature when that is < 0."""
+  t = _get(config, 'eval.temperature')
+  if _is_number(t) and t >= 0:
+    return float(t)
+  t = _get(config, 'rl.temperature')
+  return float(t) if _is_number(t) else None
+
+
+def echo_chamber_format_table(study: Study) -> list[str]:
+  """Markdown: per arm and format, the sampled and greedy eval fractions at the base and at the end."""
+  t = eval_temperature(study.config)
+  sampled = f'sampled (T = {t:g})' if t is not None else 'sampled'
+  rows = []
+  for arm, runs in study.arms.items():
+    for name, v in eval_format_endpoints(runs).items():
+      if not any(x for x in v.values()):   # never produced, by either decoding
+        continue
+      rows.append(f'| {arm_label(arm)} | {name} | {_arrow(v["sampled_base"], v["sampled_end"])} | '
+                  f'{_arrow(v["greedy_base"], v["greedy_end"])} |')
+  if not rows:
+    return ['No eval format fractions logged (eval format_<name> / greedy_format_<name>).']
+  return [f'| arm | format | {sampled}: base → end | greedy: base → end |', '|---|---|---|---|', *rows]
+
+
+def collapse_table(study: Study, window: int = SMOOTH_WINDOW) -> list[str]:
+  """Markdown: per arm, the dominant training format, when it reached COLLAPSE_SHARE, and the largest gain."""
+  rows = []
+  for p in echo_chamber_panels(study, window):
+    c = collapse_and_gain(p)
+    gain = '—' if c.gain is None else f'{c.gain_from} → {c.gain_to} ({c.gain:+.3f})'
+    coincide = {None: '—', True: 'yes', False: 'no'}[c.coincides]
+    rows.append(f'| {arm_label(c.arm)} | {c.dominant} ({c.first_share:.2f} → {c.last_share:.2f}) | '
+                f'{"not reached" if c.collapse_step is None else c.collapse_step} | {gain} | {coincide} |')
+  if not rows:
+    return []
+  return [f'| arm | dominant training format at the end (share first → last step) | first step with share '
+          f'≥ {COLLAPSE_SHARE:g} | largest pass@1 rise between evals (steps, change) | collapse within it |',
+          '|---|---|---|---|---|', *rows]
+
+
+def figure_echo_chamber(study: Study, out_dir: str) -> str | None:
+  """Per arm: the share of training samples in each format over RL steps (moving average over SMOOTH_WINDOW
+  steps, raw faint, min-max band over seeds) and, on a second axis, held-out pass@1 and greedy accuracy."""
+  panels = echo_chamber_panels(study)
+  if not panels:
+    return None
+  from matplotlib import colormaps
+  from matplotlib.lines import Line2D
+  cmap = colormaps['Dark2']
+  names = list(dict.fromkeys(t.name for p in panels for t in p.formats))
+  colors = {n: cmap(i % 8) for i, n in enumerate(names)}
+  fig, axes = _new_figure(len(panels), max_cols=2)
+  for ax, p in zip(axes, panels):
+    handles = []
+    for t in p.formats:
+      if not np.any(t.raw > 0):   # never sampled: a line on 0 adds nothing
+        continue
+      ax.plot(t.steps, t.raw, color=colors[t.name], lw=0.8, alpha=0.25)
+      ax.plot(t.steps, t.smooth, color=colors[t.name], lw=1.8)
+      if t.num_seeds > 1:
+        ax.fill_between(t.steps, t.low, t.high, color=colors[t.name], alpha=0.15, lw=0)
+      handles.append(Line2D([], [], color=colors[t.name], lw=1.8, label=f'format: {t.name}'))
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel('RL step')
+    ax.set_ylabel('fraction of training samples')
+    ax.set_title(arm_label(p.arm), fontsize=10)
+    ax.grid(alpha=0.3)
+    acc = ax.twinx()
+    for curve, style, color, label in ((p.pass1, '-', 'black', 'held-out pass@1'),
+                                       (p.greedy, '--', '0.45', 'held-out greedy accuracy')):
+      if curve is None:
+        continue
+      acc.plot(curve.steps, curve.mean, style, color=color, lw=1.4, marker='o', ms=3)
+      if curve.num_seeds > 1 or curve.se_band:
+        acc.fill_between(curve.steps, curve.low, curve.high, color=color, alpha=0.10, lw=0)
+      handles.append(Line2D([], [], color=color, ls=style, marker='o', ms=3, lw=1.4, label=label))
+    acc.set_ylabel('held-out accuracy')
+    acc.set_ylim(bottom=0)
+    ax.legend(handles=handles, fontsize=7, loc='best', framealpha=0.8)
+  fig.suptitle(f'Echo Chamber: formats of training samples ({SMOOTH_WINDOW}-step moving average, raw faint)\n'
+               'and held-out accuracy (right axis)' + _band_note(study), fontsize=11)
+  return _save(fig, out_dir, ECHO_CHAMBER_FIGURE)
+
+
+def echo_chamber_section(study: Study, figure: str | None) -> list[str]:
+  """The report's Echo Chamber section: format tables (greedy and sampled), the collapse vs gain table
+  with its rule, and the figure."""
+  md = ['## Echo Chamber: solution formats and accuracy', '',
+        'Fraction of held-out completions in each solution format at the base (step 0) and at the end (each '
+        "seed's last eval), among the sampled completions (the eval temperature) and the greedy ones; means over "
+        'seeds. Formats that neither decoding produced are left out.', '', *echo_chamber_format_table(study), '']
+  collapse = collapse_table(study)
+  if collapse:
+    md += ['Collapse vs gain. Dominant format: the one with the largest share of training samples at the last '
+           f'step ({SMOOTH_WINDOW}-step centred moving average of the seed mean); its collapse step: the first '
+           f'training step at which that share reaches {COLLAPSE_SHARE:g}. Largest gain: the pair of consecutive '
+           'evals with the largest rise of seed-mean held-out pass@1. "Collapse within it": the collapse step lies '
+           'after the first of those evals and at or before the second.', '', *collapse, '']
+  if figure:
+    md += [f'Per arm: the share of training samples in each format over RL steps ({SMOOTH_WINDOW}-step moving '
+           'average, the raw per-step seed mean faint' +
+           (', band: min–max over seeds of each seed\'s moving average' if any(len(r) > 1 for r in study.arms.values())
+            else '') + '); right axis: held-out pass@1 (solid, band: ' + pass1_band(study) + ') and greedy '
+           'accuracy (dashed). Formats never sampled in training are not drawn.', '',
+           f'![Echo Chamber formats and accuracy]({figure})', '']
+  return md
+
+
 # -- report.md ----------------------------------------------------------------------
 
 
@@ -1297,6 +1539,7 @@ def report_markdown(study: Study, nums: ReportNumbers, figures: dict[str, str | 
         'Comparisons between arms use the paired 95% intervals above. An arm\'s change from its own base is called '
         f'real only beyond {NOISE_SIGMAS:g} standard errors (per seed: pass@1_stderr over problems; over seeds: the '
         'larger of that and the seed-to-seed standard error).', '',
+        *(echo_chamber_section(study, figures.get(ECHO_CHAMBER_FIGURE)) if is_echo_chamber(study) else []),
         '## Figures', '']
   for name in FIGURES:
     if figures.get(name):
@@ -1313,7 +1556,7 @@ def report_markdown(study: Study, nums: ReportNumbers, figures: dict[str, str | 
 
 def write_figures(study: Study, out_dir: str, target: float | None = None) -> dict[str, str | None]:
   """Draws every figure that has data into out_dir; name -> PNG file name (None: nothing to draw)."""
-  return {
+  figures = {
       'accuracy': figure_accuracy(study, out_dir, target),
       'confidence': figure_confidence(study, out_dir),
       'passk': figure_passk(study, out_dir),
@@ -1322,6 +1565,9 @@ def write_figures(study: Study, out_dir: str, target: float | None = None) -> di
       'logprob_split': figure_logprob_split(study, out_dir),
       'norms': figure_norms(study, out_dir),
   }
+  if is_echo_chamber(study):   # drawn only for configs/echo_chamber.py studies; its own report section
+    figures[ECHO_CHAMBER_FIGURE] = figure_echo_chamber(study, out_dir)
+  return figures
 
 
 def found_analyses(study: Study) -> str | None:
