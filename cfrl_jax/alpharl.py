@@ -34,7 +34,7 @@ planned and W = round(window * T):
      eval.num_problems, 'train' = training prompts the window never drew, 'auto' = the
      first when there are enough rows), then evaluated on the reported problems. All models,
      the base and the window end are evaluated with the run's own eval
-     (experiment.make_eval_fn: same problems, same sampling key).
+     (run_setup.make_eval_fn: same problems, same sampling key).
   4. Optionally, continue_steps more steps of training from one extrapolated model, with
      the data order and randomness of the planned run from step W on (fresh optimizer;
      CF-RL's head-only stage is not repeated; a KL term stays anchored at the base).
@@ -69,7 +69,9 @@ from cfrl_jax import metrics as metrics_lib
 from cfrl_jax.analyze import fmt
 from cfrl_jax.config import parse_list
 from cfrl_jax.dynamics import rank1
-from cfrl_jax.train import checkpoint
+from cfrl_jax.run_setup import load_policy, make_eval_fn, make_probe_fn, write_run_config
+from cfrl_jax.tasks import build_task
+from cfrl_jax.train import checkpoint, trainer
 
 SUBDIR = 'alpharl'            # experiment.run writes AlphaRL output under <run_dir>/alpharl/
 CONTINUED_SUBDIR = 'continued'
@@ -568,11 +570,6 @@ def _as_device(tree):
 def run_alpharl(config, run_dir: str, task=None, *, progress: bool | None = None,
                 log: Callable[[str], None] = print) -> dict:
   """Runs the AlphaRL mode of `config` in run_dir (see the module docstring); returns the result dict."""
-  from cfrl_jax import experiment
-  from cfrl_jax.policy import load_policy
-  from cfrl_jax.tasks import build_task
-  from cfrl_jax.train import trainer
-
   settings, reference = prepare(config, run_dir)
   T, W = settings.planned_steps, settings.window_steps
   task = task or build_task(config.task)
@@ -582,11 +579,11 @@ def run_alpharl(config, run_dir: str, task=None, *, progress: bool | None = None
   policy, params = load_policy(config, task)
   seconds['load'] = time.time() - t0
   writer = jax.process_index() == 0
-  experiment.write_run_config(config, run_dir)
-  eval_fn = experiment.make_eval_fn(config, policy, task)
+  write_run_config(config, run_dir)
+  eval_fn = make_eval_fn(config, policy, task)
   # Checked before training: a selection split that is too small fails now, not after the window.
   selection = selection_rows(config, task, settings, trainer.prompt_rows) if settings.expo_alphas else None
-  probe_fn = experiment.make_probe_fn(config, policy, task)
+  probe_fn = make_probe_fn(config, policy, task)
   train_eval = eval_fn if config.eval.every > 0 else None
 
   log(f'AlphaRL: training the window, {W} of {T} planned steps, checkpoints every {settings.fit_every}')
@@ -635,8 +632,7 @@ def run_alpharl(config, run_dir: str, task=None, *, progress: bool | None = None
   if settings.expo_alphas:
     t0 = time.time()
     rows, split = selection
-    select_eval = experiment.make_eval_fn(config, policy, dataclasses.replace(task, eval=rows),
-                                          num_problems=len(rows))
+    select_eval = make_eval_fn(config, policy, dataclasses.replace(task, eval=rows), num_problems=len(rows))
     grid = tuple(settings.expo_alphas) + (T / W - 1,)
 
     def score(alpha):
@@ -659,7 +655,7 @@ def run_alpharl(config, run_dir: str, task=None, *, progress: bool | None = None
     ccfg = continued_config(config, settings)
     log(f'AlphaRL: continuing from {start} for {settings.continue_steps} steps (data from step {W})')
     t0 = time.time()
-    experiment.write_run_config(ccfg, cdir)
+    write_run_config(ccfg, cdir)
     t = trainer.Trainer(ccfg, policy, _as_device(fit.models[start]), task, cdir, eval_fn=train_eval,
                         probe_fn=probe_fn, progress=progress, initial_step=W)
     try:

@@ -13,7 +13,7 @@ of cfrl_jax.dynamics.rank1 for each attention/MLP kernel of every layer, and wri
 
 Evaluation is a callable evaluate(params) -> float (held-out accuracy) passed to
 analyze_run; without one every weight-space statistic is still computed. On the
-command line, --evaluate=task builds it with cfrl_jax.evaluate.evaluator_for_run(run_dir,
+command line, --evaluate=task builds it with cfrl_jax.run_setup.evaluator_for_run(run_dir,
 metric=--metric): by default pass@1 under the run's own eval settings and key when the run
 samples in its eval (so the base and final scores equal what the run logged), else greedy
 accuracy; --evaluate=MODULE:FACTORY with FACTORY(run_dir).
@@ -638,7 +638,7 @@ def write_report(analysis: Mapping, out_dir: str) -> dict[str, str]:
 
 # --- evaluation hook ----------------------------------------------------------------------------
 def make_evaluator(spec: str, run_dir: str, metric: str = 'auto') -> Evaluate | None:
-  """'none' -> None; 'task' -> cfrl_jax.evaluate.evaluator_for_run(run_dir, metric=metric);
+  """'none' -> None; 'task' -> cfrl_jax.run_setup.evaluator_for_run(run_dir, metric=metric);
   'MODULE:FACTORY' -> FACTORY(run_dir) (which picks its own metric; `metric` must then be 'auto')."""
   if spec == 'none':
     return None
@@ -646,7 +646,7 @@ def make_evaluator(spec: str, run_dir: str, metric: str = 'auto') -> Evaluate | 
     raise ValueError(f'--metric={metric} applies to --evaluate=task only; a custom FACTORY(run_dir) chooses its '
                      'own metric (drop --metric).')
   if spec == 'task':
-    module_name, attr = 'cfrl_jax.evaluate', 'evaluator_for_run'
+    module_name, attr = 'cfrl_jax.run_setup', 'evaluator_for_run'
   elif ':' in spec:
     module_name, attr = spec.split(':', 1)
   else:
@@ -655,7 +655,7 @@ def make_evaluator(spec: str, run_dir: str, metric: str = 'auto') -> Evaluate | 
     module = importlib.import_module(module_name)
   except ImportError as e:
     raise ValueError(f'--evaluate={spec}: cannot import {module_name} ({e}). '
-                     + ('--evaluate=task needs the trainer\'s cfrl_jax.evaluate; use --evaluate=none for the '
+                     + ('--evaluate=task needs the trainer\'s cfrl_jax.run_setup; use --evaluate=none for the '
                         'weight-space statistics only.' if spec == 'task' else '')) from None
   factory = getattr(module, attr, None)
   if not callable(factory):
@@ -677,7 +677,7 @@ def make_flags() -> flags.FlagValues:
   flags.DEFINE_string('out', None, 'Output directory (default: RUN/analysis).', flag_values=fv)
   flags.DEFINE_list('ks', [str(k) for k in d.ks], 'Ranks of the rank-k models; the full update is always added.',
                     flag_values=fv)
-  flags.DEFINE_string('evaluate', 'none', "none | task (cfrl_jax.evaluate.evaluator_for_run) | "
+  flags.DEFINE_string('evaluate', 'none', "none | task (cfrl_jax.run_setup.evaluator_for_run) | "
                       'MODULE:FACTORY, FACTORY(run_dir) -> evaluate(params) -> float.', flag_values=fv)
   flags.DEFINE_string('metric', 'auto', "With --evaluate=task: the held-out metric, 'greedy_accuracy', 'pass@1', "
                       "'pass@4', 'majority@4', ... (the run's eval settings); 'auto': pass@1 when the run samples "

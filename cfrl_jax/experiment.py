@@ -8,76 +8,18 @@ seed differ only by their arm and are paired by seed.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import time
 
 import jax
-import numpy as np
 
-from cfrl_jax import evaluate as evaluate_lib
+from cfrl_jax import alpharl, report
 from cfrl_jax.arms import arm_config, check_explicit_overrides
 from cfrl_jax.config import parse_list, validate
-from cfrl_jax.policy import load_policy
+from cfrl_jax.run_setup import load_policy, make_eval_fn, make_head_share_fn, make_probe_fn, write_run_config
 from cfrl_jax.tasks import build_task
-from cfrl_jax.train import trainer
-
-def make_eval_fn(config, policy, task, *, num_problems: int | None = None, greedy: bool = True,
-                 sampled: bool = True):
-  """eval_fn(params, step) -> the run's held-out metrics (evaluate_lib.evaluate) under config.eval.
-
-  greedy / sampled: whether the greedy pass and the config.eval.samples sampled pass run (a caller
-  that needs one metric skips the other); num_problems overrides config.eval.num_problems.
-  """
-  ec = config.eval
-  rows = task.eval[:num_problems or ec.num_problems]
-  temperature = ec.temperature if ec.temperature >= 0 else config.rl.temperature
-  # The same evaluation randomness for every arm and step: differences are the model's.
-  key = jax.random.PRNGKey(10_000 + config.seed)
-
-  def eval_fn(params, step):
-    return evaluate_lib.evaluate(policy, params, rows, task, key, samples=ec.samples if sampled else 0,
-                                 temperature=temperature, max_new_tokens=config.rl.max_new_tokens,
-                                 pass_k=parse_list(ec.pass_k, int), batch_size=ec.batch_size, greedy=greedy)
-
-  return eval_fn
-
-
-def write_run_config(config, run_dir: str) -> None:
-  """<run_dir>/config.json (process 0 only): what evaluation and analysis of the run read back."""
-  if jax.process_index() == 0:
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=1))
-
-
-def make_probe_fn(config, policy, task):
-  from cfrl_jax.dynamics import probes
-  if config.probe.every <= 0:
-    return None
-  pc = config.probe
-  names = probes.solution_formats(task.train[:pc.num_sequences]) if pc.formats == 'all' else []
-  # num_sequences counts probe sequences: with every format probed, fewer prompts keep the cost.
-  rows = task.train[:-(-pc.num_sequences // len(names)) if names else pc.num_sequences]
-  probe = probes.build_probe_set(policy, rows, task, positions=pc.positions,
-                                 max_new_tokens=config.rl.max_new_tokens, formats=pc.formats)
-
-  def probe_fn(params_before, params_after, ctx, step):
-    return probes.training_probe(policy.cfg, params_before, params_after, probe, group_names=names)
-
-  return probe_fn
-
-
-def make_head_share_fn(config, policy, task):
-  """head_share_fn for cfrl.switch_on='head_share': a cheap probe (one sequence per probe prompt, two
-  positions each) on which the trainer measures the head's share every cfrl.switch_every steps."""
-  from cfrl_jax.dynamics import probes
-  if not (config.cfrl.enabled and config.cfrl.switch_on == 'head_share'):
-    return None
-  probe = probes.build_probe_set(policy, task.train[:config.probe.num_sequences], task, positions=2,
-                                 max_new_tokens=config.rl.max_new_tokens)
-  return lambda before, after, backbone_step: probes.head_share(policy.cfg, before, after, backbone_step, probe)
+from cfrl_jax.train import pretrain, trainer
 
 
 def run_single(config, run_dir: str, task=None, *, progress: bool | None = None) -> trainer.TrainResult:
@@ -126,7 +68,6 @@ def run(config, explicit: frozenset[str] = frozenset()) -> str:
       trainer.check_fresh_run_dir(run_dir)
     run_single(config, run_dir, task)
     if config.report and jax.process_index() == 0:
-      from cfrl_jax import report
       print(f'Report: {report.write_report(run_dir, title=config.name)}')
     return run_dir
   jobs = study_jobs(config, explicit)
@@ -137,7 +78,6 @@ def run(config, explicit: frozenset[str] = frozenset()) -> str:
   seeds = list(dict.fromkeys(seed for _, seed, _ in jobs))
   bases = {}
   if config.model.source == 'pretrain':
-    from cfrl_jax.train import pretrain
     # Only the bases the runs use: one per study, or one per seed with study.vary_base.
     for arm, seed, c in jobs:
       key = pretrain.cache_key(c)
@@ -162,7 +102,6 @@ def run(config, explicit: frozenset[str] = frozenset()) -> str:
                  'base': base_list[0] if len(base_list) == 1 else {}, 'bases': base_list,
                  'base_varies_with_seed': bool(config.study.vary_base), 'timings': timings}, f, indent=1)
   if config.report and jax.process_index() == 0:
-    from cfrl_jax import report
     print(f'Report: {report.write_report(run_dir, title=config.name)}')
   return run_dir
 
@@ -174,7 +113,6 @@ def run_alpharl_mode(config, run_dir: str, task, explicit: frozenset[str] = froz
   <run_dir>/alpharl/alpharl.md collecting their sections; the normal runs' files are never touched.
   Every arm's settings and reference run are checked before any training starts.
   """
-  from cfrl_jax import alpharl
   out_dir = os.path.join(run_dir, alpharl.SUBDIR)
   if not config.arms:
     c = copy.deepcopy(config)

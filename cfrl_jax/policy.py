@@ -1,20 +1,16 @@
-"""A policy = model config + tokenizer + how to stop; and how a run obtains one.
+"""A policy = model config + tokenizer + how to stop.
 
-`config.model.source` chooses where the weights come from:
-  'pretrained'  an HF directory or hub id (`config.model.path`), e.g. Qwen2.5-1.5B-Instruct;
-  'pretrain'    a tiny Qwen2-architecture model pretrained from scratch on the task's
-                multi-format corpus (the Echo Chamber recipe), cached by its config;
-  'init'        random weights of `config.model.arch` (tests, smoke runs).
+How a run obtains one (pretrained weights, the from-scratch pretraining recipe or a random init, as
+`config.model.source` says) is cfrl_jax/run_setup.py's load_policy: it sits above the pretraining
+recipe, which itself builds policies with make_policy and arch_config.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-import jax
-
 from cfrl_jax import tokenization
-from cfrl_jax.models import hf, qwen
+from cfrl_jax.models import qwen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,36 +43,3 @@ def arch_config(config, vocab_size: int, eos_ids, pad_id) -> qwen.QwenConfig:
       max_position_embeddings=a.max_position_embeddings,
       eos_token_id=tuple(eos_ids), pad_token_id=pad_id,
       dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat)
-
-
-def load_policy(config, task=None) -> tuple[Policy, Any]:
-  """(policy, params) as `config.model.source` says; see the module docstring."""
-  source = config.model.source
-  if source == 'pretrained':
-    if not config.model.path:
-      raise ValueError("config.model.source='pretrained' needs config.model.path (an HF directory or hub id).")
-    cfg, params = hf.load_pretrained(config.model.path, tie=config.model.tie, dtype=config.model.dtype,
-                                     param_dtype=config.model.param_dtype)
-    cfg = cfg.replace(remat=config.model.remat)
-    tokenizer = tokenization.load_tokenizer(config.tokenizer.path or config.model.path)
-    return make_policy(cfg, tokenizer, task), params
-  if source == 'pretrain':
-    from cfrl_jax.train import pretrain  # the from-scratch recipe needs the task
-    if task is None:
-      raise ValueError("config.model.source='pretrain' needs the task whose corpus it pretrains on.")
-    path = pretrain.pretrained_base(config, task)
-    cfg, params = hf.load_pretrained(path, tie=config.model.tie, dtype=config.model.dtype,
-                                     param_dtype=config.model.param_dtype)
-    cfg = cfg.replace(remat=config.model.remat)
-    return make_policy(cfg, tokenization.load_tokenizer(path), task), params
-  if source == 'init':
-    if not config.tokenizer.path:
-      raise ValueError("config.model.source='init' needs config.tokenizer.path (a tokenizer directory).")
-    tokenizer = tokenization.load_tokenizer(config.tokenizer.path)
-    cfg = arch_config(config, len(tokenizer), tokenization.stop_ids(tokenizer, None),
-                      tokenization.pad_id(tokenizer))
-    params = qwen.init_params(cfg, jax.random.PRNGKey(config.seed))
-    if config.model.tie == 'untie':
-      cfg, params = qwen.untie(cfg, params)
-    return make_policy(cfg, tokenizer, task), params
-  raise ValueError(f"config.model.source={source!r}; expected 'pretrained', 'pretrain' or 'init'.")

@@ -277,7 +277,7 @@ def run_trainer_per_host(out_dir: str, tokenizer_dir: str, mesh_shape, coordinat
   from cfrl_jax import distributed, sharding
   assert distributed.initialize_distributed(coordinator, num_processes, process_id)
   import jax
-  from cfrl_jax.policy import load_policy
+  from cfrl_jax.run_setup import load_policy
   from cfrl_jax.train import trainer
   c = per_host_config(tokenizer_dir, out_dir, mesh_shape, data_loading)
   seen: list = []

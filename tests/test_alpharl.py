@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from cfrl_jax import alpharl, experiment, report
-from cfrl_jax import evaluate as evaluate_lib
 from cfrl_jax.config import base_config
 from cfrl_jax.dynamics import rank1
 from cfrl_jax.main import load_config_file
 from cfrl_jax.models import qwen
+from cfrl_jax.run_setup import evaluator_for_run
 from cfrl_jax.train import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -262,10 +262,10 @@ def test_demo_smoke_runs_end_to_end_through_experiment(tmp_path, smoke_pretrain_
   # cfrl_jax.analyze --evaluate=task on this run scores checkpoints exactly as the run's own eval did.
   logged = alpharl.eval_records(run_dir)[0]
   base_params = checkpoint.restore_params(run_dir, 0)
-  auto = evaluate_lib.evaluator_for_run(run_dir)
+  auto = evaluator_for_run(run_dir)
   assert auto.metric == 'pass@1'
   assert auto(base_params) == pytest.approx(logged['pass@1'], abs=1e-9)
-  assert evaluate_lib.evaluator_for_run(run_dir, metric='greedy_accuracy')(base_params) == pytest.approx(
+  assert evaluator_for_run(run_dir, metric='greedy_accuracy')(base_params) == pytest.approx(
       logged['greedy_accuracy'], abs=1e-9)
   with pytest.raises(ValueError, match='not computed'):
-    evaluate_lib.evaluator_for_run(run_dir, metric='pass@64')(base_params)
+    evaluator_for_run(run_dir, metric='pass@64')(base_params)

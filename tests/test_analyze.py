@@ -215,7 +215,7 @@ def test_evaluator_specs(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match='no callable'):
     analyze.make_evaluator('my_eval:nothing', 'abcd')
   try:
-    from cfrl_jax import evaluate as task_evaluate
+    from cfrl_jax import run_setup as task_evaluate
   except ImportError:
     task_evaluate = None
   if task_evaluate is None or not hasattr(task_evaluate, 'evaluator_for_run'):

@@ -106,8 +106,9 @@ def test_headlr_schedule_needs_a_fixed_stage_one():
 def trained(tiny_tokenizer_dir, run_dir, arm, **cfrl):
   """A 3-step run of an arm on test_trainer's toy task; returns (train records, final params, base params)."""
   from test_trainer import toy_config, toy_task
-  from cfrl_jax import experiment, metrics
-  from cfrl_jax.policy import load_policy
+  from cfrl_jax import metrics
+  from cfrl_jax.run_setup import load_policy, make_head_share_fn
+  from cfrl_jax.train import trainer
   c = toy_config(tiny_tokenizer_dir, str(run_dir), steps=3, lr=1e-3, head_lr=1e-3)
   c.checkpoint.every = 0
   c.cfrl.update(dict(stage1_steps=2, stage1_head_lr=1e-2, **cfrl))
@@ -116,8 +117,8 @@ def trained(tiny_tokenizer_dir, run_dir, arm, **cfrl):
   task = toy_task()
   policy, params = load_policy(c, task)
   base = jax.tree_util.tree_map(np.asarray, params)
-  out = experiment.trainer.train(c, policy, params, task, str(run_dir), progress=False,
-                                 head_share_fn=experiment.make_head_share_fn(c, policy, task))
+  out = trainer.train(c, policy, params, task, str(run_dir), progress=False,
+                      head_share_fn=make_head_share_fn(c, policy, task))
   return metrics.read_metrics(str(run_dir), 'train'), out.params, base
 
 

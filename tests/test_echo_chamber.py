@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cfrl_jax.config import base_config, validate
-from cfrl_jax.policy import load_policy
+from cfrl_jax.run_setup import load_policy
 from cfrl_jax.tasks.base import Task
 from cfrl_jax.train import learner, objectives, trainer
 from cfrl_jax.train.rollout import completion_stats

@@ -513,7 +513,7 @@ def test_per_host_loading_over_two_processes_matches_one_process(tmp_path, tiny_
   test_trainer_on_a_mesh_matches_one_device.
   """
   from cfrl_jax import metrics as metrics_lib
-  from cfrl_jax.policy import load_policy
+  from cfrl_jax.run_setup import load_policy
   from cfrl_jax.train import trainer
   coordinator = f'127.0.0.1:{_free_port()}'
   run_dir, single_dir = tmp_path / 'per_host', tmp_path / 'one'

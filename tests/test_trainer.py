@@ -10,7 +10,7 @@ import pytest
 
 from cfrl_jax import metrics as metrics_lib
 from cfrl_jax.config import base_config
-from cfrl_jax.policy import load_policy
+from cfrl_jax.run_setup import load_policy
 from cfrl_jax.tasks.base import Task
 from cfrl_jax.train import checkpoint, trainer
 

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfrl_jax import ntk
+from cfrl_jax import ntk, tokenization
 from cfrl_jax.dynamics import confidence
 from cfrl_jax.models import qwen
 
@@ -144,7 +144,6 @@ def build_probe_set(policy, rows: Sequence[dict], task=None, *, positions: int |
     raise ValueError('build_probe_set needs at least one row.')
   if formats not in ('first', 'all'):
     raise ValueError(f"formats={formats!r}; expected 'first' or 'all'.")
-  from cfrl_jax import tokenization
   names = solution_formats(rows) if formats == 'all' else []
   if names:
     pairs = [(r['prompt'], r['solutions'][f], g) for r in rows for g, f in enumerate(names)]

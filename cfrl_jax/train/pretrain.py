@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from cfrl_jax import evaluate, tokenization
 from cfrl_jax.models import hf, qwen
+from cfrl_jax.policy import arch_config, make_policy
 from cfrl_jax.tasks import tokenizer as task_tokenizer
 from cfrl_jax.train import learner, objectives, sft_data
 
@@ -93,7 +94,6 @@ def _random_batches(n: int, batch_size: int, rng: np.random.RandomState) -> list
 
 def pretrain(config, task, out_dir: str, *, progress: bool = True) -> dict:
   """Trains tokenizer + model from scratch on task.pretraining_corpus; writes an HF dir. Returns a summary."""
-  from cfrl_jax.policy import arch_config, make_policy
   pc = config.pretrain
   t0 = time.time()
   pairs = task.pretraining_corpus(pc.num_examples, pc.seed)   # errors for tasks without a corpus

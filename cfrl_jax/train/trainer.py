@@ -189,7 +189,7 @@ class Trainer:
     self.head_share_fn = head_share_fn
     if config.cfrl.enabled and config.cfrl.switch_on == 'head_share' and head_share_fn is None:
       raise ValueError("config.cfrl.switch_on='head_share' needs a probe to measure the head's share: pass "
-                       'head_share_fn (experiment.make_head_share_fn builds it from the task).')
+                       'head_share_fn (run_setup.make_head_share_fn builds it from the task).')
     self.ocfg = learner.OptimConfig(b1=rl.b1, b2=rl.b2, eps=rl.eps, weight_decay=rl.weight_decay,
                                     grad_clip=rl.grad_clip)
     self.key = jax.random.PRNGKey(config.seed)
