@@ -46,8 +46,9 @@ the same config, checked field by field) the share of the RL gain,
 standard error that treats the evaluations as independent (it ignores their positive
 correlation over the same problems, so it overstates the noise of differences); the
 steps trained as a share of the planned ones; and the paper's target (>= 96% of the
-gain at <= 40% of the steps) as met / not met / within noise. seeds_section pools the
-runs of several seeds: mean share +- its standard error across seeds, and the verdict.
+gain at <= 40% of the steps) as met / not met / within noise. seed_verdicts pools the
+runs of several seeds (mean share +- its standard error across seeds, and the verdict);
+seeds_section renders them with the rule (VERDICT_RULE) in <run_dir>/alpharl/alpharl.md.
 """
 from __future__ import annotations
 
@@ -917,24 +918,33 @@ def pooled_share(shares: list[float], stderrs: list[float]) -> tuple[float, floa
   return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x)))
 
 
-def seeds_section(results: list[tuple[str, Mapping]], heading_level: int = 3) -> str:
-  """Markdown: per arm and variant, the share of the gain +- s.e. across seeds and the verdict.
+@dataclasses.dataclass(frozen=True)
+class SeedVerdict:
+  """One model variant of one arm pooled over seeds (seed_verdicts).
 
-  results: [(label 'arm/seed<k>' or a name, result of run_alpharl)]. Runs without a reference
-  have no share and are left out; '' when none has one.
+  runs: runs with a reference that built the model; with_share: of those, the runs whose share is
+  defined (NaN when the reference gain is ~0); share, stderr: pooled_share over them (NaN: none);
+  step_fraction: steps trained / planned; verdict: target_verdict, '(upper bound)' added for UPPER_BOUND.
   """
+  arm: str
+  model: str
+  runs: int
+  with_share: int
+  share: float
+  stderr: float
+  step_fraction: float
+  verdict: str
+
+
+def seed_verdicts(results: list[tuple[str, Mapping]]) -> list[SeedVerdict]:
+  """Per arm (the label before '/') and variant (EXTRAPOLATED, then 'continued'), the share of the gain
+  pooled over seeds and its verdict. results: [(label 'arm/seed<k>' or a name, result of run_alpharl)];
+  runs without a reference have no share and are left out."""
   arms: dict[str, list[Mapping]] = {}
   for label, r in results:
     if r.get('reference') is not None:
       arms.setdefault(label.split('/')[0], []).append(r)
-  if not arms:
-    return ''
-  lines = ['#' * heading_level + ' AlphaRL verdicts across seeds', '',
-           f'Target: ≥{TARGET_SHARE:.0%} of the reference gain at ≤{TARGET_STEP_FRACTION:.0%} of the steps. Share: mean '
-           'over seeds ± its standard error (seed-to-seed spread / √n; one seed: that run\'s s.e.). "within noise": '
-           'within 2 s.e. of the target. The oracle-target row uses the reference\'s final accuracy: an upper bound, '
-           'not a prediction.', '',
-           '| arm | model | seeds | share of the gain ± s.e. | verdict |', '|---|---|---|---|---|']
+  out = []
   for arm, runs in arms.items():
     for name in EXTRAPOLATED + ('continued',):
       have = [r['models'][name] for r in runs if name in r['models'] and 'share' in r['models'][name]]
@@ -945,7 +955,32 @@ def seeds_section(results: list[tuple[str, Mapping]], heading_level: int = 3) ->
       verdict = target_verdict(share, se, fraction)
       if name in UPPER_BOUND and verdict != 'n/a':
         verdict += ' (upper bound)'
-      label = SHORT_NAMES.get(name, name)
-      lines.append(f'| {arm} | {label} | {len(have)} | {fmt(share)} ± {fmt(se)} | {verdict} |')
+      out.append(SeedVerdict(arm, name, len(have), sum(math.isfinite(m['share']) for m in have), share, se,
+                             fraction, verdict))
+  return out
+
+
+VERDICT_RULE = (f'Target: ≥{TARGET_SHARE:.0%} of the reference gain at ≤{TARGET_STEP_FRACTION:.0%} of the planned '
+                'steps. Share of the gain = (acc(model) − acc(base)) / (acc(reference final) − acc(base)); across '
+                'seeds its mean ± standard error (seed-to-seed s.d. / √n; one seed: that run\'s delta-method s.e.). '
+                f'Verdict: "not met" when more than {TARGET_STEP_FRACTION:.0%} of the steps were trained; else '
+                f'"within noise" when the mean is within 2 s.e. of {TARGET_SHARE:.0%}; else "met" above it, "not met" '
+                'below it; "n/a" when no seed has a share (its reference gain is 0). The oracle-target row uses the '
+                'reference\'s final accuracy: an upper bound, not a prediction.')
+
+
+def seeds_section(results: list[tuple[str, Mapping]], heading_level: int = 3) -> str:
+  """Markdown of seed_verdicts: per arm and variant, the share of the gain +- s.e. across seeds and the
+  verdict, with the rule; '' when no run has a reference."""
+  rows = seed_verdicts(results)
+  if not rows:
+    return ''
+  lines = ['#' * heading_level + ' AlphaRL verdicts across seeds', '', VERDICT_RULE, '',
+           '| arm | model | seeds with a share / runs | share of the gain ± s.e. | verdict |', '|---|---|---|---|---|']
+  for v in rows:
+    share = (f'{fmt(v.share)} ± {fmt(v.stderr)}' if math.isfinite(v.share) else
+             'n/a (reference gain 0 in every seed)')
+    lines.append(f'| {v.arm} | {SHORT_NAMES.get(v.model, v.model)} | {v.with_share} / {v.runs} | {share} | '
+                 f'{v.verdict} |')
   lines.append('')
   return '\n'.join(lines)

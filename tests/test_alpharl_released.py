@@ -251,10 +251,57 @@ def test_pooled_share_and_seed_verdicts():
   # within 2 s.e. of 0.96; ExPO: 0.32 +- 0.02.
   md = alpharl.seeds_section([run(0, {'released_oracle': 0.995, 'released_window': 0.92, 'expo': 0.30}),
                               run(1, {'released_oracle': 0.985, 'released_window': 0.96, 'expo': 0.34})])
-  assert '| grpo | released, oracle target (upper bound) | 2 | 0.990 ± 0.005 | met (upper bound) |' in md
-  assert '| grpo | released, window target | 2 | 0.940 ± 0.020 | within noise |' in md
-  assert '| grpo | ExPO fixed | 2 | 0.320 ± 0.020 | not met |' in md
+  assert '| grpo | released, oracle target (upper bound) | 2 / 2 | 0.990 ± 0.005 | met (upper bound) |' in md
+  assert '| grpo | released, window target | 2 / 2 | 0.940 ± 0.020 | within noise |' in md
+  assert '| grpo | ExPO fixed | 2 / 2 | 0.320 ± 0.020 | not met |' in md
+  assert alpharl.VERDICT_RULE in md
   assert alpharl.seeds_section([('x', {'reference': None, 'models': {}})]) == ''
+
+
+def test_seed_verdicts_per_arm_and_variant_by_hand():
+  """Three seeds of grpo, one of cfgrpo (the s.e. is then that run's own), a seed without a reference, a
+  seed whose reference gain was 0 (share NaN), and a model trained past 40% of the steps."""
+  nan = float('nan')
+
+  def run(shares, reference=True, steps=4):
+    models = {n: {'share': s, 'share_stderr': e, 'steps_trained': steps} for n, (s, e) in shares.items()}
+    return {'reference': {'accuracy': 0.5} if reference else None, 'planned_steps': 10, 'models': models}
+
+  results = [
+      ('grpo/seed0', run({'alpharl_A': (0.30, 0.1), 'expo_tuned': (1.00, 0.1), 'released_oracle': (0.9, 0.1)})),
+      ('grpo/seed1', run({'alpharl_A': (0.40, 0.1), 'expo_tuned': (0.90, 0.1), 'released_oracle': (nan, nan)})),
+      ('grpo/seed2', run({'alpharl_A': (0.50, 0.1), 'expo_tuned': (1.10, 0.1)})),
+      ('grpo/seed3', run({'alpharl_A': (9.0, 0.1)}, reference=False)),      # no reference: left out
+      ('cfgrpo/seed0', run({'released_window': (0.99, 0.01), 'continued': (1.0, 0.01)})),
+      ('cfgrpo/seed1', run({'released_window': (nan, nan)})),
+  ]
+  got = {(v.arm, v.model): v for v in alpharl.seed_verdicts(results)}
+  assert list(got) == [('grpo', 'alpharl_A'), ('grpo', 'released_oracle'), ('grpo', 'expo_tuned'),
+                       ('cfgrpo', 'released_window'), ('cfgrpo', 'continued')]
+  # A: 0.3, 0.4, 0.5 -> mean 0.4, sd 0.1, s.e. 0.1 / sqrt 3 = 0.0577: 0.56 below 0.96 -> not met.
+  a = got[('grpo', 'alpharl_A')]
+  assert (a.runs, a.with_share, a.verdict) == (3, 3, 'not met')
+  assert a.share == pytest.approx(0.4) and a.stderr == pytest.approx(0.1 / math.sqrt(3))
+  assert a.step_fraction == pytest.approx(0.4)
+  # Tuned ExPO: 1.0, 0.9, 1.1 -> 1.0 +- 0.0577; |1.0 - 0.96| = 0.04 <= 2 s.e. -> within noise.
+  e = got[('grpo', 'expo_tuned')]
+  assert e.share == pytest.approx(1.0) and e.stderr == pytest.approx(0.1 / math.sqrt(3))
+  assert e.verdict == 'within noise'
+  # Oracle: one defined share (0.9 +- 0.1, that run's s.e.) of two runs; within 2 s.e. of 0.96; upper bound.
+  o = got[('grpo', 'released_oracle')]
+  assert (o.runs, o.with_share, o.share, o.stderr, o.verdict) == (2, 1, 0.9, 0.1, 'within noise (upper bound)')
+  # cfgrpo's window target: 0.99 +- 0.01 (one seed's s.e.), 3 s.e. above 0.96 -> met.
+  w = got[('cfgrpo', 'released_window')]
+  assert (w.with_share, w.share, w.stderr, w.verdict) == (1, 0.99, 0.01, 'met')
+  # continued: same steps here (4 of 10), share 1.0 +- 0.01 -> met; at 5 of 10 steps it is not met.
+  assert got[('cfgrpo', 'continued')].verdict == 'met'
+  late = alpharl.seed_verdicts([('x/seed0', run({'continued': (1.0, 0.01)}, steps=5))])
+  assert (late[0].step_fraction, late[0].verdict) == (0.5, 'not met')
+  # No defined share anywhere: n/a, said so in the table.
+  none = [('x/seed0', run({'expo': (nan, nan)})), ('x/seed1', run({'expo': (nan, nan)}))]
+  (v,) = alpharl.seed_verdicts(none)
+  assert (v.runs, v.with_share, v.verdict) == (2, 0, 'n/a') and math.isnan(v.share)
+  assert '| x | ExPO fixed | 0 / 2 | n/a (reference gain 0 in every seed) | n/a |' in alpharl.seeds_section(none)
 
 
 # --- through the mode's checkpoint path -------------------------------------------------------
