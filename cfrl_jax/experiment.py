@@ -22,7 +22,52 @@ from cfrl_jax.tasks import build_task
 from cfrl_jax.train import pretrain, trainer
 
 
+RUN_TIME_FILE = 'run_time.json'   # a run's wall seconds, summed over every invocation that worked on it
+
+
 def run_single(config, run_dir: str, task=None, *, progress: bool | None = None) -> trainer.TrainResult:
+  t0 = time.time()
+  try:
+    return _run_single(config, run_dir, task, progress)
+  finally:   # a killed or failed invocation's time counts too: the run cost it
+    if jax.process_index() == 0 and os.path.isdir(run_dir):
+      _add_run_time(run_dir, time.time() - t0)
+
+
+def _add_run_time(run_dir: str, seconds: float) -> None:
+  path = os.path.join(run_dir, RUN_TIME_FILE)
+  record = {'seconds': 0.0, 'invocations': 0}
+  if os.path.exists(path):
+    with open(path) as f:
+      record.update(json.load(f))
+  record['seconds'] += seconds
+  record['invocations'] += 1
+  with open(path + '.tmp', 'w') as f:
+    json.dump(record, f)
+  os.replace(path + '.tmp', path)
+
+
+def run_seconds(run_dir: str) -> float | None:
+  """Wall seconds a run took: its run_time.json, else (a run made before that record existed, in one
+  invocation) from its TensorBoard event file's creation stamp to the last metrics write; None if
+  neither tells."""
+  path = os.path.join(run_dir, RUN_TIME_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      return float(json.load(f)['seconds'])
+  tb = os.path.join(run_dir, 'tb')
+  events = sorted(n for n in os.listdir(tb) if n.startswith('events.out.tfevents.')) if os.path.isdir(tb) else []
+  metrics = os.path.join(run_dir, 'metrics.jsonl')
+  if len(events) == 1 and os.path.exists(metrics):
+    try:
+      start = float(events[0].split('.')[3])
+    except (IndexError, ValueError):
+      return None
+    return max(os.path.getmtime(metrics) - start, 0.0)
+  return None
+
+
+def _run_single(config, run_dir: str, task, progress) -> trainer.TrainResult:
   task = task or build_task(config.task)
   policy, params = load_policy(config, task)
   write_run_config(config, run_dir)
@@ -93,8 +138,13 @@ def run(config, explicit: frozenset[str] = frozenset()) -> str:
     t_arm = time.time()
     print(f'== arm {arm}, seed {seed}')
     run_single(c, os.path.join(run_dir, arm, f'seed{seed}'), task)
-    timings[f'{arm}/seed{seed}'] = time.time() - t_arm
-  timings['total'] = time.time() - t0
+    # On resume a finished run takes seconds here; its cost is what its record says.
+    timings[f'{arm}/seed{seed}'] = run_seconds(os.path.join(run_dir, arm, f'seed{seed}')) or time.time() - t_arm
+  timings['this_invocation'] = time.time() - t0
+  # The study's cost: every run's recorded time, plus pretraining where this invocation did it
+  # (a base found in the cache is reported as such, with the time it once took).
+  timings['total'] = (sum(v for k, v in timings.items() if '/' in k) +
+                      sum(b['seconds_this_run'] for b in bases.values()))
   if jax.process_index() == 0:
     base_list = list(bases.values())
     with open(os.path.join(run_dir, 'study.json'), 'w') as f:
