@@ -16,7 +16,7 @@ per-layer q/k/v, o, gate/up and down matrices of sampling.decode_weights and the
 a (batch, hidden) activation in the step's own product form: the compiled kernels where the step
 uses them (sampling.kernel_products: float32 at any batch, cpu_decode.matvec up to 4 rows and
 cpu_decode.matmul above; bfloat16 up to 16 rows, matvec), else XLA's products, weight-major for
-small batches (see sampling._matvec); nothing else), jitted and timed in the same
+small batches (see sampling.unrolled_forward.matvec); nothing else), jitted and timed in the same
 rounds. The decode step cannot be faster than its matrix products, so when that figure exceeds half
 of transformers' ms/step, a 2x speed-up is out of reach of this formulation on this machine. A
 fourth timing, our sampler with the decode step in XLA ops only (attention='xla', with its default
@@ -86,7 +86,9 @@ def measure(args, threads: int) -> dict:
   import transformers
   sys.path.insert(0, ROOT)
   from cfrl_jax import sampling
+  from cfrl_jax.kernels import cpu_decode
   from cfrl_jax.models import hf
+  from cfrl_jax.sampling import unrolled_forward
   torch.set_num_threads(threads)
 
   B, P, N = int(args.batch), args.prompt_len, args.new_tokens
@@ -118,20 +120,19 @@ def measure(args, threads: int) -> dict:
   head_w = prepared.head['w']                        # (V, d), as qwen.logits reads it
   F = cfg.intermediate_size
   # The step's own product: float32 accumulation, results in the compute dtype.
-  # pylint: disable=protected-access
   rows = sampling.batch_bucket(cfg, B, True)
   kernel_products = sampling.kernel_products(cfg, attention, rows)
-  mm = lambda x, w: sampling._matvec(x, w, w.dtype, weight_major=rows <= sampling.WEIGHT_MAJOR_MAX_ROWS,
-                                     kernel=kernel_products)
+  mm = lambda x, w: unrolled_forward.matvec(x, w, w.dtype, weight_major=rows <= sampling.WEIGHT_MAJOR_MAX_ROWS,
+                                            kernel=kernel_products)
   if kernel_products:
     head_mm = sampling.kernel_product   # the step's own head product
   elif attention == 'kernel' and rows > sampling.HEAD_WEIGHT_MAJOR_MAX_ROWS:
-    # The greedy step's own head product (sampling._greedy_head without its kernel): (V, B) logits.
-    lanes = sampling.cpu_decode.GREEDY_LANES
+    # The greedy step's own head product (unrolled_forward.greedy_head without its kernel): (V, B) logits.
+    lanes = cpu_decode.GREEDY_LANES
     head_mm = lambda x, hw: sampling.weight_major_logits(cfg, {'w': hw}, jnp.pad(x, ((0, -rows % lanes), (0, 0))))
   else:
-    head_mm = lambda x, hw: sampling._head_logits(cfg, {'w': hw}, x,
-                                                  weight_major=rows <= sampling.HEAD_WEIGHT_MAJOR_MAX_ROWS)
+    head_mm = lambda x, hw: unrolled_forward.head_logits(cfg, {'w': hw}, x,
+                                                         weight_major=rows <= sampling.HEAD_WEIGHT_MAJOR_MAX_ROWS)
 
   @jax.jit
   def products(x, layer_w, head_w):

@@ -14,7 +14,7 @@ backend), XLA:CPU's memory figures standing in for the chip of --chip.
 
 What is compiled is what the trainer (cfrl_jax/train/trainer.py) jits, built from the same
 functions with the same shardings (cfrl_jax/sharding.py): the sharded sampler
-(sampling._sample_padded as sampling.sample(..., mesh=...) calls it on an accelerator: layers scanned,
+(sampling.decode_loop.sample_padded as sampling.sample(..., mesh=...) calls it on an accelerator: layers scanned,
 XLA attention, one decode segment), the old-policy and reference log-prob passes over the whole
 rollout batch (rollout.completion_stats, as Trainer._logp), the learner update of each stage
 (learner.make_update through placement.sharded_update; CF-RL stage one has no backbone optimizer
@@ -624,7 +624,7 @@ def build_programs(config, cfg: qwen.QwenConfig, mesh, prompt_width: int, platfo
             rep_sds(jnp.float32), rep_sds(jnp.int32, stops.shape), rep_sds(jnp.int32))
     kwargs = dict(cfg=cfg, max_new_tokens=N, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
                   unroll_layers=False, segments=1, attention='xla')
-    programs.append(Program('sampler', 1, sampling._sample_padded, args, kwargs, ('params',), 'sampler',  # pylint: disable=protected-access
+    programs.append(Program('sampler', 1, sampling.decode_loop.sample_padded, args, kwargs, ('params',), 'sampler',
                             unknown_trip=max(N - 1, 1),
                             notes=f'{B} rows x ({Pp} prompt + {N} new tokens); decode loop counted at {N - 1} steps'))
 

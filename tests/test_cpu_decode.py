@@ -370,7 +370,7 @@ def test_sampler_default_attention_is_the_kernel_on_cpu(cpu_kernels):
   assert sampling.attention_default(cfg.replace(dtype='float64', param_dtype='float64')) == 'xla'
   assert sampling.decode_segments_default(128, 'kernel') == 1      # it reads only the written slots
   params = qwen.init_params(cfg, jax.random.PRNGKey(0))
-  jaxpr = str(jax.make_jaxpr(lambda p: sampling._sample_padded(  # pylint: disable=protected-access
+  jaxpr = str(jax.make_jaxpr(lambda p: sampling.decode_loop.sample_padded(
       sampling.prepare_decode(cfg, p), jnp.ones((2, 4), jnp.int32), jnp.ones((2, 4), jnp.int32),
       jnp.ones((2,), bool), jax.random.PRNGKey(0), 1.0, 1.0, jnp.zeros((0,), jnp.int32), 0, cfg=cfg,
       max_new_tokens=4, greedy=True, top_k=0, use_top_p=False, unroll_layers=True, attention='kernel'))(params))
@@ -393,7 +393,7 @@ def test_kernel_products_run_the_decode_step_products(cpu_kernels, dtype, rows, 
   assert sampling.kernel_products(cfg, 'kernel', rows) == products
   assert not sampling.kernel_products(cfg, 'xla', rows)
   params = qwen.init_params(cfg, jax.random.PRNGKey(0))
-  jaxpr = str(jax.make_jaxpr(lambda p: sampling._sample_padded(  # pylint: disable=protected-access
+  jaxpr = str(jax.make_jaxpr(lambda p: sampling.decode_loop.sample_padded(
       sampling.prepare_decode(cfg, p), jnp.ones((rows, 4), jnp.int32), jnp.ones((rows, 4), jnp.int32),
       jnp.ones((rows,), bool), jax.random.PRNGKey(0), 1.0, 1.0, jnp.zeros((0,), jnp.int32), 0, cfg=cfg,
       max_new_tokens=4, greedy=True, top_k=0, use_top_p=False, unroll_layers=True, attention='kernel',
@@ -402,7 +402,7 @@ def test_kernel_products_run_the_decode_step_products(cpu_kernels, dtype, rows, 
     assert jaxpr.count(f'cfrl_{name}') == (4 * cfg.num_layers + 1 if name == product else 0), name
   assert jaxpr.count('cfrl_greedy_pick_rows') == int(products)
   with pytest.raises(ValueError, match="needs attention='kernel'"):
-    sampling._sample_padded(  # pylint: disable=protected-access
+    sampling.decode_loop.sample_padded(
         sampling.prepare_decode(cfg, params), jnp.ones((rows, 4), jnp.int32), jnp.ones((rows, 4), jnp.int32),
         jnp.ones((rows,), bool), jax.random.PRNGKey(0), 1.0, 1.0, jnp.zeros((0,), jnp.int32), 0, cfg=cfg,
         max_new_tokens=4, greedy=True, top_k=0, use_top_p=False, unroll_layers=True, attention='xla',

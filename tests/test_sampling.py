@@ -1,4 +1,4 @@
-"""The sampler (cfrl_jax/sampling.py) against transformers generate, full forward passes and numpy."""
+"""The sampler (cfrl_jax/sampling/) against transformers generate, full forward passes and numpy."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,7 +110,7 @@ def test_prepared_decode_weights_are_reused_across_calls(tiny_qwen3_dir, monkeyp
   assert prepared.embed is params['backbone']['embed']
   assert prepared.head['w'] is qwen.head_params(cfg, params)['w']
   calls = []
-  monkeypatch.setattr(sampling, 'prepare_decode', lambda *args: calls.append(args))
+  monkeypatch.setattr(sampling.decode_layout, 'prepare_decode', lambda *args: calls.append(args))
   for _ in range(2):
     b = sampling.sample(cfg, prepared, tokens, mask, jax.random.PRNGKey(4), **kw)
     for x, y in zip(a, b):
@@ -382,9 +382,9 @@ def test_one_bf16_prompt_decodes_two_rows_with_the_same_result(tiny_qwen2_dir, m
   assert sampling.min_batch_bucket(cfg.replace(dtype='float32', param_dtype='float32'), True) == 1
   tokens, mask = _prompts(cfg.vocab_size, [5], seed=3)
   rows = []
-  padded = sampling._sample_padded  # pylint: disable=protected-access
-  monkeypatch.setattr(sampling, '_sample_padded', lambda model, t, *a, **kw: (rows.append(t.shape[0]),
-                                                                             padded(model, t, *a, **kw))[1])
+  padded = sampling.decode_loop.sample_padded
+  monkeypatch.setattr(sampling.decode_loop, 'sample_padded', lambda model, t, *a, **kw: (rows.append(t.shape[0]),
+                                                                                        padded(model, t, *a, **kw))[1])
   kw = dict(max_new_tokens=6, temperature=1.0, unroll_layers=True)
   a = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(2), **kw)
   b = sampling.sample(cfg, params, tokens, mask, jax.random.PRNGKey(2), bucket=False, **kw)
@@ -453,7 +453,7 @@ def test_decode_loop_gathers_rope_rows_instead_of_computing_sin_cos(tiny_qwen2_d
   otherwise recomputes them inside every layer's query / key loops)."""
   cfg, params = hf.load_pretrained(tiny_qwen2_dir)
   tokens, mask = _prompts(cfg.vocab_size, [3, 6], seed=1)
-  jaxpr = jax.make_jaxpr(lambda t, m: sampling._sample_padded(  # pylint: disable=protected-access
+  jaxpr = jax.make_jaxpr(lambda t, m: sampling.decode_loop.sample_padded(
       sampling.prepare_decode(cfg, params), t, m, jnp.ones(2, bool), jax.random.PRNGKey(0), jnp.float32(1),
       jnp.float32(1), jnp.full(4, -1, jnp.int32), jnp.int32(0), cfg=cfg, max_new_tokens=5, greedy=True,
       top_k=0, use_top_p=False, unroll_layers=True))(tokens, mask)
@@ -480,7 +480,7 @@ def test_segmented_decoding_runs_one_loop_per_segment_over_growing_caches(tiny_q
   P, N = tokens.shape[1], 13
 
   def loops(segments):
-    jaxpr = jax.make_jaxpr(lambda t, m: sampling._sample_padded(  # pylint: disable=protected-access
+    jaxpr = jax.make_jaxpr(lambda t, m: sampling.decode_loop.sample_padded(
         sampling.prepare_decode(cfg, params), t, m, jnp.ones(2, bool), jax.random.PRNGKey(0), jnp.float32(1),
         jnp.float32(1), jnp.full(4, -1, jnp.int32), jnp.int32(0), cfg=cfg, max_new_tokens=N, greedy=True,
         top_k=0, use_top_p=False, unroll_layers=True, segments=segments))(tokens, mask)
