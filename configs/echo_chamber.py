@@ -3,6 +3,23 @@
 NOT RUN YET as a study: only the :smoke variant has been run end to end. docs/echo_chamber.md maps every
 setting to the original's file.
 
+Command, hardware, time:
+  python -m cfrl_jax.main --config=configs/echo_chamber.py           # the study: 4 arms, seed 0
+  python -m cfrl_jax.main --config=configs/echo_chamber.py:smoke     # tiny model, 3 steps per arm
+  A CPU job (the demo's 1.6M-parameter model; no accelerator needed, more cores run it faster). It reuses
+  the demo's cached base (or pretrains it once), then runs 100 RL steps of 8 prompts x 8 samples for each
+  of ppo, grpo and reinforce and 10 EI rounds over 512 prompts x 8 samples, with a 512-problem eval every
+  10 steps.
+  Expected time of the study: not yet measured. The :smoke variant takes minutes on a 2-core CPU.
+
+What the report shows (runs/echo_chamber/report.md, written when the study ends; cfrl_jax.report):
+  echo_chamber.png, one panel per arm: the fraction of training samples in each solution format over RL
+  steps (train format_<name>; 9-step moving average, the raw per-step curve faint, a min-max band over seeds
+  when there are several) with held-out pass@1 at T 0.7 (solid) and greedy accuracy (dashed) on a second
+  axis. Its "Echo Chamber" section tables, per arm and format, the eval fractions of sampled (T 0.7) and
+  greedy completions at the base and at the end, and says whether the collapse onto one format (its
+  smoothed share first >= 0.9) falls in the eval interval of the largest pass@1 rise.
+
 Settings carried over (configs/pretraining_1b_sweeps_ppo_grpo_gsm8k.yaml, cli/train_ppo_ray.py,
 ppo_utils/experience_maker.py, models/loss.py, cli/train_ei.py, configs/*_ei.yaml):
   * rollout: 64 prompts x 8 samples, train batch 64 -> 8 minibatch updates per rollout. CPU scale here:
@@ -28,9 +45,6 @@ Overrides for the paper's GSM8K scale (a TPU/GPU run, not this CPU):
   --config.rl.steps=1170   (10 episodes over GSM8K's 7473 problems at 64 prompts per rollout)
   --config.rl.ei.samples_per_prompt=64 --config.rl.ei.batch_size=256 --config.rl.ei.lr=1e-4
   --config.task.formats.scheme=substring   (their labels: <llm-code> / 'def' / text)
-
-  python -m cfrl_jax.main --config=configs/echo_chamber.py
-  python -m cfrl_jax.main --config=configs/echo_chamber.py:smoke      # tiny, end to end
 """
 from cfrl_jax.config import base_config
 from configs import demo
