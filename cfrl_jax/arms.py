@@ -25,8 +25,11 @@ import copy
 
 import ml_collections as mc
 
-# The algorithms that have CF-RL variants and controls, and the variants: name template -> overrides.
-_CF_ALGORITHMS = ('grpo', 'ppo', 'rloo')
+from cfrl_jax.rl import algorithms
+
+# The algorithms that have CF-RL variants and controls (the algorithm table's cfrl_arms), and the
+# variants: name template -> overrides.
+_CF_ALGORITHMS = tuple(name for name, alg in algorithms.TABLE.items() if alg.cfrl_arms)
 _VARIANTS = {
     '{alg}': {'cfrl.enabled': False, 'rl.head_lr_schedule': 'constant'},
     'cf{alg}': {'cfrl.enabled': True},
@@ -40,12 +43,10 @@ BUILTIN_ARMS = {
     name.format(alg=alg): {'rl.algorithm': alg, **overrides}
     for alg in _CF_ALGORITHMS for name, overrides in _VARIANTS.items()
 }
-BUILTIN_ARMS.update({
-    'reinforce': {'rl.algorithm': 'reinforce', 'cfrl.enabled': False},
-    'expert_iteration': {'rl.algorithm': 'expert_iteration', 'cfrl.enabled': False},
-    'sft': {'rl.algorithm': 'sft', 'cfrl.enabled': False},
-    'lpft': {'rl.algorithm': 'sft', 'cfrl.enabled': True},   # linear probing, then full fine-tuning
-})
+# Every other algorithm as itself, without CF-RL.
+BUILTIN_ARMS.update({name: {'rl.algorithm': name, 'cfrl.enabled': False} for name in algorithms.ALGORITHMS
+                     if name not in _CF_ALGORITHMS})
+BUILTIN_ARMS['lpft'] = {'rl.algorithm': 'sft', 'cfrl.enabled': True}   # linear probing, then full fine-tuning
 
 
 def _flatten(tree, prefix: str = '') -> dict:

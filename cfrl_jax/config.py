@@ -9,7 +9,7 @@ from __future__ import annotations
 import ml_collections as mc
 
 from cfrl_jax.rl.aggregate import AGGREGATION_MODES
-from cfrl_jax.rl.algorithms import ALGORITHMS, GROUP_ALGORITHMS
+from cfrl_jax.rl.algorithms import ALGORITHMS, algorithm
 from cfrl_jax.rl.kl import KL_ESTIMATORS
 from cfrl_jax.rl.reinforce import BASELINES
 from cfrl_jax.tasks import task_config
@@ -287,7 +287,7 @@ def validate(c: mc.ConfigDict) -> None:
   _one_of(c, 'rl.algorithm', ALGORITHMS)
   _at_least(c, 'rl.steps', 0)
   _at_least(c, 'rl.prompts_per_step', 1)
-  if rl.algorithm in GROUP_ALGORITHMS or (rl.algorithm == 'reinforce' and rl.baseline in ('group_mean', 'rloo')):
+  if algorithm(rl.algorithm).group_baseline(rl):
     _at_least(c, 'rl.group_size', 2, why=f'{rl.algorithm} takes its baseline from the other samples of a '
               "prompt's group; a group of one has none")
   _at_least(c, 'rl.group_size', 1)

@@ -48,7 +48,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from cfrl_jax import sampling, sharding
 from cfrl_jax.models import presets, qwen
-from cfrl_jax.rl import ppo
+from cfrl_jax.rl import algorithms, ppo
 from cfrl_jax.train import learner, objectives, placement, rollout, trainer
 
 GIB = 1024 ** 3
@@ -597,8 +597,7 @@ def build_programs(config, cfg: qwen.QwenConfig, mesh, prompt_width: int, platfo
   """The jitted programs of one training step of `config` on `mesh`, with abstract sharded inputs."""
   import optax
   rl = config.rl
-  if rl.algorithm not in trainer.ALGORITHMS:
-    raise ValueError(f'config.rl.algorithm={rl.algorithm!r}; expected one of {trainer.ALGORITHMS}.')
+  alg = algorithms.algorithm(rl.algorithm)   # a ValueError naming the valid ones
   rules = sharding.MeshConfig.from_config(config.mesh).all_rules()
   params0 = abstract_params(cfg)
   pspecs = sharding.partition_specs(params0, rules, mesh)
@@ -664,13 +663,8 @@ def build_programs(config, cfg: qwen.QwenConfig, mesh, prompt_width: int, platfo
                             ('critic', 'critic optimizer'), 'critic', notes=f'{shapes.minibatch_rows} rows'))
 
   # The learner update of each stage (Trainer._update_fn -> Placement.update -> placement.sharded_update).
-  kind = {'expert_iteration': 'sft', 'sft': 'sft'}.get(rl.algorithm, rl.algorithm)
-  if kind == 'sft':
-    loss_fn = objectives.sft_objective(cfg, P)
-  else:
-    builders = {'grpo': objectives.grpo_objective, 'reinforce': objectives.reinforce_objective,
-                'rloo': objectives.reinforce_objective, 'ppo': objectives.ppo_policy_objective}
-    loss_fn = builders[kind](cfg, P, rl)
+  kind = alg.name if alg.step == algorithms.POLICY_GRADIENT else 'sft'   # EI and SFT steps: cross-entropy
+  loss_fn = objectives.algorithm_objective(cfg, P, rl, kind)
   stages = (1, 2) if config.cfrl.enabled else (0,)
   updates = rl.epochs * rl.minibatches if kind != 'sft' else (
       rl.ei.sft_epochs * max(1, math.ceil(shapes.rows / shapes.minibatch_rows)) if rl.algorithm == 'expert_iteration' else 1)

@@ -3,7 +3,8 @@
 Each builder closes over the model config and the algorithm's settings and
 returns loss_fn(params, batch) -> (loss, metrics), where batch is a dict of
 arrays from the rollout (see Batch keys below). The policy forward pass is
-shared (`rollout.completion_stats`); the maths lives in cfrl_jax/rl/.
+shared (`rollout.completion_stats`); the losses on its log-probs are the algorithm
+table's (cfrl_jax/rl/algorithms.py), whose maths lives in cfrl_jax/rl/.
 
 Batch keys: tokens (B, P+N), mask (B, P+N), completion_mask (B, N), old_logp (B, N),
 advantages (B,) or (B, N), optionally ref_logp (B, N), returns (B, N), old_values (B, N).
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from cfrl_jax.models import qwen
-from cfrl_jax.rl import grpo, ppo, reinforce, sft
+from cfrl_jax.rl import algorithms, ppo, sft
 from cfrl_jax.train.rollout import completion_stats
 
 
@@ -29,36 +30,31 @@ def _policy_metrics(logp, entropy, max_prob, mask, phi=None, prompt_len=None):
   return jax.lax.stop_gradient(out)
 
 
-def grpo_objective(cfg: qwen.QwenConfig, prompt_len: int, rl):
-  """GRPO / DAPO / Dr. GRPO clipped surrogate with an optional KL to the reference."""
+def policy_objective(cfg: qwen.QwenConfig, prompt_len: int, rl, loss):
+  """loss_fn(params, batch): the policy's forward pass over [prompt | completion], then
+  loss(logp (B, N), batch, rl) -> (loss, metrics) (an rl/algorithms.py loss), plus confidence metrics."""
 
   def loss_fn(params, batch):
     logp, entropy, max_prob, phi = completion_stats(cfg, params, batch['tokens'], batch['mask'], prompt_len)
-    mask = batch['completion_mask']
-    loss, m = grpo.grpo_loss(
-        logp, batch['old_logp'], batch.get('ref_logp'), batch['advantages'], mask,
-        clip_low=rl.clip_low, clip_high=rl.clip_high, kl_coef=rl.kl_coef,
-        kl_estimator=rl.kl_estimator, aggregation=rl.aggregation,
-        max_tokens=rl.max_new_tokens)
-    return loss, dict(m, **_policy_metrics(logp, entropy, max_prob, mask, phi, prompt_len))
+    value, m = loss(logp, batch, rl)
+    return value, dict(m, **_policy_metrics(logp, entropy, max_prob, batch['completion_mask'], phi, prompt_len))
 
   return loss_fn
+
+
+def algorithm_objective(cfg: qwen.QwenConfig, prompt_len: int, rl, name: str | None = None):
+  """The learner's loss_fn for algorithm `name` (default rl.algorithm), from the algorithm table."""
+  return policy_objective(cfg, prompt_len, rl, algorithms.algorithm(name or rl.algorithm).loss)
+
+
+def grpo_objective(cfg: qwen.QwenConfig, prompt_len: int, rl):
+  """GRPO / DAPO / Dr. GRPO clipped surrogate with an optional KL to the reference."""
+  return policy_objective(cfg, prompt_len, rl, algorithms.grpo_loss)
 
 
 def reinforce_objective(cfg: qwen.QwenConfig, prompt_len: int, rl):
   """REINFORCE with the advantages computed by the trainer (baseline or RLOO)."""
-
-  def loss_fn(params, batch):
-    logp, entropy, max_prob, phi = completion_stats(cfg, params, batch['tokens'], batch['mask'], prompt_len)
-    mask = batch['completion_mask']
-    # The trainer already subtracted the configured baseline (or RLOO's leave-one-out mean).
-    loss, m = reinforce.reinforce_loss(
-        logp, batch['advantages'], mask, baseline='none', aggregation=rl.aggregation,
-        max_tokens=rl.max_new_tokens, ref_logp=batch.get('ref_logp'), kl_coef=rl.kl_coef,
-        kl_estimator=rl.kl_estimator)
-    return loss, dict(m, **_policy_metrics(logp, entropy, max_prob, mask, phi, prompt_len))
-
-  return loss_fn
+  return policy_objective(cfg, prompt_len, rl, algorithms.rloo_loss)
 
 
 def ppo_policy_objective(cfg: qwen.QwenConfig, prompt_len: int, rl):
@@ -68,16 +64,7 @@ def ppo_policy_objective(cfg: qwen.QwenConfig, prompt_len: int, rl):
   rewards behind the advantages (the classic PPO-RLHF placement). Tokens are aggregated by
   rl.aggregation like every other policy loss (Echo Chamber's PPO: seq_mean).
   """
-
-  def loss_fn(params, batch):
-    logp, entropy, max_prob, phi = completion_stats(cfg, params, batch['tokens'], batch['mask'], prompt_len)
-    mask = batch['completion_mask']
-    loss, m = ppo.ppo_policy_loss(logp, batch['old_logp'], batch['advantages'], mask,
-                                  clip_low=rl.clip_low, clip_high=rl.clip_high,
-                                  aggregation=rl.aggregation, max_tokens=rl.max_new_tokens)
-    return loss, dict(m, **_policy_metrics(logp, entropy, max_prob, mask, phi, prompt_len))
-
-  return loss_fn
+  return policy_objective(cfg, prompt_len, rl, algorithms.ppo_loss)
 
 
 def critic_values(cfg: qwen.QwenConfig, critic, tokens, mask, prompt_len: int):
@@ -100,14 +87,8 @@ def critic_objective(cfg: qwen.QwenConfig, prompt_len: int, rl):
 
 def sft_objective(cfg: qwen.QwenConfig, prompt_len: int, aggregation: str = 'token_mean'):
   """Cross-entropy on completion tokens (Expert Iteration, LP-FT, pretraining)."""
-
-  def loss_fn(params, batch):
-    logp, entropy, max_prob, phi = completion_stats(cfg, params, batch['tokens'], batch['mask'], prompt_len)
-    mask = batch['completion_mask']
-    loss, m = sft.sft_loss(logp, mask, aggregation=aggregation)
-    return loss, dict(m, **_policy_metrics(logp, entropy, max_prob, mask, phi, prompt_len))
-
-  return loss_fn
+  return policy_objective(cfg, prompt_len, None,
+                          lambda logp, batch, rl: algorithms.sft_loss(logp, batch, aggregation=aggregation))
 
 
 def lm_objective(cfg: qwen.QwenConfig, aggregation: str = 'token_mean'):

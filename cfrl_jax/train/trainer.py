@@ -15,7 +15,6 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from tqdm.auto import tqdm
@@ -24,7 +23,7 @@ from cfrl_jax import metrics as metrics_lib
 from cfrl_jax.models import qwen
 from cfrl_jax.rl import advantages as adv_lib
 from cfrl_jax.rl import expert_iteration, ppo
-from cfrl_jax.rl.algorithms import ALGORITHMS, PER_HOST_ALGORITHMS
+from cfrl_jax.rl import algorithms
 from cfrl_jax.train import checkpoint as ckpt_lib
 from cfrl_jax.train import learner, objectives, placement, rollout, schedule, sft_data
 
@@ -177,8 +176,7 @@ class Trainer:
                eval_fn: Callable | None = None, probe_fn: Callable | None = None,
                head_share_fn: Callable | None = None, progress: bool = True, initial_step: int = 0):
     rl = config.rl
-    if rl.algorithm not in ALGORITHMS:
-      raise ValueError(f'config.rl.algorithm={rl.algorithm!r}; expected one of {ALGORITHMS}.')
+    self.algorithm = algorithms.algorithm(rl.algorithm)
     if not config.resume:
       check_fresh_run_dir(run_dir)
     self.config, self.rl, self.policy, self.task = config, rl, policy, task
@@ -200,7 +198,8 @@ class Trainer:
     self.params = self.place.put(params, self.place.param_specs)
     self.ref_params = self.place.put(_copy(params), self.place.param_specs) if rl.kl_coef > 0 else None
     # Offline Expert Iteration fine-tunes the starting model afresh every round.
-    self.base_params = _copy(self.params) if rl.algorithm == 'expert_iteration' and rl.ei.from_base else None
+    self.base_params = (_copy(self.params) if self.algorithm.step == algorithms.EXPERT_ITERATION and rl.ei.from_base
+                        else None)
     self.stage = 1 if config.cfrl.enabled else 0
     # initial_step > 0 continues another run's data order and randomness from that step with a fresh
     # optimizer (AlphaRL's continuation); the warmup restarts there.
@@ -210,7 +209,7 @@ class Trainer:
     self._init_stage(self.stage)
     self.critic = self.critic_tx = self.critic_opt = None
     self.critic_specs = self.critic_opt_specs = None
-    if rl.algorithm == 'ppo':
+    if self.algorithm.critic:
       critic = {'backbone': _copy(params['backbone']),
                 'value_head': ppo.init_value_head(self.cfg.hidden_size, jax.random.PRNGKey(config.seed + 1))}
       self.critic_specs = self.place.specs_of(critic) if self.place.sharded else None
@@ -283,17 +282,9 @@ class Trainer:
 
   # -- jitted pieces --------------------------------------------------------------
   def _loss_fn(self, kind: str, prompt_len: int):
-    if kind == 'sft':
-      return objectives.sft_objective(self.cfg, prompt_len)
-    if kind == 'reinforce' and self.rl.reinforce_style == 'echo_chamber':
-      # PPO's clipped surrogate on token advantages with rl.aggregation: GRPO's loss without its KL term
-      # (the KL is already in the advantages).
-      rl = ml_collections.ConfigDict(self.rl.to_dict())
-      rl.kl_coef = 0.0
-      return objectives.grpo_objective(self.cfg, prompt_len, rl)
-    builders = {'grpo': objectives.grpo_objective, 'reinforce': objectives.reinforce_objective,
-                'rloo': objectives.reinforce_objective, 'ppo': objectives.ppo_policy_objective}
-    return builders[kind](self.cfg, prompt_len, self.rl)
+    """kind: an algorithm of the table whose loss the learner minimises ('sft' for Expert Iteration's
+    and SFT's cross-entropy steps)."""
+    return objectives.algorithm_objective(self.cfg, prompt_len, self.rl, kind)
 
   def _update_fn(self, kind: str, prompt_len: int):
     k = (kind, prompt_len, self.stage)
@@ -370,7 +361,7 @@ class Trainer:
   def _per_host(self) -> bool:
     """This step loads only this process's prompts (several processes, data_loading 'per_host', a
     policy-gradient algorithm). Rows are then process-local numpy and global arrays on the mesh."""
-    return self.place.per_host and self.rl.algorithm in PER_HOST_ALGORITHMS
+    return self.place.per_host and self.algorithm.per_host
 
   def _step_prompts(self, group_size: int) -> tuple[list, slice]:
     """(the prompts this process rolls out this step, its block of the step's group_size * prompts rows).
@@ -425,20 +416,9 @@ class Trainer:
     # process's rewards (an all-gather of B floats) and each process keeps its own rows' advantages.
     rewards = r.rewards
     all_rewards = self.place.all_rows(rewards) if self._per_host else rewards
-    if rl.algorithm == 'grpo':
-      advantages = np.asarray(adv_lib.group_normalized(all_rewards, rl.group_size, scale_by_std=rl.scale_by_std))
-    elif rl.algorithm == 'rloo':
-      advantages = np.asarray(adv_lib.rloo(all_rewards, rl.group_size))
-    elif rl.algorithm == 'reinforce':
-      base = {'batch_mean': adv_lib.batch_mean_baseline,
-              'group_mean': lambda x: adv_lib.group_mean_baseline(x, rl.group_size),
-              'rloo': lambda x: adv_lib.rloo(x, rl.group_size),
-              'none': lambda x: x}
-      if rl.baseline not in base:
-        raise ValueError(f'config.rl.baseline={rl.baseline!r}; expected one of {sorted(base)}.')
-      advantages = np.asarray(base[rl.baseline](all_rewards))
-    if rl.algorithm != 'ppo':
-      advantages = advantages[own]
+    alg = self.algorithm
+    if alg.advantages is not None:
+      advantages = np.asarray(alg.advantages(all_rewards, rl))[own]
     batch = {'tokens': r.tokens, 'mask': r.mask, 'completion_mask': r.completion_mask}
     # The forward passes below run on the mesh; per-host their inputs are this process's rows placed
     # as global arrays, and own_rows brings this process's rows of the result back.
@@ -450,7 +430,7 @@ class Trainer:
     if self.ref_params is not None:
       batch['ref_logp'] = self.place.own_rows(self._logp(self.ref_params, seq, P))
     extra = {}
-    if rl.algorithm == 'ppo':
+    if alg.critic:   # PPO: GAE token advantages over the critic's values
       values = self.place.own_rows(self._forward(
           'values', P, lambda c, t, m: objectives.critic_values(self.cfg, c, t, m, P),
           self.critic_specs)(self.critic, seq['tokens'], seq['mask']))
@@ -467,7 +447,7 @@ class Trainer:
       else:
         advantages = np.asarray(adv_lib.masked_whiten(a, r.completion_mask))
       batch.update(returns=np.asarray(returns), old_values=values)
-    if rl.algorithm == 'reinforce' and rl.reinforce_style == 'echo_chamber':
+    if alg.kl_in_returns(rl):
       # The KL goes into the token rewards (k1, against the rollout's log-probs), not into the loss.
       returns = adv_lib.kl_penalized_returns(advantages, batch['old_logp'], batch.pop('ref_logp', None),
                                              r.completion_mask, rl.kl_coef)
@@ -477,9 +457,7 @@ class Trainer:
       else:
         advantages = np.asarray(adv_lib.masked_whiten(returns, r.completion_mask))
     batch['advantages'] = np.asarray(advantages, np.float32)
-    kind = 'grpo' if rl.algorithm in ('grpo',) else rl.algorithm
-    if rl.algorithm == 'rloo':
-      kind = 'rloo'
+    kind = alg.name
     share_now = (self.stage == 1 and self.config.cfrl.switch_on == 'head_share' and
                  (self.step - self.stage_start) % self.config.cfrl.switch_every == 0)
     params_before = _copy(self.params) if (self.probe_fn is not None or share_now) else None
@@ -487,7 +465,7 @@ class Trainer:
     learner_batch = self.place.to_global(batch) if self._per_host else batch
     for mb in self._minibatches(jax.random.fold_in(key, 1), learner_batch, rl.epochs, rl.minibatches):
       m = self._apply(kind, P, mb)
-      if rl.algorithm == 'ppo':
+      if alg.critic:
         self.critic, self.critic_opt, cm = self._critic_update(P)(self.critic, self.critic_opt, mb)
         m.update({k: float(v) for k, v in cm.items()})
       for k, v in m.items():
@@ -602,17 +580,14 @@ class Trainer:
     if self.step == 0 and config.checkpoint.every > 0 and not config.checkpoint.max_to_keep and \
         self.ckpt.latest_step() is None:
       self.save()   # keeping every checkpoint is for the rank-1 analysis, whose dW_t = W_t - W_0 needs the base
+    steps = {algorithms.POLICY_GRADIENT: self._policy_gradient_step,
+             algorithms.EXPERT_ITERATION: self._expert_iteration_step, algorithms.SFT: self._sft_step}
     bar = tqdm(total=rl.steps, initial=self.step, disable=not self.progress or jax.process_index() != 0, desc=f'{rl.algorithm}', dynamic_ncols=True)
     try:
       while self.step < rl.steps:
         t0 = time.perf_counter()
         key = jax.random.fold_in(self.key, self.step)
-        if rl.algorithm == 'expert_iteration':
-          m, probe_ctx = self._expert_iteration_step(key)
-        elif rl.algorithm == 'sft':
-          m, probe_ctx = self._sft_step(key)
-        else:
-          m, probe_ctx = self._policy_gradient_step(key)
+        m, probe_ctx = steps[self.algorithm.step](key)
         m.update(stage=self.stage, head_norm=head_norm(self.cfg, self.params),
                  lr_head=self._lrs()['head'], lr_backbone=self._lrs()['backbone'],
                  step_time=time.perf_counter() - t0)
