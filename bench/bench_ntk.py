@@ -1,4 +1,4 @@
-"""Exact log-prob eNTK: cfrl_jax.ntk.logprob_kernel vs brute-force Jacobian contraction, CPU.
+"""Exact log-prob eNTK: cfrl_jax.dynamics.ntk.logprob_kernel vs brute-force Jacobian contraction, CPU.
 
 The quantity: the n x n kernel k(i, j) = <grad log pi(y_i | c_i), grad log pi(y_j | c_j)>
 over ALL parameters, for n sequences of T tokens (one entry per sequence: its last
@@ -39,7 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
-from cfrl_jax import ntk  # noqa: E402
+from cfrl_jax.dynamics import ntk  # noqa: E402
 from cfrl_jax.models import qwen  # noqa: E402
 
 

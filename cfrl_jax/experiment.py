@@ -15,6 +15,7 @@ import time
 import jax
 
 from cfrl_jax import alpharl, report
+from cfrl_jax.analysis import alpharl_report
 from cfrl_jax.arms import arm_config, check_explicit_overrides
 from cfrl_jax.config import parse_list, validate
 from cfrl_jax.run_setup import load_policy, make_eval_fn, make_head_share_fn, make_probe_fn, write_run_config
@@ -163,7 +164,7 @@ def run_alpharl_mode(config, run_dir: str, task, explicit: frozenset[str] = froz
   <run_dir>/alpharl/alpharl.md collecting their sections; the normal runs' files are never touched.
   Every arm's settings and reference run are checked before any training starts.
   """
-  out_dir = os.path.join(run_dir, alpharl.SUBDIR)
+  out_dir = os.path.join(run_dir, alpharl_report.SUBDIR)
   if not config.arms:
     c = copy.deepcopy(config)
     with c.unlocked():
@@ -187,12 +188,12 @@ def run_alpharl_mode(config, run_dir: str, task, explicit: frozenset[str] = froz
     result = alpharl.run_alpharl(c, d, task)
     if label:
       results.append((label, result))
-      rel = os.path.relpath(os.path.join(d, alpharl.PNG_NAME), out_dir)
-      sections.append(alpharl.markdown_section(result, image=rel, heading_level=3, title=f'AlphaRL: {label}'))
+      rel = os.path.relpath(os.path.join(d, alpharl_report.PNG_NAME), out_dir)
+      sections.append(alpharl_report.markdown_section(result, image=rel, heading_level=3, title=f'AlphaRL: {label}'))
   if sections and jax.process_index() == 0:
-    across = alpharl.seeds_section(results)   # verdict per arm and variant, share +- s.e. over seeds
-    with open(os.path.join(out_dir, alpharl.MD_NAME), 'w') as f:
+    across = alpharl_report.seeds_section(results)   # verdict per arm and variant, share +- s.e. over seeds
+    with open(os.path.join(out_dir, alpharl_report.MD_NAME), 'w') as f:
       f.write(f'## AlphaRL: {config.name}\n\n' + (across + '\n' if across else '') + '\n'.join(sections) + '\n')
   if jax.process_index() == 0:
-    print(f'AlphaRL report: {os.path.join(out_dir, alpharl.MD_NAME)}')
+    print(f'AlphaRL report: {os.path.join(out_dir, alpharl_report.MD_NAME)}')
   return out_dir

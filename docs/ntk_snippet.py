@@ -5,7 +5,8 @@ import os
 import jax
 import jax.numpy as jnp
 
-from cfrl_jax import ntk, tokenization
+from cfrl_jax import tokenization
+from cfrl_jax.dynamics import ntk
 from cfrl_jax.models import hf, qwen
 
 checkpoint = os.environ.get('CHECKPOINT', 'Qwen/Qwen2.5-0.5B-Instruct')   # local dir or hub id

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from cfrl_jax import alpharl, experiment, report
+from cfrl_jax.analysis import alpharl_fit, rank1
 from cfrl_jax.config import base_config
-from cfrl_jax.dynamics import rank1
 from cfrl_jax.main import load_config_file
 from cfrl_jax.models import qwen
 from cfrl_jax.run_setup import evaluator_for_run
@@ -78,7 +78,7 @@ def _assert_trees_close(a, b, atol):
 def test_exact_rank1_linear_window_extrapolates_to_the_analytic_final_params(tmp_path, origin):
   _, at = _trajectory(origin)
   _save_window(str(tmp_path), at, origin)
-  fit = alpharl.fit_window(str(tmp_path), WINDOW[-1], TARGET, keep=('head',))
+  fit = alpharl_fit.fit_window(str(tmp_path), WINDOW[-1], TARGET, keep=('head',))
   assert fit.origin == origin and fit.fit_steps == [s for s in WINDOW if s > origin]
   final, base, window = at(TARGET), at(0), at(WINDOW[-1])
   fb, ff, fw = rank1.flatten(base), rank1.flatten(final), rank1.flatten(window)
@@ -106,30 +106,30 @@ def test_a_window_still_in_cfrl_stage_one_cannot_be_fitted(tmp_path):
   _, at = _trajectory(10)
   _save_window(str(tmp_path), at, 10)
   with pytest.raises(ValueError, match='head-only stage'):
-    alpharl.fit_window(str(tmp_path), WINDOW[-1], TARGET)
+    alpharl_fit.fit_window(str(tmp_path), WINDOW[-1], TARGET)
 
 
 def test_share_of_gain_and_verdicts_against_hand_computed_values():
-  share, se = alpharl.share_of_gain(0.46, 0.01, 0.40, 0.012, 0.48, 0.013)
+  share, se = alpharl_fit.share_of_gain(0.46, 0.01, 0.40, 0.012, 0.48, 0.013)
   assert share == pytest.approx(0.75, abs=1e-12)
   # se^2 gain^2 = 0.01^2 + 0.75^2 0.013^2 + 0.25^2 0.012^2 = 1e-4 + 9.50625e-5 + 9e-6 = 2.040625e-4
   assert se == pytest.approx(math.sqrt(2.040625e-4) / 0.08, rel=1e-12)
-  assert alpharl.share_of_gain(0.40, 0.0, 0.40, 0.0, 0.48, 0.0) == (0.0, 0.0)
-  assert alpharl.share_of_gain(0.52, 0.0, 0.40, 0.0, 0.48, 0.0)[0] == pytest.approx(1.5)
+  assert alpharl_fit.share_of_gain(0.40, 0.0, 0.40, 0.0, 0.48, 0.0) == (0.0, 0.0)
+  assert alpharl_fit.share_of_gain(0.52, 0.0, 0.40, 0.0, 0.48, 0.0)[0] == pytest.approx(1.5)
   with pytest.warns(RuntimeWarning, match='min_gain'):
-    share, se = alpharl.share_of_gain(0.5, 0.01, 0.4, 0.01, 0.4, 0.01)
+    share, se = alpharl_fit.share_of_gain(0.5, 0.01, 0.4, 0.01, 0.4, 0.01)
   assert math.isnan(share) and math.isnan(se)
-  assert alpharl.target_verdict(0.97, 0.005, 0.4) == 'met'
-  assert alpharl.target_verdict(0.90, 0.01, 0.4) == 'not met'
-  assert alpharl.target_verdict(0.90, 0.05, 0.4) == 'within noise'
-  assert alpharl.target_verdict(0.99, 0.001, 0.5) == 'not met'     # too many steps
-  assert alpharl.target_verdict(float('nan'), 0.1, 0.4) == 'n/a'
+  assert alpharl_fit.target_verdict(0.97, 0.005, 0.4) == 'met'
+  assert alpharl_fit.target_verdict(0.90, 0.01, 0.4) == 'not met'
+  assert alpharl_fit.target_verdict(0.90, 0.05, 0.4) == 'within noise'
+  assert alpharl_fit.target_verdict(0.99, 0.001, 0.5) == 'not met'     # too many steps
+  assert alpharl_fit.target_verdict(float('nan'), 0.1, 0.4) == 'n/a'
   # greedy accuracy: a mean of 0/1 over n problems, s.e. sqrt(p (1 - p) / (n - 1)).
-  value, se = alpharl.metric_value({'greedy_accuracy': 0.75, 'num_problems': 17.0}, 'greedy_accuracy', 'x')
+  value, se = alpharl_fit.metric_value({'greedy_accuracy': 0.75, 'num_problems': 17.0}, 'greedy_accuracy', 'x')
   assert (value, se) == (0.75, pytest.approx(math.sqrt(0.75 * 0.25 / 16)))
-  assert alpharl.metric_value({'pass@1': 0.5, 'pass@1_stderr': 0.02}, 'pass@1', 'x') == (0.5, 0.02)
+  assert alpharl_fit.metric_value({'pass@1': 0.5, 'pass@1_stderr': 0.02}, 'pass@1', 'x') == (0.5, 0.02)
   with pytest.raises(ValueError, match="'pass@1'.*greedy_accuracy"):
-    alpharl.metric_value({'step': 0, 'greedy_accuracy': 0.5}, 'pass@1', 'step 0')
+    alpharl_fit.metric_value({'step': 0, 'greedy_accuracy': 0.5}, 'pass@1', 'step 0')
 
 
 def _config(**alpharl_values):
@@ -246,7 +246,7 @@ def test_demo_smoke_runs_end_to_end_through_experiment(tmp_path, smoke_pretrain_
                  if json.loads(line)['kind'] == 'train']
   assert train_steps == [3] and checkpoint.available_steps(cdir) == [2, 3]
   start = rank1.flatten(checkpoint.restore_params(cdir, 2))
-  b = rank1.flatten(alpharl.fit_window(run_dir, 2, 5).models['alpharl_B'])
+  b = rank1.flatten(alpharl_fit.fit_window(run_dir, 2, 5).models['alpharl_B'])
   for p in b:
     np.testing.assert_array_equal(start[p], b[p])
   md = open(os.path.join(run_dir, 'alpharl.md')).read()

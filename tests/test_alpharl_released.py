@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cfrl_jax import alpharl
-from cfrl_jax.dynamics import rank1
+from cfrl_jax.analysis import alpharl_fit, alpharl_report, rank1
 
 
 # --- PLS1 ------------------------------------------------------------------------------------
@@ -168,12 +168,12 @@ def test_released_model_is_the_window_end_plus_the_predicted_rank1_vector():
 
 
 def test_fit_released_window_reports_why_it_cannot_run():
-  fit = alpharl.WindowFit(None, None, 4, 0, [4], 10, {}, {}, {}, {})
-  out = alpharl.fit_released_window(fit, {4: 0.3}, oracle=0.5)
+  fit = alpharl_fit.WindowFit(None, None, 4, 0, [4], 10, {}, {}, {}, {})
+  out = alpharl_fit.fit_released_window(fit, {4: 0.3}, oracle=0.5)
   assert out.fits is None and 'at least 2' in out.reason and 'fit_every' in out.reason
   assert out.targets == {'oracle': 0.5}
   with pytest.raises(ValueError, match='missing'):
-    alpharl.fit_released_window(fit, {}, oracle=0.5)
+    alpharl_fit.fit_released_window(fit, {}, oracle=0.5)
 
 
 def test_window_target_rule():
@@ -183,7 +183,7 @@ def test_window_target_rule():
   # (1, .1), (2, .3), (3, .2): slope 0.05, intercept 0.2 - 2 * 0.05 = 0.1, so 0.6 at step 10.
   assert rank1.extrapolated_accuracy([1, 2, 3], [0.1, 0.3, 0.2], 10) == pytest.approx(0.6)
   assert rank1.extrapolated_accuracy([1, 2], [0.3, 0.1], 10) == 0.0
-  assert alpharl.released_targets([1, 2, 3], [0.1, 0.2, 0.3], 5, 0.42) == {'oracle': 0.42,
+  assert alpharl_fit.released_targets([1, 2, 3], [0.1, 0.2, 0.3], 5, 0.42) == {'oracle': 0.42,
                                                                           'window': pytest.approx(0.5)}
 
 
@@ -237,10 +237,10 @@ def alpharl_config(**values):
 # --- across seeds ------------------------------------------------------------------------------
 def test_pooled_share_and_seed_verdicts():
   # Three seeds 0.9, 1.0, 1.1: mean 1.0, sd 0.1, s.e. 0.1 / sqrt 3.
-  share, se = alpharl.pooled_share([0.9, 1.0, 1.1], [0.5, 0.5, 0.5])
+  share, se = alpharl_fit.pooled_share([0.9, 1.0, 1.1], [0.5, 0.5, 0.5])
   assert share == pytest.approx(1.0) and se == pytest.approx(0.1 / math.sqrt(3))
-  assert alpharl.pooled_share([0.7], [0.2]) == (0.7, 0.2)
-  assert alpharl.pooled_share([float('nan'), 0.4, 0.6], [1, 1, 1]) == (pytest.approx(0.5),
+  assert alpharl_fit.pooled_share([0.7], [0.2]) == (0.7, 0.2)
+  assert alpharl_fit.pooled_share([float('nan'), 0.4, 0.6], [1, 1, 1]) == (pytest.approx(0.5),
                                                                         pytest.approx(math.sqrt(0.02) / math.sqrt(2)))
 
   def run(seed, shares):
@@ -249,13 +249,13 @@ def test_pooled_share_and_seed_verdicts():
 
   # oracle: mean 0.99, sd 0.0071, s.e. 0.005: more than 2 s.e. above 0.96; window: 0.94 +- 0.02 is
   # within 2 s.e. of 0.96; ExPO: 0.32 +- 0.02.
-  md = alpharl.seeds_section([run(0, {'released_oracle': 0.995, 'released_window': 0.92, 'expo': 0.30}),
+  md = alpharl_report.seeds_section([run(0, {'released_oracle': 0.995, 'released_window': 0.92, 'expo': 0.30}),
                               run(1, {'released_oracle': 0.985, 'released_window': 0.96, 'expo': 0.34})])
   assert '| grpo | released, oracle target (upper bound) | 2 / 2 | 0.990 ± 0.005 | met (upper bound) |' in md
   assert '| grpo | released, window target | 2 / 2 | 0.940 ± 0.020 | within noise |' in md
   assert '| grpo | ExPO fixed | 2 / 2 | 0.320 ± 0.020 | not met |' in md
-  assert alpharl.VERDICT_RULE in md
-  assert alpharl.seeds_section([('x', {'reference': None, 'models': {}})]) == ''
+  assert alpharl_report.VERDICT_RULE in md
+  assert alpharl_report.seeds_section([('x', {'reference': None, 'models': {}})]) == ''
 
 
 def test_seed_verdicts_per_arm_and_variant_by_hand():
@@ -275,7 +275,7 @@ def test_seed_verdicts_per_arm_and_variant_by_hand():
       ('cfgrpo/seed0', run({'released_window': (0.99, 0.01), 'continued': (1.0, 0.01)})),
       ('cfgrpo/seed1', run({'released_window': (nan, nan)})),
   ]
-  got = {(v.arm, v.model): v for v in alpharl.seed_verdicts(results)}
+  got = {(v.arm, v.model): v for v in alpharl_fit.seed_verdicts(results)}
   assert list(got) == [('grpo', 'alpharl_A'), ('grpo', 'released_oracle'), ('grpo', 'expo_tuned'),
                        ('cfgrpo', 'released_window'), ('cfgrpo', 'continued')]
   # A: 0.3, 0.4, 0.5 -> mean 0.4, sd 0.1, s.e. 0.1 / sqrt 3 = 0.0577: 0.56 below 0.96 -> not met.
@@ -295,13 +295,13 @@ def test_seed_verdicts_per_arm_and_variant_by_hand():
   assert (w.with_share, w.share, w.stderr, w.verdict) == (1, 0.99, 0.01, 'met')
   # continued: same steps here (4 of 10), share 1.0 +- 0.01 -> met; at 5 of 10 steps it is not met.
   assert got[('cfgrpo', 'continued')].verdict == 'met'
-  late = alpharl.seed_verdicts([('x/seed0', run({'continued': (1.0, 0.01)}, steps=5))])
+  late = alpharl_fit.seed_verdicts([('x/seed0', run({'continued': (1.0, 0.01)}, steps=5))])
   assert (late[0].step_fraction, late[0].verdict) == (0.5, 'not met')
   # No defined share anywhere: n/a, said so in the table.
   none = [('x/seed0', run({'expo': (nan, nan)})), ('x/seed1', run({'expo': (nan, nan)}))]
-  (v,) = alpharl.seed_verdicts(none)
+  (v,) = alpharl_fit.seed_verdicts(none)
   assert (v.runs, v.with_share, v.verdict) == (2, 0, 'n/a') and math.isnan(v.share)
-  assert '| x | ExPO fixed | 0 / 2 | n/a (reference gain 0 in every seed) | n/a |' in alpharl.seeds_section(none)
+  assert '| x | ExPO fixed | 0 / 2 | n/a (reference gain 0 in every seed) | n/a |' in alpharl_report.seeds_section(none)
 
 
 # --- through the mode's checkpoint path -------------------------------------------------------
@@ -340,9 +340,9 @@ def test_window_checkpoints_to_released_models_and_report(tmp_path):
               {'model_config': dataclasses.asdict(cfg), 'stage': 0, 'stage_start': 0})
   ckpt.close()
   T = 20
-  fit = alpharl.fit_window(str(tmp_path), 8, T)
+  fit = alpharl_fit.fit_window(str(tmp_path), 8, T)
   acc = {t: 0.3 + 0.01 * t for t in fit.fit_steps}
-  rel = alpharl.fit_released_window(fit, acc, oracle=0.3 + 0.01 * T, scale=True)
+  rel = alpharl_fit.fit_released_window(fit, acc, oracle=0.3 + 0.01 * T, scale=True)
   assert rel.fits is not None and rel.steps == [2, 4, 6, 8]
   assert rel.targets == {'oracle': pytest.approx(0.5), 'window': pytest.approx(0.5)}
   got = rank1.flatten(rel.models['released_oracle'])
@@ -368,9 +368,9 @@ def test_window_checkpoints_to_released_models_and_report(tmp_path):
   assert result['models']['released_oracle']['share'] == pytest.approx(0.95)
   assert result['models']['released_oracle']['steps_trained'] == 8
   assert result['target']['verdicts']['released_oracle'] == 'within noise'
-  md = alpharl.markdown_section(result, image=None)
+  md = alpharl_report.markdown_section(result, image=None)
   # s.e. = 0.01 sqrt(1 + 0.95^2 + 0.05^2) / 0.2 = 0.0690.
   assert 'upper bound | 8 | 0.490 ± 0.010 | +0.190 | 0.950 ± 0.069 | within noise (upper bound) |' in md
   assert 'Target from the window alone: 0.500' in md and 'ExPO tuned' in md and 'A: rank-1 step line' in md
   assert "paper's AlphaRL" not in md
-  alpharl.write_plot(result, str(tmp_path / 'p.png'))
+  alpharl_report.write_plot(result, str(tmp_path / 'p.png'))

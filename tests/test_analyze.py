@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cfrl_jax import analyze
-from cfrl_jax.dynamics import rank1
+from cfrl_jax.analysis import rank1, update_dynamics, update_dynamics_report
 from cfrl_jax.models import qwen
 from cfrl_jax.train import checkpoint
 
@@ -88,10 +88,10 @@ def run(tmp_path_factory):
   base, at, directions, head_dir = _trajectory()
   _save_run(run_dir, at, STEPS)
   evaluate = _linear_evaluate(base, directions, head_dir, STEPS[-1])
-  config = analyze.AnalysisConfig(ks=(1, 2), windows=(1 / 3, 0.5))
-  analysis = analyze.analyze_run(run_dir, config, evaluate)
+  config = update_dynamics.AnalysisConfig(ks=(1, 2), windows=(1 / 3, 0.5))
+  analysis = update_dynamics.analyze_run(run_dir, config, evaluate)
   out = os.path.join(run_dir, 'analysis')
-  files = analyze.write_report(analysis, out)
+  files = update_dynamics_report.write_report(analysis, out)
   return run_dir, analysis, files
 
 
@@ -155,8 +155,9 @@ def test_recovered_gains_and_extrapolation(run):
 
 def test_report_files(run):
   _, analysis, files = run
-  for name in ('analysis.json', 'analysis.md', analyze.PNG_SHARES, analyze.PNG_R2, analyze.PNG_GAIN,
-               analyze.PNG_EXTRAPOLATION):
+  for name in ('analysis.json', 'analysis.md', update_dynamics_report.PNG_SHARES, update_dynamics_report.PNG_R2,
+               update_dynamics_report.PNG_GAIN,
+               update_dynamics_report.PNG_EXTRAPOLATION):
     path = os.path.join(os.path.dirname(files['json']), name)
     assert os.path.getsize(path) > 0, name
   with open(files['json']) as f:
@@ -164,7 +165,7 @@ def test_report_files(run):
   assert loaded['matrices'][FROZEN]['share']['1'][0] == [None, None]
   md = open(files['markdown']).read()
   assert '## Update dynamics' in md and '| q_proj |' in md and 'gain AlphaRL A' in md
-  assert f'![rank_share](./{analyze.PNG_SHARES})' in md
+  assert f'![rank_share](./{update_dynamics_report.PNG_SHARES})' in md
   assert 'classifier 0..2, full 4..12' in md and '`--base_step=4`' in md
 
 
@@ -177,8 +178,8 @@ def test_command_end_to_end(run, tmp_path):
   assert os.path.abspath(out) in proc.stdout
   loaded = json.load(open(os.path.join(out, 'analysis.json')))
   assert loaded['evaluation'] is None and list(loaded['matrices']['q_proj']['share']) == ['1']
-  assert sorted(os.listdir(out)) == sorted(['analysis.json', 'analysis.md', analyze.PNG_SHARES, analyze.PNG_R2,
-                                           analyze.PNG_EXTRAPOLATION])
+  assert sorted(os.listdir(out)) == sorted(['analysis.json', 'analysis.md', update_dynamics_report.PNG_SHARES,
+                                           update_dynamics_report.PNG_R2, update_dynamics_report.PNG_EXTRAPOLATION])
 
 
 def test_command_errors(tmp_path, capsys):
@@ -193,7 +194,7 @@ def test_command_errors(tmp_path, capsys):
   assert analyze.main(['analyze']) == 2
   assert '--run' in capsys.readouterr().err
   with pytest.raises(ValueError, match='windows'):
-    analyze.AnalysisConfig(windows=(1.5,))
+    update_dynamics.AnalysisConfig(windows=(1.5,))
 
 
 def test_evaluator_specs(tmp_path, monkeypatch):
@@ -227,10 +228,10 @@ def test_a_run_that_made_the_metric_worse_gets_a_warning_not_silent_shares(run):
   _, analysis, _ = run
   acc = {'base': 0.66, 'final': 0.65, 'rank1_A': 0.60}
   with pytest.warns(RuntimeWarning, match='did not improve'):
-    ev = analyze._gains(acc, {}, analyze.AnalysisConfig(), {'extrapolation': []}, 'greedy_accuracy')
+    ev = update_dynamics._gains(acc, {}, update_dynamics.AnalysisConfig(), {'extrapolation': []}, 'greedy_accuracy')
   assert ev['recovered_gain']['rank1_A'] == pytest.approx(6.0)     # (0.60 - 0.66) / (0.65 - 0.66)
   assert 'did not improve' in ev['warning'] and ev['metric'] == 'greedy_accuracy'
-  md = analyze.markdown_section({**analysis, 'evaluation': ev}, '.', [])
+  md = update_dynamics_report.markdown_section({**analysis, 'evaluation': ev}, '.', [])
   assert 'Held-out greedy_accuracy: base 0.660' in md and 'Warning: The final checkpoint scores below' in md
 
 

@@ -86,12 +86,12 @@ def test_dedupe_keeps_the_last_record_per_step_and_kind():
 
 
 def test_report_never_averages_a_step_logged_twice(tmp_path):
-  from cfrl_jax import report
+  from cfrl_jax.analysis import report_runs
   path = str(tmp_path / 'metrics.jsonl')
   # A second history appended by an old resume: steps 0-1 twice with different values.
   first = [rec(0, 'eval', **{'pass@1': 0.2}), rec(1, reward_mean=0.0)]
   second = [rec(0, 'eval', **{'pass@1': 0.4}), rec(1, reward_mean=1.0)]
   write_lines(path, [json.dumps(r) for r in first + second], end='\n')
-  run = report.load_run(path, 'grpo', 0)
+  run = report_runs.load_run(path, 'grpo', 0)
   assert run.records['eval'] == [rec(0, 'eval', **{'pass@1': 0.4})]
   assert run.records['train'] == [rec(1, reward_mean=1.0)]

@@ -1,4 +1,4 @@
-"""cfrl_jax.ntk against brute force: explicit Jacobians (jax.jacrev over the flattened
+"""cfrl_jax.dynamics.ntk against brute force: explicit Jacobians (jax.jacrev over the flattened
 parameters) in float64 on tiny Qwen2 (q/k/v biases) and Qwen3 (q/k norms) models,
 untied and tied.
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from cfrl_jax import ntk
+from cfrl_jax.dynamics import ntk
 from cfrl_jax.models import qwen
 
 TOL = 1e-10

@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfrl_jax import ntk
-from cfrl_jax.dynamics import probes
+from cfrl_jax.dynamics import ntk, probes
 from cfrl_jax.models import qwen
 
 OPTS = {'xla_backend_optimization_level': 0}   # faster compiles; float64 numerics unchanged here

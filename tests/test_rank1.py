@@ -1,10 +1,10 @@
-"""Tests of cfrl_jax.dynamics.rank1 against numpy references and exactly solvable trajectories."""
+"""Tests of cfrl_jax.analysis.rank1 against numpy references and exactly solvable trajectories."""
 import warnings
 
 import numpy as np
 import pytest
 
-from cfrl_jax.dynamics import rank1
+from cfrl_jax.analysis import rank1
 
 RNG = np.random.default_rng(0)
 L, M, N = 3, 7, 5

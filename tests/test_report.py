@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from cfrl_jax import report
+from cfrl_jax.analysis import report_figures, report_findings, report_markdown, report_numbers, report_runs
 
 EVAL_STEPS = [0, 10, 20, 30, 40]
 PASS1 = {
@@ -84,8 +85,8 @@ def _build_study(root, pass1=PASS1, *, study_json=True, **kw):
 
 def _markdown(root, target_accuracy=None):
   """report.md's text without drawing the figures (the figures have their own tests)."""
-  study = report.load_study(root)
-  return report.report_markdown(study, report.summarize(study, target_accuracy), {})
+  study = report_runs.load_study(root)
+  return report_markdown.report_markdown(study, report_numbers.summarize(study, target_accuracy), {})
 
 
 def _section(md, heading):
@@ -108,7 +109,7 @@ def study_report(tmp_path_factory):
 
 def test_study_numbers_match_hand_computed(study_report):
   root, _, _ = study_report
-  nums = report.summarize(report.load_study(root))
+  nums = report_numbers.summarize(report_runs.load_study(root))
   g, c = nums.arms['grpo'], nums.arms['cfgrpo']
   assert g.base_pass1 == pytest.approx(0.20) and c.base_pass1 == pytest.approx(0.20)
   assert g.final_pass1 == pytest.approx(0.35) and c.final_pass1 == pytest.approx(0.47)
@@ -184,7 +185,7 @@ def test_study_report_tables_and_findings(study_report):
 
 def test_study_figures_written_and_linked(study_report):
   root, _, md = study_report
-  for name in report.FIGURES:
+  for name in report_figures.FIGURES:
     png = os.path.join(root, f'{name}.png')
     assert os.path.getsize(png) > 5000, name
     with open(png, 'rb') as f:
@@ -210,7 +211,7 @@ def test_cf_arm_that_loses_is_reported_as_not_beating(tmp_path):
 
 def test_explicit_target_not_reached_gives_a_bound(tmp_path):
   root = _build_study(tmp_path)
-  nums = report.summarize(report.load_study(root), target_accuracy=0.45)
+  nums = report_numbers.summarize(report_runs.load_study(root), target_accuracy=0.45)
   assert nums.arms['grpo'].steps_to_target is None and nums.arms['cfgrpo'].steps_to_target == 40
   assert nums.arms['cfgrpo'].steps_to_target_per_seed == [40, 40]   # seed 1 reaches 0.46 at 40, seed 0 at 40
   (comp,) = nums.comparisons
@@ -228,15 +229,15 @@ def test_explicit_target_not_reached_gives_a_bound(tmp_path):
 
 def test_small_gain_is_within_noise(tmp_path):
   pass1 = {('grpo', 0): [0.20, 0.20, 0.21, 0.21, 0.21]}
-  nums = report.summarize(report.load_study(_build_study(tmp_path, pass1)))
-  found = report.findings(nums)
+  nums = report_numbers.summarize(report_runs.load_study(_build_study(tmp_path, pass1)))
+  found = report_findings.findings(nums)
   # Gain 0.01 vs 2 * sqrt(0.01^2 + 0.01^2) = 0.028.
   assert 'GRPO: pass@1 rose from 0.200 to 0.210 (+0.010), within noise (2 s.e. = 0.028).' in found
 
 
 def test_cf_lead_within_noise_is_not_called_a_win(tmp_path):
   pass1 = {('grpo', 0): [0.20, 0.25, 0.30, 0.32, 0.34], ('cfgrpo', 0): [0.20, 0.25, 0.30, 0.33, 0.35]}
-  found = report.findings(report.summarize(report.load_study(_build_study(tmp_path, pass1))))
+  found = report_findings.findings(report_numbers.summarize(report_runs.load_study(_build_study(tmp_path, pass1))))
   assert ('CF-GRPO vs GRPO, final held-out pass@1: 0.350 vs 0.340 (paired difference +0.010 (1 seed: no '
           'interval)); not distinguishable from GRPO with 1 seed.') in found
   # Target 0.2 + 0.15 / 2 = 0.275: both first reach it at step 20.
@@ -246,7 +247,7 @@ def test_cf_lead_within_noise_is_not_called_a_win(tmp_path):
 
 def test_best_arm_named_without_a_cf_pair(tmp_path):
   pass1 = {('grpo', 0): [0.20, 0.25, 0.30, 0.32, 0.34], ('ppo', 0): [0.20, 0.30, 0.40, 0.50, 0.60]}
-  found = report.findings(report.summarize(report.load_study(_build_study(tmp_path, pass1))))
+  found = report_findings.findings(report_numbers.summarize(report_runs.load_study(_build_study(tmp_path, pass1))))
   assert 'Final pass@1: PPO beat GRPO, 0.600 vs 0.340 (+0.260), beyond noise (2 s.e. = 0.028).' in found
 
 
@@ -272,11 +273,11 @@ def test_single_run_with_missing_keys(tmp_path):
 def test_formats_fall_back_to_training_samples(tmp_path):
   recs = [{'step': s, 'kind': 'train', 'format_A': 0.1 * s, 'format_B': 1 - 0.1 * s} for s in range(1, 9)]
   _write_jsonl(tmp_path / 'run', recs)
-  s = report.summarize(report.load_study(str(tmp_path / 'run'))).arms['run']
+  s = report_numbers.summarize(report_runs.load_study(str(tmp_path / 'run'))).arms['run']
   # First 5 steps: A 0.3, B 0.7; last 5 (4..8): A 0.6, B 0.4.
   assert s.format_source == 'train'
   assert s.base_format == ('B', pytest.approx(0.7)) and s.final_format == ('A', pytest.approx(0.6))
-  assert report.figure_formats(report.load_study(str(tmp_path / 'run')), str(tmp_path)) == 'formats.png'
+  assert report_figures.figure_formats(report_runs.load_study(str(tmp_path / 'run')), str(tmp_path)) == 'formats.png'
   assert os.path.getsize(tmp_path / 'formats.png') > 0
 
 
@@ -296,18 +297,18 @@ def test_malformed_line_raises_clear_error(tmp_path):
     report.write_report(str(tmp_path / 'nostep'))
   _write_jsonl(tmp_path / 'list', [[1, 2]])
   with pytest.raises(ValueError, match='not a JSON object'):
-    report.load_study(str(tmp_path / 'list'))
+    report_runs.load_study(str(tmp_path / 'list'))
 
 
 def test_missing_dirs_and_partial_studies(tmp_path):
   with pytest.raises(FileNotFoundError, match='No metrics.jsonl'):
-    report.load_study(str(tmp_path))
+    report_runs.load_study(str(tmp_path))
   with pytest.raises(FileNotFoundError, match='not a directory'):
-    report.load_study(str(tmp_path / 'absent'))
+    report_runs.load_study(str(tmp_path / 'absent'))
   root = _build_study(tmp_path / 's', {('grpo', 0): PASS1[('grpo', 0)]})
   info = json.load(open(os.path.join(root, 'study.json')))
   json.dump(dict(info, seeds=[0, 1]), open(os.path.join(root, 'study.json'), 'w'))
-  study = report.load_study(root)
+  study = report_runs.load_study(root)
   assert study.missing == ['grpo/seed1'] and len(study.arms['grpo']) == 1
   assert '**Missing runs** (named in study.json, no metrics.jsonl): grpo/seed1.' in _markdown(root)
 
@@ -319,20 +320,20 @@ def test_seed_curves_use_common_steps_and_last_record_wins(tmp_path):
   _write_jsonl(tmp_path / 'a' / 'seed1', [{'step': 0, 'kind': 'eval', 'pass@1': 0.3},
                                           {'step': 10, 'kind': 'eval', 'pass@1': 0.6},
                                           {'step': 20, 'kind': 'eval', 'pass@1': 0.9}])
-  study = report.load_study(str(tmp_path))
-  curve = report.arm_curve(study.arms['a'], 'eval', 'pass@1')
+  study = report_runs.load_study(str(tmp_path))
+  curve = report_numbers.arm_curve(study.arms['a'], 'eval', 'pass@1')
   np.testing.assert_array_equal(curve.steps, [0, 10])
   np.testing.assert_allclose(curve.mean, [0.2, 0.5])
   np.testing.assert_allclose(curve.low, [0.1, 0.4])
   np.testing.assert_allclose(curve.high, [0.3, 0.6])
   # Final pass@1 is each seed's last eval: (0.4 + 0.9) / 2.
-  assert report.summarize_arm(study, 'a').final_pass1 == pytest.approx(0.65)
+  assert report_numbers.summarize_arm(study, 'a').final_pass1 == pytest.approx(0.65)
 
 
 def test_target_argument_is_checked(tmp_path):
   root = _build_study(tmp_path, {('grpo', 0): PASS1[('grpo', 0)]})
   with pytest.raises(ValueError, match='not a pass@1 in'):
-    report.summarize(report.load_study(root), target_accuracy=35.0)
+    report_numbers.summarize(report_runs.load_study(root), target_accuracy=35.0)
 
 
 def test_cli_prints_the_report_path(tmp_path):
@@ -376,18 +377,21 @@ def test_finding_switches_from_not_distinguishable_to_faster(tmp_path):
   steady = {('grpo', k): _reaching(30) for k in range(3)} | {
       ('cfgrpo', 0): _reaching(10), ('cfgrpo', 1): _reaching(20), ('cfgrpo', 2): _reaching(10)}
   # Noisy: differences -20, +10, -10: mean -6.667, sd 15.275, half 4.302653 * 15.275 / sqrt(3) = 37.946.
-  found = report.findings(report.summarize(report.load_study(_build_study(tmp_path / 'a', noisy)), 0.30))
+  found = report_findings.findings(
+      report_numbers.summarize(report_runs.load_study(_build_study(tmp_path / 'a', noisy)), 0.30))
   assert ('CF-GRPO vs GRPO, steps to the target pass@1 of 0.300: 23.3 vs 30.0 (paired difference -6.7 '
           '[-44.6, +31.3]); not distinguishable from GRPO with 3 seeds.') in found
   assert not any('faster' in f for f in found)
   # Steady: differences -20, -10, -20: mean -16.667, sd 5.7735, half 14.342 -> [-31.0, -2.3], excludes 0.
-  found = report.findings(report.summarize(report.load_study(_build_study(tmp_path / 'b', steady)), 0.30))
+  found = report_findings.findings(
+      report_numbers.summarize(report_runs.load_study(_build_study(tmp_path / 'b', steady)), 0.30))
   assert ('CF-GRPO reached the target pass@1 of 0.300 faster than GRPO: 13.3 vs 30.0 steps, mean over 3 seeds '
           '(paired difference -16.7 [-31.0, -2.3], 95% interval excludes 0).') in found
   # AUC of steady: a curve reaching 0.35 at step k has area 0.2 * 40 + 0.15 * (40 - k + 5) for k >= 10
   # (a 10-step ramp, half of it above 0.2) -> k = 10: 13.25 / 40; 20: 11.75 / 40; 30: 10.25 / 40.
   # Differences (3, 1.5, 3) / 40 = 0.075, 0.0375, 0.075: mean 0.0625, sd 0.021651, half 0.053784.
-  auc = next(r for r in report.summarize(report.load_study(str(tmp_path / 'b')), 0.30).paired if r.metric == 'auc')
+  auc = next(r for r in report_numbers.summarize(report_runs.load_study(str(tmp_path / 'b')), 0.30).paired
+             if r.metric == 'auc')
   assert auc.treatment == pytest.approx([13.25 / 40, 11.75 / 40, 13.25 / 40])
   assert auc.interval.mean == pytest.approx(0.0625)
   assert (auc.interval.low, auc.interval.high) == (pytest.approx(0.0625 - 0.053784, abs=1e-6),
@@ -404,12 +408,12 @@ def test_seeds_where_neither_arm_reaches_the_target_are_left_out(tmp_path):
   never = [0.20] * len(EVAL_STEPS)
   pass1 = {('grpo', 0): never, ('cfgrpo', 0): never, ('grpo', 1): _reaching(30), ('cfgrpo', 1): _reaching(20),
            ('grpo', 2): _reaching(30), ('cfgrpo', 2): never}
-  nums = report.summarize(report.load_study(_build_study(tmp_path, pass1)), 0.30)
+  nums = report_numbers.summarize(report_runs.load_study(_build_study(tmp_path, pass1)), 0.30)
   steps = next(r for r in nums.paired if r.metric == 'steps')
   # Seed 0 dropped; seed 1: 20 - 30; seed 2: CF-GRPO censored at 40, 40 - 30.
   assert steps.seeds == [1, 2] and steps.treatment == [20, 40] and steps.control == [30, 30]
   assert (steps.censored, steps.dropped) == (1, 1)
-  sentence = report._paired_sentence(steps, nums.target)
+  sentence = report_findings._paired_sentence(steps, nums.target)
   assert 'not distinguishable from GRPO with 2 seeds' in sentence
   assert 'In 1 of the 2 pairs a run never reached the target' in sentence
   assert sentence.endswith('Left out: 1 seed in which neither arm reached it.')
@@ -418,9 +422,11 @@ def test_seeds_where_neither_arm_reaches_the_target_are_left_out(tmp_path):
 
 def test_neither_arm_reaching_the_target_is_said_plainly(tmp_path):
   never = [0.20, 0.21, 0.22, 0.23, 0.24]
-  nums = report.summarize(report.load_study(_build_study(tmp_path, {('grpo', 0): never, ('cfgrpo', 0): never})), 0.5)
+  nums = report_numbers.summarize(
+      report_runs.load_study(_build_study(tmp_path, {('grpo', 0): never, ('cfgrpo', 0): never})), 0.5)
   assert not any(r.metric == 'steps' for r in nums.paired)
-  assert 'Neither CF-GRPO nor GRPO reached the target pass@1 of 0.500 in any seed both ran.' in report.findings(nums)
+  assert ('Neither CF-GRPO nor GRPO reached the target pass@1 of 0.500 in any seed both ran.'
+          in report_findings.findings(nums))
 
 
 def test_designed_controls_are_compared_and_labelled(tmp_path):
@@ -437,7 +443,8 @@ def test_designed_controls_are_compared_and_labelled(tmp_path):
          '20.0 | 30.0 | -10.0 [-10.0, -10.0] | faster |' in table
   assert '| CF-GRPO (same lr) − GRPO | ordering alone (stage-one head lr = rl.head_lr) | steps to target | 2 | ' \
          '40.0 | 10.0 | +30.0 [+30.0, +30.0] | slower |' in table
-  assert report.arm_label('cfppo_adaptive') == 'CF-PPO (adaptive switch)' and report.arm_label('mine_x') == 'mine_x'
+  assert report_runs.arm_label('cfppo_adaptive') == 'CF-PPO (adaptive switch)'
+  assert report_runs.arm_label('mine_x') == 'mine_x'
 
 
 def test_paired_auc_uses_the_span_both_runs_logged(tmp_path):
@@ -445,7 +452,7 @@ def test_paired_auc_uses_the_span_both_runs_logged(tmp_path):
                                              for s in (0, 10, 20, 30, 40)])
   _write_jsonl(tmp_path / 'cfgrpo' / 'seed0', [{'step': s, 'kind': 'eval', 'pass@1': v}
                                                for s, v in ((0, 0.2), (10, 0.4), (20, 0.4))])
-  nums = report.summarize(report.load_study(str(tmp_path)))
+  nums = report_numbers.summarize(report_runs.load_study(str(tmp_path)))
   auc = next(r for r in nums.paired if r.metric == 'auc')
   # Span 0..20: cfgrpo (10 * 0.3 + 10 * 0.4) / 20 = 0.35; grpo mean of the line over 0..20 = 0.3.
   assert auc.treatment == pytest.approx([0.35]) and auc.control == pytest.approx([0.3])
@@ -455,13 +462,13 @@ def test_paired_auc_uses_the_span_both_runs_logged(tmp_path):
 
 def test_one_seed_band_is_the_eval_standard_error(tmp_path):
   root = _build_study(tmp_path, {('grpo', 0): PASS1[('grpo', 0)]})
-  runs = report.load_study(root).arms['grpo']
-  curve = report.with_se_band(report.arm_curve(runs, 'eval', 'pass@1'), runs, 'eval', 'pass@1_stderr')
+  runs = report_runs.load_study(root).arms['grpo']
+  curve = report_numbers.with_se_band(report_numbers.arm_curve(runs, 'eval', 'pass@1'), runs, 'eval', 'pass@1_stderr')
   assert curve.se_band
   np.testing.assert_allclose(curve.low, np.array(PASS1[('grpo', 0)]) - 0.01)
   np.testing.assert_allclose(curve.high, np.array(PASS1[('grpo', 0)]) + 0.01)
-  two = report.load_study(_build_study(tmp_path / 'two')).arms['grpo']   # several seeds: min-max unchanged
-  curve = report.with_se_band(report.arm_curve(two, 'eval', 'pass@1'), two, 'eval', 'pass@1_stderr')
+  two = report_runs.load_study(_build_study(tmp_path / 'two')).arms['grpo']   # several seeds: min-max unchanged
+  curve = report_numbers.with_se_band(report_numbers.arm_curve(two, 'eval', 'pass@1'), two, 'eval', 'pass@1_stderr')
   assert not curve.se_band and curve.low[-1] == pytest.approx(0.34) and curve.high[-1] == pytest.approx(0.36)
 
 
@@ -475,8 +482,8 @@ def test_accuracy_figure_band_smoothing_and_stage_switch(tmp_path, monkeypatch):
   recs += [{'step': s, 'kind': 'train', 'reward_mean': r, 'stage': 1.0 if s < 12 else 2.0}
            for s, r in zip(range(1, 31), reward)]
   _write_jsonl(tmp_path / 'cfgrpo' / 'seed0', recs)
-  study = report.load_study(str(tmp_path))
-  assert report.figure_accuracy(study, str(tmp_path), 0.3) == 'accuracy.png'
+  study = report_runs.load_study(str(tmp_path))
+  assert report_figures.figure_accuracy(study, str(tmp_path), 0.3) == 'accuracy.png'
   (fig,) = figs
   pass1_ax, reward_ax = fig.axes   # greedy accuracy is not logged, so its panel is left out
   assert "± the eval's own s.e. of pass@1 (one seed)" in fig._suptitle.get_text()
@@ -516,11 +523,11 @@ def test_mechanism_measures_reach_findings_and_figures(tmp_path):
                  'phi_cosine': 0.9, 'phi_cosine_response': 0.4, 'logprob_change_actual': head + backbone,
                  'logprob_change_linear_head': head, 'logprob_change_linear_backbone': backbone})
   _write_jsonl(str(root / 'cfgrpo' / 'seed0'), sorted(recs, key=lambda r: r['step']))
-  study = report.load_study(str(root))
-  md = report.report_markdown(study, report.summarize(study), {})
+  study = report_runs.load_study(str(root))
+  md = report_markdown.report_markdown(study, report_numbers.summarize(study), {})
   assert 'across contexts (off-diagonal, |R| / (|R| + |G|)) the R share rose from 0.600 to 0.900' in md
   # |head| summed 0.06, |backbone| 0.04 -> the head moved 60% of the first-order change.
   assert 'the head moved 60% of the first-order change' in md
-  figures = report.write_figures(study, str(tmp_path))
+  figures = report_figures.write_figures(study, str(tmp_path))
   assert figures['logprob_split'] and os.path.exists(tmp_path / figures['logprob_split'])
   assert figures['ntk'] and os.path.exists(tmp_path / figures['ntk'])

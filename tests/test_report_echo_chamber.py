@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from cfrl_jax import report
+from cfrl_jax.analysis import report_markdown, report_numbers, report_runs
 
 CODE = {('ppo', 0): [0.2, 0.4, 0.6, 0.8, 1.0, 1.0], ('ppo', 1): [0.0, 0.2, 0.6, 1.0, 1.0, 1.0, 1.0],
         ('grpo', 0): [0.4] * 6}
@@ -50,11 +51,11 @@ def _study(root, name='echo_chamber', **rl):
   config = {'name': name, 'rl': {'temperature': 0.7, 'steps': 6, **rl}, 'eval': {'temperature': -1.0}}
   with open(os.path.join(root, 'study.json'), 'w') as f:
     json.dump({'arms': ['ppo', 'grpo'], 'seeds': [0, 1], 'config': config}, f)
-  return report.load_study(str(root))
+  return report_runs.load_study(str(root))
 
 
 def test_format_series_equal_the_input_and_its_moving_average(tmp_path):
-  panels = {p.arm: p for p in report.echo_chamber_panels(_study(tmp_path), window=3)}
+  panels = {p.arm: p for p in report_numbers.echo_chamber_panels(_study(tmp_path), window=3)}
   ppo = {t.name: t for t in panels['ppo'].formats}
   assert list(ppo) == ['code', 'text', 'unknown']
   code = ppo['code']
@@ -78,26 +79,26 @@ def test_format_series_equal_the_input_and_its_moving_average(tmp_path):
 
 
 def test_collapse_coincides_with_the_largest_gain(tmp_path):
-  panels = {p.arm: p for p in report.echo_chamber_panels(_study(tmp_path), window=3)}
-  ppo = report.collapse_and_gain(panels['ppo'])
+  panels = {p.arm: p for p in report_numbers.echo_chamber_panels(_study(tmp_path), window=3)}
+  ppo = report_numbers.collapse_and_gain(panels['ppo'])
   assert (ppo.dominant, ppo.collapse_step, ppo.gain_from, ppo.gain_to, ppo.coincides) == ('code', 5, 3, 6, True)
   assert ppo.gain == pytest.approx(0.25)
   assert ppo.first_share == pytest.approx(0.1) and ppo.last_share == pytest.approx(1.0)
-  grpo = report.collapse_and_gain(panels['grpo'])
+  grpo = report_numbers.collapse_and_gain(panels['grpo'])
   assert (grpo.dominant, grpo.collapse_step, grpo.coincides) == ('text', None, None)
   assert grpo.last_share == pytest.approx(0.6)
   # A lower threshold moves the collapse to step 3 (share 0.6), at the first eval of the largest rise: not within.
-  assert report.collapse_and_gain(panels['ppo'], share=0.6).coincides is False
+  assert report_numbers.collapse_and_gain(panels['ppo'], share=0.6).coincides is False
 
 
 def test_greedy_and_sampled_format_table(tmp_path):
   study = _study(tmp_path)
-  ends = report.eval_format_endpoints(study.arms['ppo'])
+  ends = report_numbers.eval_format_endpoints(study.arms['ppo'])
   assert ends['code'] == pytest.approx({'sampled_base': 0.2, 'sampled_end': 0.9, 'greedy_base': 0.0,
                                         'greedy_end': 1.0})
   assert ends['text'] == pytest.approx({'sampled_base': 0.8, 'sampled_end': 0.1, 'greedy_base': 1.0,
                                         'greedy_end': 0.0})
-  table = '\n'.join(report.echo_chamber_format_table(study))
+  table = '\n'.join(report_markdown.echo_chamber_format_table(study))
   assert '| arm | format | sampled (T = 0.7): base → end | greedy: base → end |' in table
   assert '| PPO | code | 0.200 → 0.900 | 0.000 → 1.000 |' in table
   assert '| PPO | text | 0.800 → 0.100 | 1.000 → 0.000 |' in table
@@ -120,9 +121,9 @@ def test_report_draws_the_figure_and_names_it(tmp_path):
 def test_other_studies_get_no_echo_chamber_section(tmp_path):
   plain = tmp_path / 'plain'
   study = _study(plain, name='demo')
-  assert not report.is_echo_chamber(study)
+  assert not report_numbers.is_echo_chamber(study)
   path = report.write_report(str(plain))
   assert not os.path.exists(plain / 'echo_chamber.png')
   assert 'Echo Chamber' not in open(path).read()
   # Echo Chamber's REINFORCE marks a study as one even under another name.
-  assert report.is_echo_chamber(_study(tmp_path / 'renamed', name='mine', reinforce_style='echo_chamber'))
+  assert report_numbers.is_echo_chamber(_study(tmp_path / 'renamed', name='mine', reinforce_style='echo_chamber'))

@@ -1,4 +1,4 @@
-"""cfrl_jax.study_stats against hand-computed values and printed t tables (no training, no scipy needed)."""
+"""cfrl_jax.analysis.study_stats against hand-computed values and printed t tables (no training, no scipy needed)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from cfrl_jax import study_stats as ss
+from cfrl_jax.analysis import study_stats as ss
 
 # t_{0.975, df} from a printed Student t table (3 decimals).
 T_TABLE = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,

@@ -42,8 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfrl_jax import ntk, tokenization
-from cfrl_jax.dynamics import confidence
+from cfrl_jax import tokenization
+from cfrl_jax.dynamics import confidence, ntk
 from cfrl_jax.models import qwen
 
 

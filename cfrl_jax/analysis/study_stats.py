@@ -3,7 +3,7 @@
 A study is arms x RL seeds. The same RL seed gives every arm the same prompts, the same sampling
 keys and the same base model, so two arms are compared seed by seed (paired), not as two samples.
 
-Conventions (cfrl_jax.report prints METHOD with them):
+Conventions (report_markdown prints METHOD with them):
   - Steps to target: the first eval step whose held-out pass@1 is >= the target, so it is resolved
     only to the eval interval. A seed that never reaches the target is counted at its last eval
     step and flagged censored: that value is a lower bound on its true steps.
@@ -59,7 +59,7 @@ def _curve(steps, values) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f'steps {steps.shape} and values {values.shape} must be two 1-d arrays of one length.')
   if len(steps) > 1 and np.any(np.diff(steps) <= 0):
     raise ValueError(f'eval steps {steps.tolist()} are not strictly increasing; sort them and keep one value per '
-                     'step (cfrl_jax.report.load_run does both).')
+                     'step (cfrl_jax.analysis.report_runs.load_run does both).')
   return steps, values
 
 
