@@ -1,4 +1,5 @@
-"""Text <-> left-padded token arrays, through a transformers tokenizer.
+"""Text <-> left-padded token arrays for a model, through a transformers tokenizer (training a new
+tokenizer from task text is cfrl_jax/tasks/tokenizer_training.py).
 
     tok = load_tokenizer('Qwen/Qwen2.5-0.5B-Instruct')        # or a local directory
     tokens, mask = encode_prompts(tok, ['What is 2+2?'], chat_template=True)   # (B, P) int32, left-padded

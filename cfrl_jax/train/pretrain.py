@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from cfrl_jax import evaluate, tokenization
 from cfrl_jax.models import hf, qwen
 from cfrl_jax.policy import arch_config, make_policy
-from cfrl_jax.tasks import tokenizer as task_tokenizer
+from cfrl_jax.tasks import tokenizer_training
 from cfrl_jax.train import learner, objectives, sft_data
 
 
@@ -98,7 +98,7 @@ def pretrain(config, task, out_dir: str, *, progress: bool = True) -> dict:
   t0 = time.time()
   pairs = task.pretraining_corpus(pc.num_examples, pc.seed)   # errors for tasks without a corpus
   texts = [p + c for p, c in pairs]
-  task_tokenizer.train_tokenizer(texts, out_dir, vocab_size=config.tokenizer.vocab_size)
+  tokenizer_training.train_tokenizer(texts, out_dir, vocab_size=config.tokenizer.vocab_size)
   tok = tokenization.load_tokenizer(out_dir)   # through transformers, exactly as a user loads it
   cfg = arch_config(config, len(tok), tokenization.stop_ids(tok), tokenization.pad_id(tok))
   params = qwen.init_params(cfg, jax.random.PRNGKey(pc.seed))

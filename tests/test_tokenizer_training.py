@@ -1,11 +1,11 @@
-"""The from-scratch byte-level BPE tokenizer (cfrl_jax/tasks/tokenizer.py)."""
+"""Training the from-scratch byte-level BPE tokenizer (cfrl_jax/tasks/tokenizer_training.py)."""
 import re
 
 import pytest
 import transformers
 
 from cfrl_jax.tasks import arithmetic, task_config
-from cfrl_jax.tasks.tokenizer import EOS_TOKEN, UNK_TOKEN, train_tokenizer
+from cfrl_jax.tasks.tokenizer_training import EOS_TOKEN, UNK_TOKEN, train_tokenizer
 
 
 @pytest.fixture(scope='module')

@@ -1,4 +1,7 @@
-"""A small byte-level BPE tokenizer for models pretrained from scratch on a task's corpus.
+"""Training a small byte-level BPE tokenizer from a task's text, for models pretrained from scratch on it.
+
+The tokenizer it writes is then used like any other through cfrl_jax/tokenization.py (encoding
+prompts and decoding completions for a model).
 
     texts = [p + c for p, c in arithmetic.pretraining_corpus(config, 20_000)]
     train_tokenizer(texts, '/tmp/tok')                               # vocab 384: 256 bytes + 127 merges
