@@ -16,7 +16,7 @@ What is compiled is what the trainer (cfrl_jax/train/trainer.py) jits, built fro
 functions with the same shardings (cfrl_jax/sharding.py): the sharded sampler
 (sampling.decode_loop.sample_padded as sampling.sample(..., mesh=...) calls it on an accelerator: layers scanned,
 XLA attention, one decode segment), the old-policy and reference log-prob passes over the whole
-rollout batch (rollout.completion_stats, as Trainer._logp), the learner update of each stage
+rollout batch (completion_stats in row chunks, as Trainer._logp), the learner update of each stage
 (learner.make_update through placement.sharded_update; CF-RL stage one has no backbone optimizer
 state) on one minibatch, and for PPO the critic's value pass and update. Inputs are
 jax.ShapeDtypeStructs carrying NamedShardings: no weights are read and nothing is allocated.
@@ -627,16 +627,18 @@ def build_programs(config, cfg: qwen.QwenConfig, mesh, prompt_width: int, platfo
                             unknown_trip=max(N - 1, 1),
                             notes=f'{B} rows x ({Pp} prompt + {N} new tokens); decode loop counted at {N - 1} steps'))
 
-  # Old-policy / reference log-probs over the whole rollout batch (Trainer._logp).
+  # Old-policy / reference log-probs over the rollout batch, in rl.minibatches row chunks (Trainer._logp).
   calls = int(bool(rl.recompute_old_logp)) + int(rl.kl_coef > 0)
   if calls and rl.algorithm not in ('sft', 'expert_iteration'):
     bspec = sharding.batch_spec(mesh, shapes.rows)
-    fn = lambda p, t, m: rollout.completion_stats(cfg, p, t, m, P)[0]
+    chunks = trainer.logp_chunks(rl, shapes.rows)
+    fn = trainer.row_chunked(lambda p, t, m: rollout.completion_stats(cfg, p, t, m, P)[0], chunks)
     jitted = sharding.jit_sharded(fn, mesh, (pspecs, bspec, bspec), bspec).jitted
     seq = _rows(mesh, shapes.rows, P + N, dtype=jnp.int32)
     which = ' + '.join(n for n, on in (('old policy', rl.recompute_old_logp), ('reference', rl.kl_coef > 0)) if on)
     programs.append(Program('log-probs', calls, jitted, (params, seq, seq), {}, ('params',), 'logp',
-                            notes=f'{which}: {shapes.rows} rows x {P + N} tokens'))
+                            notes=f'{which}: {shapes.rows} rows x {P + N} tokens in {chunks} chunk'
+                                  f'{"s" if chunks > 1 else ""} of {shapes.rows // chunks} rows'))
 
   # PPO: the critic's values over the batch and its update per minibatch.
   if rl.algorithm == 'ppo':
@@ -755,9 +757,13 @@ def fixes(r: Result, config, cfg: qwen.QwenConfig, mesh) -> list[str]:
     out.append(f'rl.minibatches={rl.minibatches * 2} (now {rl.minibatches}: half the rows per update)')
     if not cfg.remat:
       out.append('model.remat=True (keep one activation per layer, recompute the rest in the backward pass)')
+  if r.program.kind == 'logp':
+    out.append(f'rl.minibatches={rl.minibatches * 2} (now {rl.minibatches}: this pass runs over the rollout batch '
+               'in that many row chunks, as the learner does)')
   if r.program.kind in ('logp', 'values'):
-    out.append(f'rl.prompts_per_step={max(1, rl.prompts_per_step // 2)} (now {rl.prompts_per_step}: this pass runs '
-               'over the whole rollout batch at once)')
+    out.append(f'rl.prompts_per_step={max(1, rl.prompts_per_step // 2)} (now {rl.prompts_per_step}: '
+               + ('fewer rows per chunk)' if r.program.kind == 'logp' else 'this pass runs over the whole rollout '
+                  'batch at once)'))
   if r.program.kind == 'sampler':
     out.append(f'rl.prompts_per_step={max(1, rl.prompts_per_step // 2)} or rl.group_size (fewer rows decoding at '
                f'once), or rl.max_new_tokens (now {rl.max_new_tokens}: a shorter KV cache)')

@@ -304,3 +304,36 @@ def test_a_finished_run_is_not_silently_extended(tiny_tokenizer_dir, tmp_path):
   c.resume = True
   run(c)   # a finished run resumed is a no-op
   assert open(tmp_path / 'metrics.jsonl').read() == before
+
+
+def test_row_chunked_keeps_row_order_and_rejects_uneven_chunks():
+  tokens = np.arange(24, dtype=np.int32).reshape(12, 2)
+  rowwise = lambda scale, t, m: {'a': t * scale + m, 'b': t[:, 0]}   # any per-row function, pytree out
+  out = trainer.row_chunked(rowwise, 4)(3, tokens, np.ones_like(tokens))
+  np.testing.assert_array_equal(out['a'], tokens * 3 + 1)
+  np.testing.assert_array_equal(out['b'], tokens[:, 0])
+  with pytest.raises(ValueError, match='12 rows do not split into 5'):
+    trainer.row_chunked(rowwise, 5)(3, tokens, tokens)
+  rl = base_config().rl
+  rl.minibatches = 4
+  assert trainer.logp_chunks(rl, 16) == 4 and trainer.logp_chunks(rl, 10) == 1
+  rl.minibatches = 1
+  assert trainer.logp_chunks(rl, 16) == 1
+
+
+def test_chunked_log_prob_pass_equals_the_whole_batch_pass():
+  """The old-policy / reference pass in minibatch-sized row chunks gives the one-pass log-probs (float32)."""
+  from cfrl_jax.models import qwen
+  from cfrl_jax.train import rollout
+  cfg = qwen.QwenConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=8, tie='untied')
+  params = qwen.init_params(cfg, jax.random.PRNGKey(0))
+  P, N, B = 8, 6, 16
+  tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (B, P + N), 1, 96), np.int32)
+  mask = np.ones_like(tokens)
+  mask[::3, :P // 2] = 0   # some left-padded prompts
+  logp = lambda p, t, m: rollout.completion_stats(cfg, p, t, m, P)[0]
+  whole = np.asarray(jax.jit(logp)(params, tokens, mask))
+  chunked = np.asarray(jax.jit(trainer.row_chunked(logp, 4))(params, tokens, mask))
+  assert whole.shape == chunked.shape == (B, N)
+  np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)

@@ -148,6 +148,36 @@ def sft_target(row: dict, fmt: str) -> str:
   raise ValueError(f"SFT needs a reference solution: the row has no 'solution' or 'solutions' column ({sorted(row)}).")
 
 
+def row_chunked(fn: Callable, chunks: int) -> Callable:
+  """fn(tree, *rows) -> per-row outputs, evaluated on `chunks` groups of rows one after another inside
+  the one program (lax.map), so its temporaries are those of B / chunks rows: for a log-prob pass, the
+  (rows, N, vocab) float32 logits, the largest buffer of a step (docs/plan.md).
+
+  Chunk j holds rows j, j + chunks, j + 2 chunks, ...: rows are split over devices in contiguous
+  blocks, so while B / chunks is a multiple of the batch shards every device keeps its own share of
+  every chunk and no row moves between devices. Outputs come back in fn's row order; B must be a
+  multiple of chunks.
+  """
+  if chunks <= 1:
+    return fn
+
+  def chunked(tree, *rows):
+    B = rows[0].shape[0]
+    if B % chunks:
+      raise ValueError(f'{B} rows do not split into {chunks} equal chunks.')
+    split = lambda x: jnp.swapaxes(x.reshape((B // chunks, chunks) + x.shape[1:]), 0, 1)
+    out = jax.lax.map(lambda xs: fn(tree, *xs), tuple(split(x) for x in rows))
+    return jax.tree_util.tree_map(lambda y: jnp.swapaxes(y, 0, 1).reshape((B,) + y.shape[2:]), out)
+
+  return chunked
+
+
+def logp_chunks(rl, rows: int) -> int:
+  """Row chunks of the old-policy / reference log-prob passes: rl.minibatches when it splits the
+  rows evenly (else 1, and Trainer._minibatches names the problem)."""
+  return rl.minibatches if rl.minibatches > 1 and rows % rl.minibatches == 0 else 1
+
+
 def check_fresh_run_dir(run_dir: str) -> None:
   """A ValueError when run_dir already holds a run (checkpoints or metrics) and config.resume is off.
 
@@ -318,10 +348,14 @@ class Trainer:
     return self._jitted[k]
 
   def _logp(self, params, seq: dict, prompt_len):
-    """Completion log-probs (B, N) of seq['tokens'], seq['mask'] (host rows, or global arrays per host)."""
+    """Completion log-probs (B, N) of seq['tokens'], seq['mask'] (host rows, or global arrays per host).
+
+    With rl.minibatches > 1, in that many row chunks (logp_chunks): the learner already holds one
+    minibatch's activations, so the pass fits wherever the update does."""
     cfg = self.cfg
-    f = self._forward('logp', prompt_len,
-                      lambda p, t, m: rollout.completion_stats(cfg, p, t, m, prompt_len)[0])
+    chunks = logp_chunks(self.rl, len(seq['tokens']))
+    f = self._forward(f'logp/{chunks}', prompt_len, row_chunked(
+        lambda p, t, m: rollout.completion_stats(cfg, p, t, m, prompt_len)[0], chunks))
     return f(params, seq['tokens'], seq['mask'])
 
   def _critic_update(self, prompt_len):
