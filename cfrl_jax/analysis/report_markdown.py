@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cfrl_jax.analysis import alpharl_report, study_stats, update_dynamics_report
+from cfrl_jax.analysis import study_stats
 from cfrl_jax.analysis.report_figures import ECHO_CHAMBER_FIGURE, FIGURES, pass1_band
 from cfrl_jax.analysis.report_findings import findings
 from cfrl_jax.analysis.report_numbers import (COLLAPSE_SHARE, NOISE_SIGMAS, SMOOTH_WINDOW, TRAIN_WINDOW,
@@ -343,6 +343,8 @@ def found_analyses(study: Study) -> str | None:
   <study>/alpharl/[<arm>/seed<k>/]alpharl.json (the AlphaRL run mode). Each is re-rendered from its
   JSON (not its .md), so its image links point from report.md to the PNGs beside the JSON.
   """
+  # Imported here: both read checkpoints (jax, orbax), which a report of metrics alone never loads.
+  from cfrl_jax.analysis import alpharl_report, update_dynamics_report
   sections = []
   for runs in study.arms.values():
     for run in runs:
