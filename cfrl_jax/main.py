@@ -15,7 +15,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from cfrl_jax.config import GET_CONFIG_FIELDS
+from cfrl_jax.config import GET_CONFIG_FIELDS, check_against_schema, validate
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).', lock_config=True)
 
@@ -66,8 +66,8 @@ def command_line_problem(argv: list[str]) -> str | None:
 
 def main(argv):
   del argv
+  # Not at the top: importing main (load_config_file, command_line_problem) need not load the trainer.
   from cfrl_jax import distributed, experiment
-  from cfrl_jax.config import check_against_schema, validate
   config = _CONFIG.value
   try:
     check_against_schema(config)
