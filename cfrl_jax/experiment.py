@@ -17,7 +17,7 @@ import jax
 from cfrl_jax import alpharl, report
 from cfrl_jax.analysis import alpharl_report
 from cfrl_jax.arms import arm_config, check_explicit_overrides
-from cfrl_jax.config import parse_list, validate
+from cfrl_jax.config import base_config, parse_list, validate
 from cfrl_jax.run_setup import load_policy, make_eval_fn, make_head_share_fn, make_probe_fn, write_run_config
 from cfrl_jax.tasks import build_task
 from cfrl_jax.train import pretrain, trainer
@@ -122,6 +122,7 @@ def run(config, explicit: frozenset[str] = frozenset()) -> str:
       trainer.check_fresh_run_dir(os.path.join(run_dir, arm, f'seed{seed}'))
   arms = list(dict.fromkeys(arm for arm, _, _ in jobs))
   seeds = list(dict.fromkeys(seed for _, seed, _ in jobs))
+  earlier = earlier_study_record(config, run_dir)   # before any work: an incompatible one is an error
   bases = {}
   if config.model.source == 'pretrain':
     # Only the bases the runs use: one per study, or one per seed with study.vary_base.
@@ -147,14 +148,95 @@ def run(config, explicit: frozenset[str] = frozenset()) -> str:
   timings['total'] = (sum(v for k, v in timings.items() if '/' in k) +
                       sum(b['seconds_this_run'] for b in bases.values()))
   if jax.process_index() == 0:
-    base_list = list(bases.values())
-    with open(os.path.join(run_dir, 'study.json'), 'w') as f:
-      json.dump({'arms': arms, 'seeds': seeds, 'config': json.loads(config.to_json_best_effort()),
-                 'base': base_list[0] if len(base_list) == 1 else {}, 'bases': base_list,
-                 'base_varies_with_seed': bool(config.study.vary_base), 'timings': timings}, f, indent=1)
+    record = {'arms': arms, 'seeds': seeds, 'config': json.loads(config.to_json_best_effort()),
+              'bases': list(bases.values()), 'base_varies_with_seed': bool(config.study.vary_base),
+              'timings': timings}
+    record = merge_study_records(earlier, record) if earlier else record
+    record['base'] = record['bases'][0] if len(record['bases']) == 1 else {}
+    with open(os.path.join(run_dir, STUDY_FILE), 'w') as f:
+      json.dump(record, f, indent=1)
   if config.report and jax.process_index() == 0:
     print(f'Report: {report.write_report(run_dir, title=config.name)}')
   return run_dir
+
+
+STUDY_FILE = 'study.json'
+# Settings that say where and how a study ran, not what it computed: invocations that differ only
+# in these (e.g. one process per seed, on several machines) belong to one study.
+_PLACE_FIELDS = ('arms', 'seeds', 'resume', 'run_dir', 'compile_cache_dir', 'report', 'log',
+                 'pretrain.cache_dir')
+
+
+def _comparable(config_dict: dict) -> dict:
+  out = json.loads(json.dumps(config_dict))
+  for field in _PLACE_FIELDS:
+    *parents, leaf = field.split('.')
+    d = out
+    for p in parents:
+      d = d.get(p, {})
+    d.pop(leaf, None)
+  return out
+
+
+_MISSING = object()
+
+
+def _differences(a, b, default, prefix: str = '') -> list[str]:
+  """Fields whose values differ; a field one side lacks (a record written before it existed) counts
+  as its default, which by this project's rule keeps the old behaviour."""
+  if a is _MISSING:
+    a = default
+  if b is _MISSING:
+    b = default
+  if isinstance(a, dict) and isinstance(b, dict):
+    d = default if isinstance(default, dict) else {}
+    return [x for k in sorted(set(a) | set(b))
+            for x in _differences(a.get(k, _MISSING), b.get(k, _MISSING), d.get(k, _MISSING), f'{prefix}{k}.')]
+  return [] if a == b else [f'{prefix[:-1]} ({a!r} there, {b!r} now)']
+
+
+def earlier_study_record(config, run_dir: str) -> dict | None:
+  """The study.json an earlier invocation left in run_dir, if this invocation may join it.
+
+  Invocations of one study (e.g. one per seed, possibly in parallel) each add their arms and seeds;
+  one whose config differs in anything but where it ran is refused before any work, since its runs
+  would not be comparable."""
+  path = os.path.join(run_dir, STUDY_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    earlier = json.load(f)
+  now = json.loads(config.to_json_best_effort())
+  defaults = json.loads(base_config(config.task.name).to_json_best_effort())
+  diff = _differences(_comparable(earlier.get('config', {})), _comparable(now), _comparable(defaults))
+  if diff:
+    raise ValueError(f'{path} belongs to a study with other settings: {"; ".join(diff[:5])}'
+                     f'{" ..." if len(diff) > 5 else ""}. Its runs would not be comparable with these: use '
+                     'another --config.run_dir, or the settings of that study.')
+  return earlier
+
+
+def merge_study_records(earlier: dict, now: dict) -> dict:
+  """One study record from an earlier invocation's and this one's: arms and seeds in first-seen order,
+  bases by cache key, each run's time from whichever invocation recorded it last; the total is every
+  run's time plus the pretraining any invocation did."""
+  out = dict(now)
+  out['arms'] = list(dict.fromkeys(list(earlier.get('arms', [])) + list(now['arms'])))
+  out['seeds'] = list(dict.fromkeys(list(earlier.get('seeds', [])) + list(now['seeds'])))
+  bases = {}
+  for b in list(earlier.get('bases', [])) + list(now['bases']):
+    key = b.get('cache_key') or b.get('path')
+    kept = bases.get(key)
+    if kept is None:
+      bases[key] = dict(b)
+    else:
+      kept['seeds'] = sorted(set(kept.get('seeds', [])) | set(b.get('seeds', [])))
+      kept['seconds_this_run'] = max(kept.get('seconds_this_run', 0.0), b.get('seconds_this_run', 0.0))
+  out['bases'] = list(bases.values())
+  runs = {k: v for k, v in dict(earlier.get('timings', {}), **now['timings']).items() if '/' in k}
+  out['timings'] = dict(runs, this_invocation=now['timings'].get('this_invocation'),
+                        total=sum(runs.values()) + sum(b.get('seconds_this_run', 0.0) for b in out['bases']))
+  return out
 
 
 def run_alpharl_mode(config, run_dir: str, task, explicit: frozenset[str] = frozenset()) -> str:

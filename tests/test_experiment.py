@@ -2,6 +2,8 @@
 import json
 import os
 
+import pytest
+
 from cfrl_jax import experiment
 
 
@@ -24,3 +26,48 @@ def test_without_a_record_one_invocation_is_read_from_its_files(tmp_path):
   (run / 'tb' / 'events.out.tfevents.1000000500.host').write_text('')
   assert experiment.run_seconds(str(run)) is None
   assert experiment.run_seconds(str(tmp_path / 'missing')) is None
+
+
+def _record(config, arms, seeds, timings, base_seconds_this_run=0.0):
+  return {'arms': arms, 'seeds': seeds, 'config': json.loads(config.to_json_best_effort()),
+          'bases': [{'cache_key': 'k', 'seconds': 600.0, 'seconds_this_run': base_seconds_this_run, 'seeds': seeds}],
+          'timings': dict(timings, this_invocation=sum(timings.values()))}
+
+
+def _config(**overrides):
+  import ml_collections
+  from configs import demo
+  c = ml_collections.ConfigDict(demo.get_config('smoke').to_dict())
+  for path, value in overrides.items():
+    *parents, leaf = path.split('.')
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def test_invocations_of_one_study_merge_into_one_record(tmp_path):
+  # One process per seed, the first also pretraining the base: arms and seeds add up, each run's time
+  # is kept, and the total counts the pretraining once.
+  a = _record(_config(seeds='0'), ['grpo', 'cfgrpo'], [0], {'grpo/seed0': 100.0, 'cfgrpo/seed0': 90.0}, 600.0)
+  b = _record(_config(seeds='2'), ['grpo', 'cfgrpo', 'grpo_headlr'], [2],
+              {'grpo/seed2': 110.0, 'cfgrpo/seed2': 95.0, 'grpo_headlr/seed2': 105.0})
+  m = experiment.merge_study_records(a, b)
+  assert m['arms'] == ['grpo', 'cfgrpo', 'grpo_headlr'] and m['seeds'] == [0, 2]
+  assert m['timings']['total'] == 100 + 90 + 110 + 95 + 105 + 600
+  assert len(m['bases']) == 1 and m['bases'][0]['seeds'] == [0, 2]
+
+
+def test_joining_a_study_with_other_settings_is_refused_before_any_work(tmp_path):
+  run_dir = str(tmp_path)
+  earlier = _record(_config(seeds='0', run_dir='elsewhere'), ['grpo'], [0], {'grpo/seed0': 1.0})
+  record = earlier['config']
+  record.pop('eval')   # written before a section existed: its defaults stand in
+  json.dump(earlier, open(tmp_path / experiment.STUDY_FILE, 'w'))
+  same = _config(seeds='1', resume=True, run_dir=run_dir)
+  same.eval.update(experiment.base_config('arithmetic').eval.to_dict())
+  assert experiment.earlier_study_record(same, run_dir)['arms'] == ['grpo']
+  with pytest.raises(ValueError, match=r'other settings: rl\.lr \(0\.001 there, 0\.002 now\).*another --config\.run_dir'):
+    experiment.earlier_study_record(_config(**{'rl.lr': 2e-3, 'eval': same.eval}), run_dir)
+  assert experiment.earlier_study_record(_config(), str(tmp_path / 'fresh')) is None
