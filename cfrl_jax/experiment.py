@@ -28,16 +28,20 @@ RUN_TIME_FILE = 'run_time.json'   # a run's wall seconds, summed over every invo
 
 def run_single(config, run_dir: str, task=None, *, progress: bool | None = None) -> trainer.TrainResult:
   t0 = time.time()
+  # Read before this invocation touches the run's files: a run made before run_time.json existed
+  # has its time only in them (see run_seconds), and a resume rewrites them.
+  before = run_seconds(run_dir) if os.path.isdir(run_dir) else None
   try:
     return _run_single(config, run_dir, task, progress)
   finally:   # a killed or failed invocation's time counts too: the run cost it
     if jax.process_index() == 0 and os.path.isdir(run_dir):
-      _add_run_time(run_dir, time.time() - t0)
+      _add_run_time(run_dir, time.time() - t0, earlier=before)
 
 
-def _add_run_time(run_dir: str, seconds: float) -> None:
+def _add_run_time(run_dir: str, seconds: float, earlier: float | None = None) -> None:
+  """Adds one invocation's seconds to the run's record; `earlier` starts a record the run lacks."""
   path = os.path.join(run_dir, RUN_TIME_FILE)
-  record = {'seconds': 0.0, 'invocations': 0}
+  record = {'seconds': float(earlier or 0.0), 'invocations': 0 if earlier is None else 1}
   if os.path.exists(path):
     with open(path) as f:
       record.update(json.load(f))

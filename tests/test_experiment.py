@@ -22,6 +22,9 @@ def test_without_a_record_one_invocation_is_read_from_its_files(tmp_path):
   (run / 'metrics.jsonl').write_text('{}\n')
   os.utime(run / 'metrics.jsonl', (1000000750.0, 1000000750.0))
   assert experiment.run_seconds(str(run)) == 750.0
+  experiment._add_run_time(str(run), 10.0, earlier=750.0)   # a resume of that run starts its record from it
+  assert experiment.run_seconds(str(run)) == 760.0
+  os.remove(run / experiment.RUN_TIME_FILE)
   # Two event files: two invocations whose gap is unknown, so no figure rather than a wrong one.
   (run / 'tb' / 'events.out.tfevents.1000000500.host').write_text('')
   assert experiment.run_seconds(str(run)) is None
