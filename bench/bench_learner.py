@@ -199,7 +199,7 @@ class Variant:
 
 def init_state(cfg, mesh) -> dict:
   params = qwen.init_params(cfg, jax.random.PRNGKey(0))
-  specs = sharding.partition_specs(params, sharding.DEFAULT_RULES, mesh)
+  specs = sharding.partition_specs(params, sharding.MeshConfig().all_rules(qwen.param_axes()), mesh)
   params = sharding.shard(params, mesh, specs)
   tx = learner.make_optimizer(cfg, params, 2, learner.OptimConfig())
   opt_state, opt_specs = sharding.init_opt_state(tx, params, mesh, specs)

@@ -186,6 +186,8 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
   c.mesh = mc.ConfigDict()        # device mesh for the learner and sampler (cfrl_jax/sharding.py)
   c.mesh.shape = (1, -1, 1)       # (data, fsdp, tensor); -1 takes the remaining devices
   c.mesh.rules = ()               # ((regex, spec), ...) before the default rules; () = defaults only
+  c.mesh.logical_rules = ()       # ((logical axis, mesh axes), ...) before sharding.LOGICAL_RULES, e.g.
+                                  # (('mlp', None),) keeps MLP columns whole; the defaults generate the rules
   c.mesh.data_loading = 'per_host'  # several processes: 'per_host' = each samples and scores only its share of
                                     # the prompts (grpo/rloo/reinforce/ppo); 'global' = every process the whole batch
 

@@ -598,7 +598,7 @@ def build_programs(config, cfg: qwen.QwenConfig, mesh, prompt_width: int, platfo
   import optax
   rl = config.rl
   alg = algorithms.algorithm(rl.algorithm)   # a ValueError naming the valid ones
-  rules = sharding.MeshConfig.from_config(config.mesh).all_rules()
+  rules = sharding.MeshConfig.from_config(config.mesh).all_rules(qwen.param_axes())
   params0 = abstract_params(cfg)
   pspecs = sharding.partition_specs(params0, rules, mesh)
   params = with_shardings(params0, mesh, pspecs)

@@ -3,7 +3,7 @@
 Nothing here moves data by hand. Arrays carry `NamedSharding`s over one `jax.sharding.Mesh` spanning
 every device of every process, and `jax.jit(in_shardings=..., out_shardings=...)` lets XLA's SPMD
 partitioner insert the collectives. This module sits at the bottom of the package (it imports only
-jax and numpy), so the model can call `constrain` on its activations. How several processes start
+jax, flax and numpy), so the model can call `constrain_logical` on its activations. How several processes start
 is cfrl_jax/distributed.py; the sharded sampler is `sampling.sample(..., mesh=...)`, the sharded
 learner step `train.placement.sharded_update`.
 
@@ -14,18 +14,27 @@ Mesh axes (`config.mesh.shape`, -1 = the devices left over):
             weight when a layer needs it and reduce-scatters its gradient)
     tensor  Megatron-style split of attention heads, MLP columns and the vocabulary
 
+Logical axes: the model names every dimension of its parameters and of its residual stream
+(cfrl_jax/models/qwen.py: `nn.with_logical_partitioning`, `qwen.param_axes()`), and LOGICAL_RULES
+below map those names to mesh axes, the maxtext / big_vision way: 'embed' (the model dimension d of a
+weight matrix) over fsdp, 'vocab' / 'heads' / 'kv_heads' / 'mlp' over tensor, the rest replicated.
+`config.mesh.logical_rules` go before them (the first rule naming a logical axis wins).
+
 Partition rules are an ordered list of (regex, spec): the regex is `re.search`ed in the '/'-joined
 path of a leaf ('backbone/layers/q_proj/kernel'), the first match wins, and spec has one entry per
 leading dimension: None (replicated), a mesh axis name, or a tuple of axis names (the dimension is
-split over their product). Missing trailing entries mean replicated. A dimension that its axes do
-not divide keeps the longest prefix of those axes that does (often none: replicated) and a warning
-says so; it is never an error. The stacked layer axis L of `backbone/layers/*` is scanned and is
-never sharded (a rule that tries is an error).
+split over their product). Missing trailing entries mean replicated. The default rules are
+generated from the logical ones (`logical_partition_rules`: one exact-path rule per parameter, then
+replicate everything else: value heads, scalars); a user's `config.mesh.rules` go before them and
+so override them. A dimension that its axes do not divide keeps the longest prefix of those axes
+that does (often none: replicated) and a warning says so; it is never an error. The stacked layer
+axis L of `backbone/layers/*` is scanned and is never sharded (a rule that tries is an error).
 
 Typical use (what the trainer does):
 
     mesh = make_mesh((1, -1, 1))
-    specs = partition_specs(params, DEFAULT_RULES, mesh)
+    rules = MeshConfig().all_rules(qwen.param_axes())   # regex rules generated from LOGICAL_RULES
+    specs = partition_specs(params, rules, mesh)
     params = shard(params, mesh, specs)
     opt_state, opt_specs = init_opt_state(tx, params, mesh, specs)
     update = placement.sharded_update(learner.make_update(cfg, loss_fn, tx, stage), mesh, specs, opt_specs)
@@ -45,6 +54,7 @@ import math
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -55,36 +65,61 @@ AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')       # the leading (row) axis of batches and activations
 DEFAULT_MESH_SHAPE = (1, -1, 1)     # all devices on fsdp: ZeRO-3 data parallelism, the safe default
 
-# Qwen tree (cfrl_jax/models/qwen.py): kernels (L, in, out), embed / head (V, d).
-DEFAULT_RULES: tuple[tuple[str, tuple], ...] = (
-    # column-parallel: d over fsdp, output features (heads, MLP columns) over tensor
-    (r'layers/(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$', (None, 'fsdp', 'tensor')),
-    # row-parallel: input features over tensor, d over fsdp
-    (r'layers/(o_proj|down_proj)/kernel$', (None, 'tensor', 'fsdp')),
-    (r'layers/(q_proj|k_proj|v_proj)/bias$', (None, 'tensor')),
-    # vocabulary over tensor, d over fsdp (the embedding, an untied head, a tied head = the embedding)
-    (r'(^|/)embed$', ('tensor', 'fsdp')),
-    (r'(^|/)head/w$', ('tensor', 'fsdp')),
-    # norms, the o_proj bias, value heads, scalars: small, replicated
-    (r'.*', ()),
+# Logical axis name -> mesh axes (None: replicated), in priority order; flax's semantics
+# (nn.logical_to_mesh_axes): a dimension takes the first rule naming it whose mesh axes the array's
+# other dimensions do not already use. These give the specs of the earlier hand-written regex table:
+# column-parallel q/k/v/gate/up kernels (None, 'fsdp', 'tensor'), row-parallel o/down kernels
+# (None, 'tensor', 'fsdp'), q/k/v biases (None, 'tensor'), embedding and head ('tensor', 'fsdp').
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    # parameters (qwen.param_axes())
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),        # the model dimension d of a weight matrix: ZeRO-3 over fsdp
+    ('heads', 'tensor'),      # query head features (Megatron column / row split)
+    ('kv_heads', 'tensor'),   # key / value head features
+    ('mlp', 'tensor'),        # MLP columns
+    ('layers', None),         # the stacked layer axis: scanned, never sharded
+    ('norm', None),           # norm scales and the o_proj bias: small vectors, replicated
+    ('head_dim', None),       # q / k norm scales
+    # activations (constrain_logical)
+    ('batch', BATCH_AXES),
+    ('length', None),
+    ('act_embed', None),
 )
+# The logical names of a (B, T, d) activation: the model's residual stream.
+ACTIVATION_AXES = ('batch', 'length', 'act_embed')
+REPLICATE_REST: tuple[tuple[str, tuple], ...] = ((r'.*', ()),)
 
 
 # --- the mesh ----------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Mesh shape and extra partition rules, as in `config.mesh` (rules go before DEFAULT_RULES)."""
+  """Mesh shape and extra rules, as in `config.mesh`: regex `rules` go before the generated ones,
+  `logical_rules` before LOGICAL_RULES."""
   shape: tuple[int, ...] = DEFAULT_MESH_SHAPE
   axes: tuple[str, ...] = AXES
   rules: tuple[tuple[str, tuple], ...] = ()
+  logical_rules: tuple[tuple[str, Any], ...] = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, 'rules', normalize_rules(self.rules))
+    object.__setattr__(self, 'logical_rules', normalize_logical_rules(self.logical_rules))
+    activations = sorted({name for name, _ in self.logical_rules} & set(ACTIVATION_AXES))
+    if activations:
+      raise ValueError(f'config.mesh.logical_rules names activation axes {activations}; these rules map '
+                       'parameter axes only (activations are split like the input batch, over '
+                       f'{BATCH_AXES}). Remove them.')
 
   @classmethod
   def from_config(cls, mesh_config) -> 'MeshConfig':
-    """From the ml_collections `config.mesh` (shape, rules); lists from the command line become tuples."""
-    return cls(shape=tuple(int(s) for s in mesh_config.shape), rules=normalize_rules(mesh_config.rules))
+    """From the ml_collections `config.mesh` (shape, rules, logical_rules); lists from the command
+    line become tuples."""
+    return cls(shape=tuple(int(s) for s in mesh_config.shape), rules=mesh_config.rules,
+               logical_rules=mesh_config.get('logical_rules', ()))
 
-  def all_rules(self) -> tuple[tuple[str, tuple], ...]:
-    return tuple(self.rules) + DEFAULT_RULES
+  def all_rules(self, param_axes: Mapping[str, Sequence[str | None]]) -> tuple[tuple[str, tuple], ...]:
+    """The regex rules partition_specs applies: the user's, then those generated from the logical
+    axes of the model's parameters (param_axes: qwen.param_axes()), then replicate the rest."""
+    return self.rules + logical_partition_rules(param_axes, self.logical_rules + LOGICAL_RULES)
 
   def make_mesh(self, devices: Sequence[Any] | None = None) -> Mesh:
     return make_mesh(self.shape, self.axes, devices)
@@ -174,6 +209,46 @@ def normalize_rules(rules: Iterable) -> tuple[tuple[str, tuple], ...]:
   return tuple(out)
 
 
+def _mesh_axes_entry(entry, what: str):
+  """None | axis name | tuple of axis names (lists accepted), else a ValueError naming `what`."""
+  if entry is None or isinstance(entry, str):
+    return entry
+  if isinstance(entry, (list, tuple)) and all(isinstance(a, str) for a in entry):
+    return tuple(entry)
+  raise ValueError(f'{what}: {entry!r} must be None, a mesh axis name or a tuple of axis names.')
+
+
+def normalize_logical_rules(rules: Iterable) -> tuple[tuple[str, Any], ...]:
+  """((logical name, mesh axes), ...) with mesh axes None | str | tuple of str."""
+  out = []
+  for rule in rules:
+    if len(rule) != 2 or not isinstance(rule[0], str):
+      raise ValueError(f'logical rule {rule!r}: expected (logical axis name, mesh axes), e.g. '
+                       "('mlp', 'tensor') or ('embed', ('data', 'fsdp')).")
+    out.append((rule[0], _mesh_axes_entry(rule[1], f'logical rule for {rule[0]!r}')))
+  return tuple(out)
+
+
+def logical_partition_rules(param_axes: Mapping[str, Sequence[str | None]],
+                            logical_rules=LOGICAL_RULES) -> tuple[tuple[str, tuple], ...]:
+  """Regex partition rules from logical axis names: one rule per parameter path, then replicate the rest.
+
+  param_axes: {'backbone/layers/q_proj/kernel': ('layers', 'embed', 'heads'), ...} (qwen.param_axes());
+  the rule for a path matches it at the end of a leaf's path (a critic's 'backbone/...' too).
+  A logical rule naming an axis that neither a parameter nor an activation has is an error (a typo
+  would otherwise leave its dimension replicated without a word).
+  """
+  logical_rules = normalize_logical_rules(logical_rules)
+  known = {n for names in param_axes.values() for n in names if n is not None} | set(ACTIVATION_AXES)
+  unknown = sorted({name for name, _ in logical_rules} - known)
+  if unknown:
+    raise ValueError(f'logical rules name axes {unknown} that the model does not use; its logical axes '
+                     f'are {sorted(known)}.')
+  rules = tuple((rf'(^|/){re.escape(path)}$', tuple(nn.logical_to_mesh_axes(tuple(names), logical_rules)))
+                for path, names in param_axes.items())
+  return rules + REPLICATE_REST
+
+
 def path_str(path) -> str:
   """'backbone/layers/q_proj/kernel' for a jax key path."""
   return jax.tree_util.keystr(tuple(path), simple=True, separator='/')
@@ -228,8 +303,9 @@ def spec_for(path: str, shape: Sequence[int], rules, mesh) -> PartitionSpec:
   return PartitionSpec(*fitted)
 
 
-def partition_specs(params, rules=DEFAULT_RULES, mesh=None):
-  """Tree of PartitionSpec mirroring `params` (arrays or ShapeDtypeStructs). mesh: Mesh or AbstractMesh."""
+def partition_specs(params, rules, mesh=None):
+  """Tree of PartitionSpec mirroring `params` (arrays or ShapeDtypeStructs) under regex `rules`
+  (MeshConfig.all_rules). mesh: Mesh or AbstractMesh."""
   if mesh is None:
     raise ValueError('partition_specs needs the mesh (its axis sizes decide divisibility).')
   rules = normalize_rules(rules)
@@ -501,3 +577,18 @@ def constrain(x, *spec):
 def constrain_batch(x):
   """Leading axis over ('data', 'fsdp'), the rest replicated: activations (B, T, d), logits (B, T, V)."""
   return constrain(x, BATCH_AXES, *([None] * (x.ndim - 1)))
+
+
+def constrain_logical(x, names: Sequence[str | None]):
+  """`constrain` with the dimensions of x named logically, e.g. ACTIVATION_AXES for (B, T, d).
+
+  The names map to mesh axes by the rules of an enclosing `nn.logical_axis_rules` context, else
+  LOGICAL_RULES; like nn.with_logical_constraint, but a no-op for mesh axes the mesh lacks and for
+  dimensions they do not divide (`constrain`), where with_sharding_constraint would fail.
+  """
+  if jax.sharding.get_abstract_mesh().empty:
+    return x
+  if len(names) != x.ndim:
+    raise ValueError(f'constrain_logical: {len(names)} names {tuple(names)} for an array of shape {x.shape}.')
+  rules = nn.get_logical_axis_rules() or LOGICAL_RULES
+  return constrain(x, *nn.logical_to_mesh_axes(tuple(names), rules))

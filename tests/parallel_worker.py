@@ -34,6 +34,13 @@ def tiny_config():
                          num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0)
 
 
+def default_rules():
+  """The trainer's default partition rules (generated from the model's logical axes)."""
+  from cfrl_jax import sharding
+  from cfrl_jax.models import qwen
+  return sharding.MeshConfig().all_rules(qwen.param_axes())
+
+
 def tiny_params(cfg):
   import jax
   from cfrl_jax.models import qwen
@@ -119,7 +126,7 @@ def run_meshes(out_dir: str, shapes: list[tuple[int, ...]]):
     name = 'x'.join(map(str, shape))
     mesh = sharding.make_mesh(shape)
     params = tiny_params(cfg)
-    specs = sharding.partition_specs(params, sharding.DEFAULT_RULES, mesh)
+    specs = sharding.partition_specs(params, default_rules(), mesh)
     params = sharding.shard(params, mesh, specs)
     tx = optimizer(cfg, params)
     opt_state, opt_specs = sharding.init_opt_state(tx, params, mesh, specs)
@@ -154,7 +161,7 @@ def run_checkpoint(out_dir: str):
   cfg = tiny_config()
   mesh_a, mesh_b = sharding.make_mesh((8, 1, 1)), sharding.make_mesh((2, 2, 2))
   params = tiny_params(cfg)
-  specs_a = sharding.partition_specs(params, sharding.DEFAULT_RULES, mesh_a)
+  specs_a = sharding.partition_specs(params, default_rules(), mesh_a)
   params_a = sharding.shard(params, mesh_a, specs_a)
   tx = optimizer(cfg, params)
   opt_a, opt_specs_a = sharding.init_opt_state(tx, params_a, mesh_a, specs_a)
@@ -165,7 +172,7 @@ def run_checkpoint(out_dir: str):
   ckpt.save(1, res.params, {'opt_state': res.opt_state}, {'stage': 2})
   ckpt.wait()
 
-  specs_b = sharding.partition_specs(params, sharding.DEFAULT_RULES, mesh_b)
+  specs_b = sharding.partition_specs(params, default_rules(), mesh_b)
   opt_specs_b = sharding.opt_state_specs(jax.eval_shape(tx.init, params), params, specs_b)
   target_params = sharding.abstract_sharded(params, mesh_b, specs_b)
   target_train = {'opt_state': sharding.abstract_sharded(jax.eval_shape(tx.init, params), mesh_b, opt_specs_b)}
@@ -192,7 +199,7 @@ def run_multihost(out_dir: str, coordinator: str, num_processes: int, process_id
   cfg = tiny_config()
   mesh = sharding.make_mesh((2, 2, 2))
   params = tiny_params(cfg)
-  specs = sharding.partition_specs(params, sharding.DEFAULT_RULES, mesh)
+  specs = sharding.partition_specs(params, default_rules(), mesh)
   params = sharding.shard(params, mesh, specs)
   tx = optimizer(cfg, params)
   opt_state, opt_specs = sharding.init_opt_state(tx, params, mesh, specs)

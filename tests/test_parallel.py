@@ -34,7 +34,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from cfrl_jax import distributed, sampling, sharding
 from cfrl_jax.kernels import cpu_decode
-from cfrl_jax.models import qwen
+from cfrl_jax.models import presets, qwen
 from cfrl_jax.train import learner, placement
 
 import parallel_worker as worker
@@ -42,6 +42,7 @@ import parallel_worker as worker
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, 'tests', 'parallel_worker.py')
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
+RULES = sharding.MeshConfig().all_rules(qwen.param_axes())   # the trainer's default rules
 
 
 def abstract_mesh(data, fsdp, tensor):
@@ -71,11 +72,15 @@ def test_make_mesh_on_this_process():
 
 def test_mesh_config_from_ml_collections():
   import ml_collections as mc
-  c = mc.ConfigDict({'shape': (2, -1, 1), 'rules': (('head/w$', [None, ['data', 'fsdp']]),)})
+  c = mc.ConfigDict({'shape': (2, -1, 1), 'rules': (('head/w$', [None, ['data', 'fsdp']]),),
+                     'logical_rules': (['mlp', None], ('embed', ['data', 'fsdp']))})
   mcfg = sharding.MeshConfig.from_config(c)
   assert mcfg.shape == (2, -1, 1)
   assert mcfg.rules == (('head/w$', (None, ('data', 'fsdp'))),)
-  assert mcfg.all_rules()[0] == mcfg.rules[0] and mcfg.all_rules()[1:] == sharding.DEFAULT_RULES
+  assert mcfg.logical_rules == (('mlp', None), ('embed', ('data', 'fsdp')))
+  rules = mcfg.all_rules(qwen.param_axes())
+  assert rules[0] == mcfg.rules[0] and rules[-1] == (r'.*', ())
+  assert sharding.MeshConfig().all_rules(qwen.param_axes()) == RULES
 
 
 # --- partition rules -----------------------------------------------------------------
@@ -89,7 +94,7 @@ def _abstract_params(cfg):
 
 
 def test_default_rules_on_the_qwen_tree():
-  specs = sharding.partition_specs(_abstract_params(QWEN3), sharding.DEFAULT_RULES, abstract_mesh(2, 2, 2))
+  specs = sharding.partition_specs(_abstract_params(QWEN3), RULES, abstract_mesh(2, 2, 2))
   got = {sharding.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(
       specs, is_leaf=lambda s: isinstance(s, P))[0]}
   col, row = P(None, 'fsdp', 'tensor'), P(None, 'tensor', 'fsdp')
@@ -109,19 +114,82 @@ def test_default_rules_on_the_qwen_tree():
 
 def test_tied_model_and_critic_trees():
   tied = QWEN3.replace(tie='tied')
-  specs = sharding.partition_specs(_abstract_params(tied), sharding.DEFAULT_RULES, abstract_mesh(1, 4, 2))
+  specs = sharding.partition_specs(_abstract_params(tied), RULES, abstract_mesh(1, 4, 2))
   assert specs['head'] == {} and specs['backbone']['embed'] == P('tensor', 'fsdp')
   critic = {'backbone': _abstract_params(QWEN3)['backbone'],
             'value_head': {'w': jax.ShapeDtypeStruct((64,), jnp.float32), 'b': jax.ShapeDtypeStruct((), jnp.float32)}}
-  cs = sharding.partition_specs(critic, sharding.DEFAULT_RULES, abstract_mesh(1, 4, 2))
+  cs = sharding.partition_specs(critic, RULES, abstract_mesh(1, 4, 2))
   assert cs['value_head'] == {'w': P(), 'b': P()}
   assert cs['backbone']['layers']['q_proj']['kernel'] == P(None, 'fsdp', 'tensor')
+
+
+# The hand-written regex table the logical rules replaced: the reference for the generated specs.
+HAND_WRITTEN_RULES = (
+    (r'layers/(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$', (None, 'fsdp', 'tensor')),
+    (r'layers/(o_proj|down_proj)/kernel$', (None, 'tensor', 'fsdp')),
+    (r'layers/(q_proj|k_proj|v_proj)/bias$', (None, 'tensor')),
+    (r'(^|/)embed$', ('tensor', 'fsdp')),
+    (r'(^|/)head/w$', ('tensor', 'fsdp')),
+    (r'.*', ()),
+)
+DEMO = qwen.QwenConfig(vocab_size=160, hidden_size=192, intermediate_size=512, num_layers=4, num_heads=6,
+                       num_kv_heads=2, head_dim=32)   # configs/demo.py's model
+
+
+@pytest.mark.parametrize('cfg', [DEMO, DEMO.replace(tie='tied'), presets.config('qwen2.5-0.5b'),
+                                 presets.config('qwen2.5-0.5b', tie='untied'), QWEN3, QWEN3.replace(tie='tied')],
+                         ids=['demo', 'demo_tied', 'qwen2.5-0.5b_tied', 'qwen2.5-0.5b_untied', 'qwen3', 'qwen3_tied'])
+def test_logical_rules_generate_the_hand_written_specs(cfg):
+  params = _abstract_params(cfg)
+  critic = {'backbone': params['backbone'], 'value_head': {'w': jax.ShapeDtypeStruct((cfg.hidden_size,), jnp.float32)}}
+  for shape in ((1, 8, 1), (2, 2, 2), (1, 1, 8), (1, 2, 4), (2, 4, 1), (1, 3, 1)):
+    mesh = abstract_mesh(*shape)
+    for tree in (params, critic):
+      assert sharding.partition_specs(tree, RULES, mesh) == sharding.partition_specs(tree, HAND_WRITTEN_RULES, mesh)
+  # every parameter has logical names, one per dimension
+  axes = qwen.param_axes(cfg)
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    assert len(axes[sharding.path_str(path)]) == len(x.shape)
+
+
+def test_logical_rule_overrides_and_errors():
+  mesh = abstract_mesh(1, 2, 2)
+  mcfg = sharding.MeshConfig(logical_rules=(('mlp', None), ('vocab', None)),
+                             rules=((r'head/w$', (None, 'tensor')),))
+  specs = sharding.partition_specs(_abstract_params(QWEN3), mcfg.all_rules(qwen.param_axes()), mesh)
+  layers = specs['backbone']['layers']
+  assert layers['gate_proj']['kernel'] == P(None, 'fsdp') and layers['down_proj']['kernel'] == P(None, None, 'fsdp')
+  assert layers['q_proj']['kernel'] == P(None, 'fsdp', 'tensor')      # the defaults still apply elsewhere
+  assert specs['backbone']['embed'] == P(None, 'fsdp')
+  assert specs['head']['w'] == P(None, 'tensor')                       # a regex rule beats the logical ones
+  with pytest.raises(ValueError, match=r"axes \['mpl'\] that the model does not use"):
+    sharding.MeshConfig(logical_rules=(('mpl', None),)).all_rules(qwen.param_axes())
+  with pytest.raises(ValueError, match='activation axes'):
+    sharding.MeshConfig(logical_rules=(('batch', 'data'),))
+  with pytest.raises(ValueError, match=r'expected \(logical axis name, mesh axes\)'):
+    sharding.MeshConfig(logical_rules=(('mlp',),))
+  with pytest.raises(ValueError, match='must be None, a mesh axis name'):
+    sharding.MeshConfig(logical_rules=(('mlp', 3),))
+
+
+def test_constrain_logical_names_the_batch_axis():
+  x = jnp.ones((4, 3, 2))
+  assert sharding.constrain_logical(x, sharding.ACTIVATION_AXES) is x   # no mesh in context: untouched
+  mesh = sharding.make_mesh((1, -1, 1))
+  with jax.sharding.set_mesh(mesh):
+    jaxpr = jax.make_jaxpr(lambda x: sharding.constrain_logical(x, sharding.ACTIVATION_AXES))(x)
+    with pytest.raises(ValueError, match='2 names'):
+      sharding.constrain_logical(x, ('batch', 'length'))
+  (eqn,) = jaxpr.eqns
+  assert eqn.primitive.name == 'sharding_constraint'
+  rows = 4 % jax.device_count() == 0
+  assert eqn.params['sharding'].spec == P(('data', 'fsdp') if rows else None, None, None)
 
 
 def test_non_divisible_dims_fall_back_with_a_warning(caplog):
   cfg = QWEN3.replace(vocab_size=100)          # 100 rows over tensor=8: not divisible
   with caplog.at_level(logging.WARNING, logger='cfrl_jax.sharding'):
-    specs = sharding.partition_specs(_abstract_params(cfg), sharding.DEFAULT_RULES, abstract_mesh(1, 1, 8))
+    specs = sharding.partition_specs(_abstract_params(cfg), RULES, abstract_mesh(1, 1, 8))
   assert specs['head']['w'] == P(None, 'fsdp') and specs['backbone']['embed'] == P(None, 'fsdp')
   # kv out = 2 heads x 16 = 32 divides by 8; q out 64 too: these stay sharded
   assert specs['backbone']['layers']['k_proj']['kernel'] == P(None, 'fsdp', 'tensor')
@@ -137,7 +205,7 @@ def test_non_divisible_dims_fall_back_with_a_warning(caplog):
 
 def test_first_matching_rule_wins_and_user_rules_go_first():
   mcfg = sharding.MeshConfig(rules=((r'head/w$', (None, 'tensor')),))
-  specs = sharding.partition_specs(_abstract_params(QWEN3), mcfg.all_rules(), abstract_mesh(1, 2, 2))
+  specs = sharding.partition_specs(_abstract_params(QWEN3), mcfg.all_rules(qwen.param_axes()), abstract_mesh(1, 2, 2))
   assert specs['head']['w'] == P(None, 'tensor')
   assert specs['backbone']['embed'] == P('tensor', 'fsdp')     # default still applies elsewhere
 
@@ -150,7 +218,7 @@ def test_first_matching_rule_wins_and_user_rules_go_first():
 ])
 def test_bad_rules_are_errors(rule, match):
   with pytest.raises(ValueError, match=match):
-    sharding.partition_specs(_abstract_params(QWEN3), (rule,) + sharding.DEFAULT_RULES, abstract_mesh(1, 2, 2))
+    sharding.partition_specs(_abstract_params(QWEN3), (rule,) + RULES, abstract_mesh(1, 2, 2))
 
 
 def test_rules_without_catch_all_and_malformed_rules():
@@ -166,7 +234,7 @@ def test_rules_without_catch_all_and_malformed_rules():
 def test_opt_state_specs_mirror_the_params(stage):
   cfg = QWEN3
   params = qwen.init_params(cfg, jax.random.PRNGKey(0))
-  specs = sharding.partition_specs(params, sharding.DEFAULT_RULES, abstract_mesh(2, 2, 2))
+  specs = sharding.partition_specs(params, RULES, abstract_mesh(2, 2, 2))
   _, state = learner.init_stage(cfg, params, stage, learner.OptimConfig())
   ospecs = sharding.opt_state_specs(state, params, specs)
   param_spec = {sharding.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(

@@ -1,4 +1,4 @@
-"""Qwen2 / Qwen2.5 / Qwen3 dense decoders as pure functions over parameter pytrees.
+"""Qwen2 / Qwen2.5 / Qwen3 dense decoders: Flax linen modules behind a pure-function API.
 
 The parameters are split at the one seam that CF-RL, the NTK probes and the
 rank-1 analysis all use:
@@ -7,24 +7,37 @@ rank-1 analysis all use:
     params = {'backbone': {...}, 'head': {}}                # tie == 'tied' (head IS backbone['embed'])
 
     phi, cache = features(cfg, params['backbone'], tokens, mask)      # (B, T, d), after final norm
-    z = logits(cfg, head_params(cfg, params), phi)                    # (B, T, V), float32
+    z = logits(cfg, head_params(cfg, params), phi)                    # (B, T, V), at least float32
 
-Backbone tree (layers stacked on a leading axis of size L, scanned with lax.scan):
+`features` is `Backbone(cfg).apply({'params': backbone}, ...)` and `logits` is
+`Head(cfg).apply({'params': head}, phi)`: the modules hold no state, so the policy stays a pure
+function of two plain parameter dicts that jax.grad / jvp / vmap take apart freely.
+
+Backbone tree (the HF-mapped names; layers stacked on a leading axis of size L by nn.scan):
 
     embed (V, d); final_norm (d,)
     layers/input_norm (L, d); layers/post_attn_norm (L, d)
     layers/{q,k,v,o}_proj/kernel (L, in, out); layers/{q,k,v}_proj/bias (L, out)   [Qwen2, or Qwen3 attention_bias]
+    layers/o_proj/bias (L, d)                                                     [Qwen3 attention_bias]
     layers/{q,k}_norm (L, head_dim)                                               [Qwen3]
     layers/{gate,up,down}_proj/kernel (L, in, out)
 
-Kernels are stored (in, out), i.e. transposed relative to torch's (out, in).
+Kernels are stored (in, out), i.e. transposed relative to torch's (out, in). Every parameter and
+the residual stream carry logical axis names (`param_axes()`; the list is above `Dense` below);
+the mesh axes they map to are rules in cfrl_jax/sharding.py (LOGICAL_RULES, config.mesh.logical_rules).
+
+Numerics: matmuls run in cfg.dtype; RMSNorm, attention scores, softmax, silu and logits run in
+promote_types(cfg.dtype, float32), as HF does for 16-bit models: float32 for bfloat16 / float32
+models, float64 throughout for a float64 model.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -66,7 +79,7 @@ class QwenConfig:
   pad_token_id: int | None = None
   dtype: str = 'float32'           # compute dtype of matmuls
   param_dtype: str = 'float32'     # storage dtype of parameters
-  remat: bool = False              # rematerialise each layer in the backward pass
+  remat: bool = False              # rematerialise each layer in the backward pass (nn.remat)
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -158,14 +171,26 @@ class QwenConfig:
     return d
 
 
+
+# --- numerics ----------------------------------------------------------------
+def promoted(dtype):
+  """The dtype of reductions and softmax for a compute dtype: at least float32, never lower than it."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 # --- parameters -------------------------------------------------------------
 def init_params(cfg: QwenConfig, key: jax.Array, std: float = 0.02) -> Params:
-  """Random parameters with HF's initialisation (normal(0, std) weights, zero biases, unit norms)."""
+  """Random parameters with HF's initialisation (normal(0, std) weights, zero biases, unit norms).
+
+  The tree is the one `Backbone(cfg).init` / `Head(cfg).init` build (tests/test_qwen.py checks
+  paths, shapes and dtypes), but the draws come from one key split in a fixed order, so a seed
+  gives the same model as it did before the modules existed (pretrained bases, tuned tests).
+  """
   L, d, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
   qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
   pdt = jnp.dtype(cfg.param_dtype)
   keys = iter(jax.random.split(key, 16))
-  normal = lambda shape: (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(pdt)
+  normal = lambda shape: (std * jax.random.normal(next(keys), shape, promoted(pdt))).astype(pdt)
   layers = {
       'input_norm': jnp.ones((L, d), pdt),
       'post_attn_norm': jnp.ones((L, d), pdt),
@@ -211,17 +236,17 @@ def count_params(params: Params) -> int:
 
 # --- building blocks --------------------------------------------------------
 def rms_norm(x, weight, eps):
-  """RMSNorm in float32, then cast back, as HF Qwen2RMSNorm does."""
+  """RMSNorm in promoted(x.dtype), then cast back, as HF Qwen2RMSNorm does (in float32)."""
   dt = x.dtype
-  x32 = x.astype(jnp.float32)
-  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return weight.astype(dt) * x32.astype(dt)
+  xf = x.astype(promoted(dt))
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return weight.astype(dt) * xf.astype(dt)
 
 
-def rope_tables(positions, head_dim, theta):
+def rope_tables(positions, head_dim, theta, dtype=jnp.float32):
   """cos, sin of shape (B, T, head_dim) for integer positions (B, T) (HF's rotate-half layout)."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=dtype) / head_dim))
+  freqs = positions.astype(dtype)[..., None] * inv_freq
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
 
@@ -235,18 +260,18 @@ def apply_rope(x, cos, sin):
 
 
 def swiglu(gate, up):
-  """silu(gate) * up in gate's dtype, with silu computed in float32 and rounded once.
+  """silu(gate) * up in gate's dtype, with silu computed in promoted(dtype) and rounded once.
 
   torch's bfloat16 silu does the same; XLA would round after each of its ops (negate, exp, add,
   divide), which also made this the slowest elementwise loop of a bfloat16 prefill on CPU
-  (profiled: 92 of 651 ms, bench_decode's batch-64 prefill on one thread).
+  (bench/bench_decode.py's prefill profile).
   """
-  return jax.nn.silu(gate.astype(jnp.float32)).astype(gate.dtype) * up
+  return jax.nn.silu(gate.astype(promoted(gate.dtype))).astype(gate.dtype) * up
 
 
 def _dense(x, p, dtype):
   # Flattened to one 2-D matmul: XLA:CPU lowers the weight-gradient dot of 3-D operands with
-  # transposing copies (bench/bench_learner.py measured the learner step ~1.2x faster this way).
+  # transposing copies (bench/bench_learner.py's `3-D dense` ablation).
   y = (x.reshape(-1, x.shape[-1]) @ p['kernel'].astype(dtype)).reshape(*x.shape[:-1], -1)
   if 'bias' in p:
     y = y + p['bias'].astype(dtype)
@@ -293,100 +318,213 @@ def _attention(cfg, q, k, v, q_slots, key_mask):
   B, T, Hq, hd = q.shape
   S, Hkv = k.shape[1], k.shape[2]
   q = q.reshape(B, T, Hkv, Hq // Hkv, hd)
-  scores = jnp.einsum('btkgh,bskh->bkgts', q, k, preferred_element_type=jnp.float32)
+  acc = promoted(q.dtype)
+  scores = jnp.einsum('btkgh,bskh->bkgts', q, k, preferred_element_type=acc)
   scores = scores / math.sqrt(hd)
   allowed = (jnp.arange(S)[None, :] <= q_slots[:, None])[None] & (key_mask[:, None, :] > 0)
   # A finite minimum, not -inf: a fully masked row (a left pad) must not produce NaN.
-  scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(acc).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum('bkgts,bskh->btkgh', probs, v)
   return out.reshape(B, T, Hq * hd)
 
 
-def _layer(cfg, p, h, cos, sin, q_slots, key_mask, kv_write):
-  """One decoder block. kv_write(k, v) -> (keys, values) over the attended span."""
-  dt = cfg.compute_dtype
-  B, T, _ = h.shape
-  x = rms_norm(h, p['input_norm'], cfg.rms_norm_eps)
-  q = _dense(x, p['q_proj'], dt).reshape(B, T, cfg.num_heads, cfg.head_dim)
-  k = _dense(x, p['k_proj'], dt).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-  v = _dense(x, p['v_proj'], dt).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-  if cfg.qk_norm:
-    q = rms_norm(q, p['q_norm'], cfg.rms_norm_eps)
-    k = rms_norm(k, p['k_norm'], cfg.rms_norm_eps)
-  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-  keys, values = kv_write(k, v)
-  attn = _attention(cfg, q, keys, values, q_slots, key_mask)
-  h = h + _dense(attn, p['o_proj'], dt)
-  x = rms_norm(h, p['post_attn_norm'], cfg.rms_norm_eps)
-  gate = _dense(x, p['gate_proj'], dt)
-  up = _dense(x, p['up_proj'], dt)
-  return h + _dense(swiglu(gate, up), p['down_proj'], dt)
+# --- modules -----------------------------------------------------------------
+# Logical axis names. Parameters: 'vocab', 'embed' (the model dimension d of a weight matrix),
+# 'heads' / 'kv_heads' (query / key-value head features), 'mlp', 'layers' (the scanned stack),
+# 'norm' (norm scales and the o_proj bias: vectors that scale or shift the residual stream) and
+# 'head_dim'. The residual stream (B, T, d): sharding.ACTIVATION_AXES ('batch', 'length', 'act_embed').
+# cfrl_jax/sharding.py maps the names to mesh axes (LOGICAL_RULES, config.mesh.logical_rules).
 
 
+def _normal(std):
+  """normal(0, std) drawn in promoted(dtype), then cast: what init_params does."""
+  def init(key, shape, dtype):
+    return (std * jax.random.normal(key, shape, promoted(dtype))).astype(dtype)
+  return init
+
+
+class Dense(nn.Module):
+  """x @ kernel (+ bias) in the compute dtype; kernel (in, out) named by axes = (in, out), the bias
+  by bias_axis (default: the output axis)."""
+  features: int
+  axes: tuple[str, str]
+  use_bias: bool
+  dtype: Any
+  param_dtype: Any
+  init_std: float = 0.02
+  bias_axis: str | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    p = {'kernel': self.param('kernel', nn.with_logical_partitioning(_normal(self.init_std), self.axes),
+                              (x.shape[-1], self.features), self.param_dtype)}
+    if self.use_bias:
+      p['bias'] = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                  (self.bias_axis or self.axes[1],)),
+                             (self.features,), self.param_dtype)
+    return _dense(x, p, self.dtype)
+
+
+class DecoderLayer(nn.Module):
+  """One decoder block: attention then SwiGLU MLP, each with a pre-RMSNorm and a residual.
+
+  Scanned by Backbone (nn.scan), so its parameters gain the leading 'layers' axis. Called as
+  (carry, layer, rope, q_slots, key_mask, start) -> (carry, None) with carry = (h, kv):
+  h (B, T, d); kv None, or the stacked caches (ks, vs) (L, B, S, Hkv, hd) into which this layer
+  (index `layer`) writes its T keys / values at slot `start` before attending over all S slots.
+  rope: (cos, sin) (B, T, hd); q_slots: (T,) slot of each query; key_mask: (B, S).
+  """
+  cfg: QwenConfig
+  init_std: float = 0.02
+
+  def _vector(self, name, size, axis):
+    return self.param(name, nn.with_logical_partitioning(nn.initializers.ones, (axis,)), (size,),
+                      jnp.dtype(self.cfg.param_dtype))
+
+  def _dense(self, name, features, axes, use_bias, bias_axis=None):
+    return Dense(features, axes, use_bias, self.cfg.compute_dtype, jnp.dtype(self.cfg.param_dtype),
+                 self.init_std, bias_axis, name=name)
+
+  @nn.compact
+  def __call__(self, carry, layer, rope, q_slots, key_mask, start):
+    cfg = self.cfg
+    h, kv = carry
+    B, T, d = h.shape
+    H, Hkv, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+    x = rms_norm(h, self._vector('input_norm', d, 'norm'), eps)
+    q = self._dense('q_proj', H * hd, ('embed', 'heads'), cfg.attention_bias)(x).reshape(B, T, H, hd)
+    k = self._dense('k_proj', Hkv * hd, ('embed', 'kv_heads'), cfg.attention_bias)(x).reshape(B, T, Hkv, hd)
+    v = self._dense('v_proj', Hkv * hd, ('embed', 'kv_heads'), cfg.attention_bias)(x).reshape(B, T, Hkv, hd)
+    if cfg.qk_norm:
+      q = rms_norm(q, self._vector('q_norm', hd, 'head_dim'), eps)
+      k = rms_norm(k, self._vector('k_norm', hd, 'head_dim'), eps)
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    if kv is None:
+      keys, values = k, v
+    else:
+      ks, vs = kv
+      ks = jax.lax.dynamic_update_slice(ks, k[None].astype(ks.dtype), (layer, 0, start, 0, 0))
+      vs = jax.lax.dynamic_update_slice(vs, v[None].astype(vs.dtype), (layer, 0, start, 0, 0))
+      keys, values, kv = ks[layer].astype(k.dtype), vs[layer].astype(v.dtype), (ks, vs)
+    attn = _attention(cfg, q, keys, values, q_slots, key_mask)
+    h = h + self._dense('o_proj', d, ('heads', 'embed'), cfg.o_bias, bias_axis='norm')(attn)
+    x = rms_norm(h, self._vector('post_attn_norm', d, 'norm'), eps)
+    gate = self._dense('gate_proj', cfg.intermediate_size, ('embed', 'mlp'), False)(x)
+    up = self._dense('up_proj', cfg.intermediate_size, ('embed', 'mlp'), False)(x)
+    h = h + self._dense('down_proj', d, ('mlp', 'embed'), False)(swiglu(gate, up))
+    if kv is None:
+      # Under a mesh, keep the residual stream split by rows: each layer's output would
+      # otherwise follow the weights' sharding.
+      h = sharding.constrain_logical(h, sharding.ACTIVATION_AXES)
+    return (h, kv), None
+
+
+class Backbone(nn.Module):
+  """Embedding, L decoder layers under nn.scan, final RMSNorm: tokens -> phi.
+
+  __call__(tokens, mask=None, positions=None, cache=None) -> (phi (B, T, d), cache or None), as
+  `features` documents. With cfg.remat (and no cache) each layer is rematerialised in the
+  backward pass (nn.remat inside the scan: one layer's activations live at a time).
+  """
+  cfg: QwenConfig
+  init_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, tokens, mask=None, positions=None, cache: KVCache | None = None):
+    cfg = self.cfg
+    B, T = tokens.shape
+    pdt = jnp.dtype(cfg.param_dtype)
+    mask = jnp.ones((B, T), jnp.int32) if mask is None else mask.astype(jnp.int32)
+    if positions is None:
+      positions = positions_from_mask(mask, None if cache is None else cache.mask.sum(-1))
+    rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, promoted(cfg.compute_dtype))
+    embed = self.param('embed', nn.with_logical_partitioning(_normal(self.init_std), ('vocab', 'embed')),
+                       (cfg.vocab_size, cfg.hidden_size), pdt)
+    # The embedding gather would otherwise follow the table's sharding.
+    h = jnp.take(embed, tokens, axis=0).astype(cfg.compute_dtype)
+    h = sharding.constrain_logical(h, sharding.ACTIVATION_AXES)
+
+    layer = nn.remat(DecoderLayer) if cfg.remat and cache is None else DecoderLayer
+    layers = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True},
+                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                     length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})(
+                         cfg, self.init_std, name='layers')
+    index = jnp.arange(cfg.num_layers)
+    if cache is None:
+      (h, _), _ = layers((h, None), index, rope, jnp.arange(T), mask, None)
+      new_cache = None
+    else:
+      start = cache.index
+      key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, start))
+      (h, (ks, vs)), _ = layers((h, (cache.k, cache.v)), index, rope, start + jnp.arange(T), key_mask, start)
+      new_cache = KVCache(ks, vs, key_mask, start + T)
+    final_norm = self.param('final_norm', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
+                            (cfg.hidden_size,), pdt)
+    return rms_norm(h, final_norm, cfg.rms_norm_eps), new_cache
+
+
+class Head(nn.Module):
+  """Logits z = W phi: phi (..., d) -> (..., V) in promoted(cfg.dtype). Parameter w (V, d)."""
+  cfg: QwenConfig
+  init_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, phi):
+    cfg = self.cfg
+    w = self.param('w', nn.with_logical_partitioning(_normal(self.init_std), ('vocab', 'embed')),
+                   (cfg.vocab_size, cfg.hidden_size), jnp.dtype(cfg.param_dtype))
+    dt = cfg.compute_dtype
+    return jnp.einsum('...d,vd->...v', phi.astype(dt), w.astype(dt), preferred_element_type=promoted(dt))
+
+
+@functools.cache
+def _param_axes(cfg: QwenConfig) -> dict[str, tuple]:
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  phi = jax.ShapeDtypeStruct((1, cfg.hidden_size), cfg.compute_dtype)
+  trees = {'backbone': jax.eval_shape(Backbone(cfg).init, jax.random.PRNGKey(0), tokens)['params'],
+           'head': jax.eval_shape(Head(cfg).init, jax.random.PRNGKey(0), phi)['params']}
+  specs = nn.get_partition_spec(trees)
+  return {sharding.path_str(path): tuple(spec) for path, spec in jax.tree_util.tree_flatten_with_path(
+      specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))[0]}
+
+
+def param_axes(cfg: QwenConfig | None = None) -> dict[str, tuple]:
+  """{'backbone/layers/q_proj/kernel': ('layers', 'embed', 'heads'), ..., 'head/w': ('vocab', 'embed')}:
+  the logical axis names the modules give each parameter path (with_logical_partitioning).
+
+  Without cfg: every parameter any Qwen configuration can have (biases, q/k norms, an untied
+  head), which is what the sharding rules are generated from.
+  """
+  if cfg is None:
+    cfg = QwenConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1,
+                     num_kv_heads=1, head_dim=8, model_type='qwen3', attention_bias=True, o_bias=True,
+                     qk_norm=True)
+  return _param_axes(cfg)
+
+
+# --- the functional API --------------------------------------------------------
 def features(cfg: QwenConfig, backbone: Params, tokens, mask=None, positions=None,
              cache: KVCache | None = None):
-  """Final hidden states phi (after the final RMSNorm).
+  """Final hidden states phi (after the final RMSNorm): Backbone(cfg) applied to `backbone`.
 
   tokens: (B, T) int; mask: (B, T) 1 for real tokens (left padding), default all ones;
   positions: (B, T), default derived from the mask (and the cache's real-token count).
   With a cache, the T tokens are written at slots [cache.index, cache.index + T).
   Returns (phi (B, T, d) in the compute dtype, updated cache or None).
   """
-  B, T = tokens.shape
-  mask = jnp.ones((B, T), jnp.int32) if mask is None else mask.astype(jnp.int32)
-  if positions is None:
-    positions = positions_from_mask(mask, None if cache is None else cache.mask.sum(-1))
-  cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-  # Under a mesh (sharding.jit_sharded), keep the residual stream split by rows over data x fsdp:
-  # the embedding gather and each layer's output would otherwise follow the weights' sharding.
-  h = sharding.constrain_batch(jnp.take(backbone['embed'], tokens, axis=0).astype(cfg.compute_dtype))
-  layers = backbone['layers']
-
-  if cache is None:
-    q_slots = jnp.arange(T)
-
-    def body(h, p):
-      return sharding.constrain_batch(_layer(cfg, p, h, cos, sin, q_slots, mask, lambda k, v: (k, v))), None
-
-    body = jax.checkpoint(body) if cfg.remat else body
-    h, _ = jax.lax.scan(body, h, layers)
-    new_cache = None
-  else:
-    start = cache.index
-    key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, start))
-    q_slots = start + jnp.arange(T)
-
-    def body(carry, xs):
-      h, ks, vs = carry
-      p, i = xs
-
-      def kv_write(k, v):
-        nonlocal ks, vs
-        ks = jax.lax.dynamic_update_slice(ks, k[None].astype(ks.dtype), (i, 0, start, 0, 0))
-        vs = jax.lax.dynamic_update_slice(vs, v[None].astype(vs.dtype), (i, 0, start, 0, 0))
-        return ks[i].astype(k.dtype), vs[i].astype(v.dtype)
-
-      h = _layer(cfg, p, h, cos, sin, q_slots, key_mask, kv_write)
-      return (h, ks, vs), None
-
-    (h, ks, vs), _ = jax.lax.scan(body, (h, cache.k, cache.v), (layers, jnp.arange(cfg.num_layers)))
-    new_cache = KVCache(ks, vs, key_mask, start + T)
-
-  phi = rms_norm(h, backbone['final_norm'], cfg.rms_norm_eps)
-  return phi, new_cache
+  return Backbone(cfg).apply({'params': backbone}, tokens, mask, positions, cache)
 
 
 def logits(cfg: QwenConfig, head: Params, phi):
-  """z = W phi in float32. head: {'w': (V, d)}; phi: (..., d) -> (..., V)."""
-  w = head['w'].astype(cfg.compute_dtype)
-  return jnp.einsum('...d,vd->...v', phi.astype(cfg.compute_dtype), w,
-                    preferred_element_type=jnp.float32)
+  """z = W phi in promoted(cfg.dtype) (float32 for float32 / 16-bit models). head: {'w': (V, d)};
+  phi: (..., d) -> (..., V)."""
+  return Head(cfg).apply({'params': head}, phi)
 
 
 def forward(cfg: QwenConfig, params: Params, tokens, mask=None, positions=None,
             cache: KVCache | None = None):
-  """Logits (B, T, V) float32 and the updated cache: features then logits."""
+  """Logits (B, T, V) (at least float32) and the updated cache: features then logits."""
   phi, cache = features(cfg, params['backbone'], tokens, mask, positions, cache)
   return logits(cfg, head_params(cfg, params), phi), cache
 

@@ -1,4 +1,4 @@
-"""Where the trainer's arrays live: one device, or a `Mesh` with params sharded by regex rules.
+"""Where the trainer's arrays live: one device, or a `Mesh` with params sharded by partition rules.
 
 The trainer asks this object for its jitted pieces instead of calling `jax.jit` itself, so the
 same loop runs on a laptop and on a pod:
@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from cfrl_jax import sampling, sharding
+from cfrl_jax.models import qwen
 from cfrl_jax.train import learner
 
 _REP = PartitionSpec()
@@ -44,7 +45,7 @@ class Placement:
     # Checked on one device too, so a config that cannot run on the pod fails here, not there.
     sharding.resolve_mesh_shape(self.mesh_config.shape, n)
     self.mesh = self.mesh_config.make_mesh() if n > 1 else None
-    self.rules = self.mesh_config.all_rules()
+    self.rules = self.mesh_config.all_rules(qwen.param_axes())
     self.param_specs = (sharding.partition_specs(params, self.rules, self.mesh)
                         if self.mesh is not None else None)
     data_loading = mesh_config.get('data_loading', 'per_host')
