@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import struct
 import time
 
 import jax
@@ -28,8 +29,8 @@ RUN_TIME_FILE = 'run_time.json'   # a run's wall seconds, summed over every invo
 
 def run_single(config, run_dir: str, task=None, *, progress: bool | None = None) -> trainer.TrainResult:
   t0 = time.time()
-  # Read before this invocation touches the run's files: a run made before run_time.json existed
-  # has its time only in them (see run_seconds), and a resume rewrites them.
+  # Read before this invocation adds to the run's files: a run made before run_time.json existed
+  # has its time only in them (see run_seconds).
   before = run_seconds(run_dir) if os.path.isdir(run_dir) else None
   try:
     return _run_single(config, run_dir, task, progress)
@@ -53,23 +54,36 @@ def _add_run_time(run_dir: str, seconds: float, earlier: float | None = None) ->
 
 
 def run_seconds(run_dir: str) -> float | None:
-  """Wall seconds a run took: its run_time.json, else (a run made before that record existed, in one
-  invocation) from its TensorBoard event file's creation stamp to the last metrics write; None if
-  neither tells."""
+  """Wall seconds a run took: its run_time.json, else (a run made before that record existed) the
+  span of the wall times its TensorBoard event files record, summed over files (one per invocation);
+  None if neither tells."""
   path = os.path.join(run_dir, RUN_TIME_FILE)
   if os.path.exists(path):
     with open(path) as f:
       return float(json.load(f)['seconds'])
   tb = os.path.join(run_dir, 'tb')
-  events = sorted(n for n in os.listdir(tb) if n.startswith('events.out.tfevents.')) if os.path.isdir(tb) else []
-  metrics = os.path.join(run_dir, 'metrics.jsonl')
-  if len(events) == 1 and os.path.exists(metrics):
-    try:
-      start = float(events[0].split('.')[3])
-    except (IndexError, ValueError):
-      return None
-    return max(os.path.getmtime(metrics) - start, 0.0)
-  return None
+  spans = [_event_span(os.path.join(tb, n)) for n in sorted(os.listdir(tb))
+           if n.startswith('events.out.tfevents.')] if os.path.isdir(tb) else []
+  spans = [s for s in spans if s is not None]
+  return float(sum(spans)) if spans else None
+
+
+def _event_span(path: str) -> float | None:
+  """Last minus first wall time of a TensorBoard event file (TFRecord framing: u64 length, u32 crc,
+  an Event proto whose field 1, wall_time, is a double and comes first, u32 crc); None if unreadable."""
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError:
+    return None
+  times, i = [], 0
+  while i + 12 <= len(data):
+    n = struct.unpack('<Q', data[i:i + 8])[0]
+    record = data[i + 12:i + 12 + n]
+    i += 12 + n + 4
+    if len(record) >= 9 and record[0] == 0x09:
+      times.append(struct.unpack('<d', record[1:9])[0])
+  return max(times) - min(times) if times else None
 
 
 def _run_single(config, run_dir: str, task, progress) -> trainer.TrainResult:
@@ -226,7 +240,7 @@ def merge_study_records(earlier: dict, now: dict) -> dict:
   run's time plus the pretraining any invocation did."""
   out = dict(now)
   out['arms'] = list(dict.fromkeys(list(earlier.get('arms', [])) + list(now['arms'])))
-  out['seeds'] = list(dict.fromkeys(list(earlier.get('seeds', [])) + list(now['seeds'])))
+  out['seeds'] = sorted(set(earlier.get('seeds', [])) | set(now['seeds']))
   bases = {}
   for b in list(earlier.get('bases', [])) + list(now['bases']):
     key = b.get('cache_key') or b.get('path')

@@ -15,19 +15,23 @@ def test_run_time_sums_every_invocation(tmp_path):
   assert json.load(open(os.path.join(run, experiment.RUN_TIME_FILE)))['invocations'] == 2
 
 
-def test_without_a_record_one_invocation_is_read_from_its_files(tmp_path):
-  run = tmp_path
-  (run / 'tb').mkdir()
-  (run / 'tb' / 'events.out.tfevents.1000000000.host').write_text('')
-  (run / 'metrics.jsonl').write_text('{}\n')
-  os.utime(run / 'metrics.jsonl', (1000000750.0, 1000000750.0))
-  assert experiment.run_seconds(str(run)) == 750.0
-  experiment._add_run_time(str(run), 10.0, earlier=750.0)   # a resume of that run starts its record from it
-  assert experiment.run_seconds(str(run)) == 760.0
-  os.remove(run / experiment.RUN_TIME_FILE)
-  # Two event files: two invocations whose gap is unknown, so no figure rather than a wrong one.
-  (run / 'tb' / 'events.out.tfevents.1000000500.host').write_text('')
-  assert experiment.run_seconds(str(run)) is None
+def test_without_a_record_the_time_is_read_from_the_tensorboard_events(tmp_path):
+  # Two invocations (a killed run and its resume), each its own event file with real wall times;
+  # the gap between them is not counted.
+  import time
+  from tensorboardX import SummaryWriter
+  for i in range(2):
+    start = time.time()   # the file's creation event carries the real clock; the scalars follow it
+    w = SummaryWriter(str(tmp_path / 'tb'), filename_suffix=f'.{i}')
+    for k, t in enumerate((start + 1.0, start + 30.0, start + 100.0)):
+      w.add_scalar('train/x', k, k, walltime=t)
+    w.close()
+  spans = sorted(experiment._event_span(str(p)) for p in (tmp_path / 'tb').iterdir())
+  assert len(spans) == 2
+  total = experiment.run_seconds(str(tmp_path))
+  assert abs(total - 200.0) < 1.0   # the creation events come a few ms after `start`
+  experiment._add_run_time(str(tmp_path), 10.0, earlier=total)   # a resume starts the record from it
+  assert experiment.run_seconds(str(tmp_path)) == total + 10.0
   assert experiment.run_seconds(str(tmp_path / 'missing')) is None
 
 
@@ -58,6 +62,7 @@ def test_invocations_of_one_study_merge_into_one_record(tmp_path):
               {'grpo/seed2': 110.0, 'cfgrpo/seed2': 95.0, 'grpo_headlr/seed2': 105.0})
   m = experiment.merge_study_records(a, b)
   assert m['arms'] == ['grpo', 'cfgrpo', 'grpo_headlr'] and m['seeds'] == [0, 2]
+  assert experiment.merge_study_records(b, a)['seeds'] == [0, 2]
   assert m['timings']['total'] == 100 + 90 + 110 + 95 + 105 + 600
   assert len(m['bases']) == 1 and m['bases'][0]['seeds'] == [0, 2]
 
