@@ -76,7 +76,7 @@ def _main(argv):
       analysis = fh.read()
   print(write_report(f.run, title=f.title, target_accuracy=f.target_accuracy, analysis_md=analysis))
   if f.readme:
-    print(update_readme(f.run, f.readme, target_accuracy=f.target_accuracy))
+    print(update_readme(f.run, f.readme, target_accuracy=f.target_accuracy, command=f.command))
 
 
 if __name__ == '__main__':
@@ -88,4 +88,6 @@ if __name__ == '__main__':
   flags.DEFINE_string('analysis', None, 'Markdown file appended to the report as an Analysis section.')
   flags.DEFINE_string('readme', None, 'Also put the results into this README (between <!-- demo-results --> '
                       'markers), with the accuracy plot copied to docs/.')
+  flags.DEFINE_string('command', '', 'The command that made the run, quoted in the README block (default: '
+                      "the embedded demo's).")
   app.run(_main)
