@@ -474,7 +474,7 @@ def test_one_seed_band_is_the_eval_standard_error(tmp_path):
 
 def test_accuracy_figure_band_smoothing_and_stage_switch(tmp_path, monkeypatch):
   figs = []
-  monkeypatch.setattr(report, '_save', lambda fig, out_dir, name: figs.append(fig) or f'{name}.png')
+  monkeypatch.setattr(report_figures, '_save', lambda fig, out_dir, name: figs.append(fig) or f'{name}.png')
   # One CF-GRPO seed: evals every 10 steps with s.e. 0.02, a reward alternating 0 / 1 with a step at 15, and
   # stage 2 from step 12.
   reward = [float(s % 2) + (0.5 if s >= 15 else 0.0) for s in range(1, 31)]
