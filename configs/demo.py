@@ -8,13 +8,13 @@ What it reproduces, at toy scale:
 What it does: builds the task and its tokenizer, pretrains a 1.6M-parameter Qwen2-architecture model
 (cached under cache/ after the first run), runs GRPO and CF-GRPO from the same base with the same seeds and
 rollout budget, probes NTK components / confidence / diversity / formats, and writes runs/demo/report.md.
-Cost on a 2-core CPU (measured): first run 21 min, of which 10.7 min pretraining; later runs reuse the cached
-base and take ~10.5 min (GRPO ~5.3, CF-GRPO ~5.0 min, evals included).
-Expected result (seed 0, one run on an AVX-512 machine; see README): base greedy 0.66, sampled pass@1
-0.40 +/- 0.013; after 100 steps sampled pass@1 0.48 (GRPO) and 0.50 (CF-GRPO), both beyond 2 s.e. of their
-base; the direct-answer format collapses (0.19 -> 0.02); entropy falls, confidence rises. CF-GRPO vs GRPO is
-not distinguishable with one seed, and its stage one also has a 10x head lr: configs/demo.py:study separates
-the causes. Bases pretrained on other CPUs land elsewhere (issue 24: greedy 0.57 on a CPU without AVX-512).
+Base: pretraining stops at the first validation reading (greedy, 256 train-pattern problems, every 10
+steps from 150) >= 0.65, cap 450 steps. Expected base range (bench/bench_base_robustness.py, one 2-core AMD
+EPYC, native vs AVX2-only XLA): 330-340 steps, held-out greedy 0.68-0.72, sampled pass@1 0.42-0.46.
+Cost on a 2-core CPU: pretraining took 23 min sharing the CPU with other jobs; the demo's end-to-end time
+with this base has not been re-measured on a quiet machine (the fixed 330-step base took 21 min in all on
+an AVX-512 Xeon). Expected result: see configs/demo.py:study (3 seeds) rather than this one-seed run;
+there CF-GRPO is not distinguishable from GRPO.
 Tuning history is in the commit log.
 
   python -m cfrl_jax.main --config=configs/demo.py
@@ -107,9 +107,11 @@ def apply_study(c):
                      falls below 0.5 (at most 30 steps)
   The report gives per seed steps to target and AUC of held-out pass@1, and per designed comparison the
   paired difference with a 95% t interval over the 3 seeds.
-  Hardware: a 2-core x86-64 CPU. Time: 15 runs of 100 steps with an eval every 10 steps; not yet measured
-  end to end (the demo's runs, evals every 20 steps, took ~5 min each on an AVX-512 machine).
-  Expected result: not yet run; the README's result table is replaced by its generated one when it is.
+  Hardware: a 2-core x86-64 CPU. Time: 15 runs of 100 steps with an eval every 10 steps; run here in four
+  processes sharing 2 cores (docs/study.md), 10-32 min per run while sharing, ~4 h of run time in all.
+  Result (README, generated; seeds 0-2, adaptive arm seed 0 only): CF-GRPO not distinguishable from GRPO
+  on steps to target, AUC or final pass@1; grpo_headlr's AUC higher than GRPO's; cfgrpo_samelr reaches
+  the target 10 steps later than GRPO in every seed.
   """
   c.name = 'demo_study'
   c.run_dir = 'runs/demo_study'
