@@ -10,7 +10,8 @@ Command, hardware, time:
   the demo's cached base (or pretrains it once), then runs 100 RL steps of 8 prompts x 8 samples for each
   of ppo, grpo and reinforce and 10 EI rounds over 512 prompts x 8 samples, with a 512-problem eval every
   10 steps.
-  Expected time of the study: not yet measured. The :smoke variant takes minutes on a 2-core CPU.
+  Expected time of the study: not yet measured. The :smoke variant (two seeds) has run end to end on a
+  2-core CPU shared with other jobs; its time is not benchmarked.
 
 What the report shows (runs/echo_chamber/report.md, written when the study ends; cfrl_jax.report):
   echo_chamber.png, one panel per arm: the fraction of training samples in each solution format over RL
@@ -18,7 +19,7 @@ What the report shows (runs/echo_chamber/report.md, written when the study ends;
   when there are several) with held-out pass@1 at T 0.7 (solid) and greedy accuracy (dashed) on a second
   axis. Its "Echo Chamber" section tables, per arm and format, the eval fractions of sampled (T 0.7) and
   greedy completions at the base and at the end, and says whether the collapse onto one format (its
-  smoothed share first >= 0.9) falls in the eval interval of the largest pass@1 rise.
+  smoothed share, 'unknown' aside, first >= 0.9) falls in the eval interval of the largest pass@1 rise.
 
 Settings carried over (configs/pretraining_1b_sweeps_ppo_grpo_gsm8k.yaml, cli/train_ppo_ray.py,
 ppo_utils/experience_maker.py, models/loss.py, cli/train_ei.py, configs/*_ei.yaml):

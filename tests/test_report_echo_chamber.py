@@ -91,6 +91,29 @@ def test_collapse_coincides_with_the_largest_gain(tmp_path):
   assert report_numbers.collapse_and_gain(panels['ppo'], share=0.6).coincides is False
 
 
+def _panel(shares, pass1):
+  """An EchoChamberPanel over steps 1..n whose smoothed format shares are `shares` {name: (n,)}."""
+  def track(name, v):
+    v = np.asarray(v, float)
+    return report_numbers.FormatTrack(name, np.arange(1, len(v) + 1), v, v, v, v, 1)
+  p = np.asarray(pass1, float)
+  curve = report_numbers.Curve(np.arange(len(p)) * 2, p, p, p, 1)
+  return report_numbers.EchoChamberPanel('x', [track(n, v) for n, v in shares.items()], curve, None)
+
+
+def test_collapse_ignores_unknown_and_formats_dominant_from_the_start():
+  # 'unknown' at 1.0 is no format; the named ones all end at 0: no dominant format, no collapse.
+  c = report_numbers.collapse_and_gain(_panel({'a': [0, 0, 0], 'unknown': [1, 1, 1]}, [0.1, 0.3, 0.2]))
+  assert (c.dominant, c.already, c.collapse_step, c.coincides) == (None, False, None, None)
+  assert (c.gain_from, c.gain_to) == (0, 2) and c.gain == pytest.approx(0.2)
+  # Already at 0.95 at the first step: no collapse during training, whatever the gain.
+  c = report_numbers.collapse_and_gain(_panel({'a': [0.95, 1, 1], 'b': [0.05, 0, 0]}, [0.1, 0.3, 0.5]))
+  assert (c.dominant, c.already, c.collapse_step, c.coincides) == ('a', True, None, None)
+  # pass@1 never rises: no gain interval.
+  c = report_numbers.collapse_and_gain(_panel({'a': [0.5, 0.9, 1]}, [0.3, 0.3, 0.2]))
+  assert (c.collapse_step, c.gain_from, c.gain, c.coincides) == (2, None, None, None)
+
+
 def test_greedy_and_sampled_format_table(tmp_path):
   study = _study(tmp_path)
   ends = report_numbers.eval_format_endpoints(study.arms['ppo'])
@@ -115,7 +138,7 @@ def test_report_draws_the_figure_and_names_it(tmp_path):
   assert '![Echo Chamber formats and accuracy](echo_chamber.png)' in md
   # The report's own 9-step window (0.1, 1/3, 0.58, 0.76, 2.9/3, 1.0 on 6 steps): 0.9 first at step 5 too.
   assert '| PPO | code (0.10 → 1.00) | 5 | 3 → 6 (+0.250) | yes |' in md
-  assert '| GRPO | text (0.60 → 0.60) | not reached | 0 → 3 (+0.000) | — |' in md
+  assert '| GRPO | text (0.60 → 0.60) | not reached | no rise | — |' in md
 
 
 def test_other_studies_get_no_echo_chamber_section(tmp_path):

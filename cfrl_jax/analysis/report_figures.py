@@ -314,6 +314,7 @@ def figure_echo_chamber(study: Study, out_dir: str) -> str | None:
     return None
   from matplotlib import colormaps
   from matplotlib.lines import Line2D
+  from matplotlib.ticker import MaxNLocator
   cmap = colormaps['Dark2']
   names = list(dict.fromkeys(t.name for p in panels for t in p.formats))
   colors = {n: cmap(i % 8) for i, n in enumerate(names)}
@@ -331,6 +332,7 @@ def figure_echo_chamber(study: Study, out_dir: str) -> str | None:
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel('RL step')
     ax.set_ylabel('fraction of training samples')
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # RL steps / EI rounds
     ax.set_title(arm_label(p.arm), fontsize=10)
     ax.grid(alpha=0.3)
     acc = ax.twinx()

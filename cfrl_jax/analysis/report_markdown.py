@@ -240,10 +240,13 @@ def collapse_table(study: Study, window: int = SMOOTH_WINDOW) -> list[str]:
   rows = []
   for p in echo_chamber_panels(study, window):
     c = collapse_and_gain(p)
-    gain = '—' if c.gain is None else f'{c.gain_from} → {c.gain_to} ({c.gain:+.3f})'
+    gain = 'no rise' if c.gain is None else f'{c.gain_from} → {c.gain_to} ({c.gain:+.3f})'
     coincide = {None: '—', True: 'yes', False: 'no'}[c.coincides]
-    rows.append(f'| {arm_label(c.arm)} | {c.dominant} ({c.first_share:.2f} → {c.last_share:.2f}) | '
-                f'{"not reached" if c.collapse_step is None else c.collapse_step} | {gain} | {coincide} |')
+    dominant = ('none (every named format ends at 0)' if c.dominant is None else
+                f'{c.dominant} ({c.first_share:.2f} → {c.last_share:.2f})')
+    collapse = ('—' if c.dominant is None else f'already at the first step' if c.already else
+                'not reached' if c.collapse_step is None else str(c.collapse_step))
+    rows.append(f'| {arm_label(c.arm)} | {dominant} | {collapse} | {gain} | {coincide} |')
   if not rows:
     return []
   return [f'| arm | dominant training format at the end (share first → last step) | first step with share '
@@ -260,11 +263,13 @@ def echo_chamber_section(study: Study, figure: str | None) -> list[str]:
         'seeds. Formats that neither decoding produced are left out.', '', *echo_chamber_format_table(study), '']
   collapse = collapse_table(study)
   if collapse:
-    md += ['Collapse vs gain. Dominant format: the one with the largest share of training samples at the last '
-           f'step ({SMOOTH_WINDOW}-step centred moving average of the seed mean); its collapse step: the first '
-           f'training step at which that share reaches {COLLAPSE_SHARE:g}. Largest gain: the pair of consecutive '
-           'evals with the largest rise of seed-mean held-out pass@1. "Collapse within it": the collapse step lies '
-           'after the first of those evals and at or before the second.', '', *collapse, '']
+    md += ['Collapse vs gain. Dominant format: the named format (not "unknown") with the largest share of '
+           f'training samples at the last step ({SMOOTH_WINDOW}-step centred moving average of the seed mean); its '
+           f'collapse step: the first training step at which that share reaches {COLLAPSE_SHARE:g}, having started '
+           'below it ("already at the first step": no collapse during training). Largest gain: the pair of '
+           'consecutive evals with the largest rise of seed-mean held-out pass@1 ("no rise": none rose). '
+           '"Collapse within it": the collapse step lies after the first of those evals and at or before the '
+           'second.', '', *collapse, '']
   if figure:
     md += [f'Per arm: the share of training samples in each format over RL steps ({SMOOTH_WINDOW}-step moving '
            'average, the raw per-step seed mean faint' +

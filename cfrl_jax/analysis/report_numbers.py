@@ -517,16 +517,19 @@ def echo_chamber_panels(study: Study, window: int = SMOOTH_WINDOW) -> list[EchoC
 class CollapseAndGain:
   """Does the format collapse coincide with the largest accuracy gain? (one arm)
 
-  dominant: the format with the largest smoothed share at the last training step; first_share /
-  last_share: its smoothed share at the first / last training step; collapse_step: the first training
-  step at which that share reaches COLLAPSE_SHARE (None: never); gain_from, gain_to, gain: the pair of
-  consecutive evals with the largest rise of seed-mean pass@1 (None with fewer than 2 evals);
-  coincides: gain_from < collapse_step <= gain_to (None when either is unknown).
+  dominant: the named format ('unknown' is not one) with the largest smoothed share at the last training
+  step, None when every named format ends at 0; first_share / last_share: its smoothed share at the first /
+  last training step; already: that share is >= COLLAPSE_SHARE at the first step (no collapse during
+  training); collapse_step: the first training step at which it reaches COLLAPSE_SHARE, having started
+  below (None: never, or already); gain_from, gain_to, gain: the pair of consecutive evals with the largest
+  rise of seed-mean pass@1 (None when no pair rises); coincides: gain_from < collapse_step <= gain_to
+  (None when either is unknown).
   """
   arm: str
-  dominant: str
-  first_share: float
-  last_share: float
+  dominant: str | None
+  first_share: float | None
+  last_share: float | None
+  already: bool
   collapse_step: int | None
   gain_from: int | None
   gain_to: int | None
@@ -535,16 +538,26 @@ class CollapseAndGain:
 
 
 def collapse_and_gain(panel: EchoChamberPanel, share: float = COLLAPSE_SHARE) -> CollapseAndGain:
-  dom = max(panel.formats, key=lambda t: t.smooth[-1])
-  hit = np.nonzero(dom.smooth >= share)[0]
-  collapse = int(dom.steps[hit[0]]) if len(hit) else None
+  named = [t for t in panel.formats if t.name != 'unknown']
+  dom = max(named, key=lambda t: t.smooth[-1]) if named else None
+  if dom is not None and not dom.smooth[-1] > 0:
+    dom = None
+  already, collapse = False, None
+  if dom is not None:
+    already = bool(dom.smooth[0] >= share)
+    hit = np.nonzero(dom.smooth >= share)[0]
+    collapse = int(dom.steps[hit[0]]) if len(hit) and not already else None
   gain_from = gain_to = gain = None
   p = panel.pass1
   if p is not None and len(p.steps) >= 2:
-    i = int(np.argmax(np.diff(p.mean)))
-    gain_from, gain_to, gain = int(p.steps[i]), int(p.steps[i + 1]), float(p.mean[i + 1] - p.mean[i])
+    rise = np.diff(p.mean)
+    i = int(np.argmax(rise))
+    if rise[i] > 0:
+      gain_from, gain_to, gain = int(p.steps[i]), int(p.steps[i + 1]), float(rise[i])
   coincides = None if collapse is None or gain_from is None else gain_from < collapse <= gain_to
-  return CollapseAndGain(panel.arm, dom.name, float(dom.smooth[0]), float(dom.smooth[-1]), collapse,
+  return CollapseAndGain(panel.arm, None if dom is None else dom.name,
+                         None if dom is None else float(dom.smooth[0]),
+                         None if dom is None else float(dom.smooth[-1]), already, collapse,
                          gain_from, gain_to, gain, coincides)
 
 
