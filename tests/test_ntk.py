@@ -2,9 +2,9 @@
 parameters) in float64 on tiny Qwen2 (q/k/v biases) and Qwen3 (q/k norms) models,
 untied and tied.
 
-float64: the module enters jax.enable_x64 for its own tests only (a module fixture) and
-maps qwen.py's hard-coded float32 upcasts (RMSNorm, attention scores, logits) to float64
-so that the whole model is float64; both are undone when the module finishes.
+float64: the module enters jax.enable_x64 for its own tests only (a module fixture, undone
+when the module finishes); a model built with dtype='float64' is then float64 end to end
+(qwen.py's upcasts for RMSNorm, attention scores and logits promote, never downcast).
 """
 import functools
 
@@ -20,17 +20,9 @@ from cfrl_jax.models import qwen
 TOL = 1e-10
 
 
-class _Float64Names:
-  """jax.numpy with float32 read as float64 (for qwen.py's explicit float32 upcasts)."""
-
-  def __getattr__(self, name):
-    return jnp.float64 if name == 'float32' else getattr(jnp, name)
-
-
 @pytest.fixture(scope='module', autouse=True)
 def float64_model():
-  with pytest.MonkeyPatch.context() as mp, jax.enable_x64(True):
-    mp.setattr(qwen, 'jnp', _Float64Names())
+  with jax.enable_x64(True):
     yield
 
 

@@ -1,8 +1,8 @@
 """cfrl_jax.dynamics.probes: probe sets, probe metrics against numpy, and the predicted /
 linearised change of the probe log-probs against the actual change after an update (float64).
 
-float64: as in test_ntk.py, a module fixture enters jax.enable_x64 and maps qwen.py's
-float32 upcasts to float64 for this module only.
+float64: as in test_ntk.py, a module fixture enters jax.enable_x64 for this module only, and the
+models are built with dtype='float64'.
 """
 import functools
 import re
@@ -18,17 +18,9 @@ from cfrl_jax.models import qwen
 OPTS = {'xla_backend_optimization_level': 0}   # faster compiles; float64 numerics unchanged here
 
 
-class _Float64Names:
-  """jax.numpy with float32 read as float64 (for qwen.py's explicit float32 upcasts)."""
-
-  def __getattr__(self, name):
-    return jnp.float64 if name == 'float32' else getattr(jnp, name)
-
-
 @pytest.fixture(scope='module', autouse=True)
 def float64_model():
-  with pytest.MonkeyPatch.context() as mp, jax.enable_x64(True):
-    mp.setattr(qwen, 'jnp', _Float64Names())
+  with jax.enable_x64(True):
     yield
 
 

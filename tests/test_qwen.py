@@ -137,3 +137,78 @@ def test_training_gradients_equal_torch_autograd(tiny_checkpoint_dir, load_hf_mo
   assert set(theirs) <= set(ours)
   for name, g in theirs.items():
     np.testing.assert_allclose(ours[name], g, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+_TINY = dict(vocab_size=40, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4, num_kv_heads=2,
+             head_dim=4)
+_ARCHS = {'qwen2_untied': dict(), 'qwen3_tied_biases': dict(model_type='qwen3', tie='tied', qk_norm=True,
+                                                              attention_bias=True, o_bias=True)}
+
+
+@pytest.mark.parametrize('arch', sorted(_ARCHS))
+def test_modules_build_the_init_params_tree_with_logical_axes(arch):
+  import flax.linen as nn
+  cfg = qwen.QwenConfig(**_TINY, **_ARCHS[arch])
+  params = qwen.init_params(cfg, jax.random.PRNGKey(0))
+  tokens = jnp.zeros((1, 3), jnp.int32)
+  boxed = {'backbone': qwen.Backbone(cfg).init(jax.random.PRNGKey(1), tokens)['params']}
+  if cfg.tie == 'untied':
+    boxed['head'] = qwen.Head(cfg).init(jax.random.PRNGKey(2), jnp.zeros((1, cfg.hidden_size)))['params']
+  else:
+    boxed['head'] = {}
+  shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+  assert jax.tree_util.tree_structure(nn.unbox(boxed)) == jax.tree_util.tree_structure(params)
+  assert shapes(nn.unbox(boxed)) == shapes(params)
+  # the stacked layer axis is named 'layers' (nn.scan's metadata), every dimension has a name
+  names = {qwen.sharding.path_str(p): tuple(s) for p, s in jax.tree_util.tree_flatten_with_path(
+      nn.get_partition_spec(boxed), is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))[0]}
+  assert names == {k: v for k, v in qwen.param_axes(cfg).items() if k in names}
+  assert names['backbone/layers/q_proj/kernel'] == ('layers', 'embed', 'heads')
+  assert names['backbone/embed'] == ('vocab', 'embed')
+
+
+def test_remat_gives_the_same_logits_and_gradients():
+  cfg = qwen.QwenConfig(**_TINY, **_ARCHS['qwen3_tied_biases'])
+  params = qwen.init_params(cfg, jax.random.PRNGKey(0), std=0.3)
+  tokens, mask = _left_padded_batch(cfg.vocab_size, seed=6, length=7)
+  loss = lambda c: jax.jit(jax.value_and_grad(lambda p: jnp.sum(qwen.token_logprobs(c, p, tokens, mask)[0])))
+  (v0, g0), (v1, g1) = loss(cfg)(params), loss(cfg.replace(remat=True))(params)
+  np.testing.assert_allclose(v1, v0, rtol=1e-6)
+  # Recomputation may fuse differently: float32 rounding of gradients up to ~25 in size.
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+
+
+def test_residual_stream_is_constrained_under_a_mesh():
+  cfg = qwen.QwenConfig(**_TINY)
+  params = qwen.init_params(cfg, jax.random.PRNGKey(0))
+  tokens = jnp.zeros((2, 3), jnp.int32)
+  count = lambda: str(jax.make_jaxpr(lambda b: qwen.features(cfg, b, tokens)[0])(params['backbone'])).count(
+      'sharding_constraint')
+  assert count() == 0                                   # no mesh: no constraint
+  with jax.sharding.set_mesh(qwen.sharding.make_mesh((1, -1, 1))):
+    assert count() == 2                                 # the embedding gather and the scanned layer output
+
+
+def test_float64_model_is_float64_end_to_end():
+  """dtype='float64' under x64: every intermediate stays float64 (the upcasts promote), so a central
+  finite difference of the summed log-probs matches the gradient to ~1e-10 relative; one float32
+  rounding anywhere would leave ~1e-7 relative noise in the loss and errors of ~1e-1 here."""
+  with jax.enable_x64(True):
+    cfg = qwen.QwenConfig(**_TINY, **_ARCHS['qwen3_tied_biases'], dtype='float64', param_dtype='float64')
+    params = qwen.init_params(cfg, jax.random.PRNGKey(0), std=0.3)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype('float64')}
+    tokens, mask = _left_padded_batch(cfg.vocab_size, seed=7, length=6)
+    phi, _ = qwen.features(cfg, params['backbone'], tokens, mask)
+    z, _ = qwen.forward(cfg, params, tokens, mask)
+    assert phi.dtype == z.dtype == jnp.float64
+    loss = jax.jit(lambda p: jnp.sum(qwen.token_logprobs(cfg, p, tokens, mask)[0] * mask[:, 1:]))
+    grad = jax.jit(jax.grad(loss))(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(jax.tree.leaves(params)))
+    direction = jax.tree.unflatten(jax.tree.structure(params), [
+        jax.random.normal(k, x.shape, jnp.float64) for k, x in zip(keys, jax.tree.leaves(params))])
+    h = 1e-4   # the 4-point central difference: truncation O(h^4), float64 rounding ~1e-14 / h
+    f = lambda s: loss(jax.tree.map(lambda p, d: p + s * h * d, params, direction))
+    fd = (8 * (f(1.0) - f(-1.0)) - (f(2.0) - f(-2.0))) / (12 * h)
+    exact = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+    assert abs(float(fd - exact)) <= 1e-8 * max(1.0, abs(float(exact)))
