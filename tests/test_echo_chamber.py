@@ -7,33 +7,17 @@ import pytest
 
 from cfrl_jax.config import base_config, validate
 from cfrl_jax.run_setup import load_policy
-from cfrl_jax.tasks.base import Task
 from cfrl_jax.train import learner, objectives, trainer
 from cfrl_jax.train.rollout import completion_stats
 
-
-def contains_e(prompts, completions, **_):
-  return [1.0 if 'e' in c else 0.0 for c in completions]
-
-
-def toy_task(n=16):
-  rows = [{'prompt': f'Hello {i}', 'answer': 'e'} for i in range(n)]
-  return Task(name='toy', train=rows, eval=rows[:4], reward_fns=[(contains_e, 1.0)], formats=None,
-              prompt_template='{question}', use_chat_template=False, system_prompt='',
-              answer_key=lambda c: c, is_correct=lambda c, a: a in c)
+# test_trainer's toy task (reward 1 when the completion contains an 'e') and tiny-model config.
+from test_trainer import toy_config as trainer_toy_config, toy_task
 
 
 def toy_config(tokenizer_dir, run_dir, **rl):
-  c = base_config('arithmetic')
-  c.model.source = 'init'
-  c.tokenizer.path = tokenizer_dir
-  c.model.arch.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
-  c.rl.update(dict(algorithm='grpo', steps=2, prompts_per_step=4, group_size=4, max_new_tokens=4,
-                   lr=3e-3, temperature=1.0), **rl)
-  c.eval.every = c.probe.every = 0
+  """test_trainer's toy config with 2 RL steps (unless given) and no checkpoints, validated."""
+  c = trainer_toy_config(tokenizer_dir, run_dir, **{'steps': 2, **rl})
   c.checkpoint.every = 0
-  c.log.update(progress=False, tensorboard=False)
-  c.run_dir = run_dir
   validate(c)
   return c
 

@@ -96,14 +96,23 @@ def test_build_probe_set_from_rows(tiny_tokenizer_dir):
     probes.build_probe_set(policy, [{'prompt': 'x'}], None)
 
 
-@pytest.mark.slow
-def test_probe_metrics_against_numpy(model):
-  cfg, params = model
+def probed(cfg, params):
+  """The probe metrics on probe_arrays() (2 positions per sequence) with what numpy checks them against:
+  (probe, metrics, the log-prob kernel (E, E) parts, other (E, E): entry pairs from different sequences,
+  phi (B, T, H): the backbone's features)."""
   probe = probes.make_probe_set(*probe_arrays(), positions=2)
   m = jit(probes.probe_metrics, cfg)(params, probe)
   k = jit(ntk.logprob_kernel, cfg)(params, probe.points)
   seq = np.asarray(probe.seq)
   other = seq[:, None] != seq[None, :]
+  phi = np.asarray(qwen.features(cfg, params['backbone'], probe.tokens, probe.mask)[0])
+  return probe, m, k, other, phi
+
+
+@pytest.mark.slow
+def test_probe_metrics_against_numpy(model):
+  cfg, params = model
+  probe, m, k, other, phi = probed(cfg, params)
   for name, kk in zip(('R', 'G', 'cross', 'total'), k):
     kk = np.asarray(kk)
     np.testing.assert_allclose(m[f'ntk_{name}_diag'], np.mean(np.diag(kk)), rtol=1e-12, atol=1e-12)
@@ -111,7 +120,6 @@ def test_probe_metrics_against_numpy(model):
   r, g = np.mean(np.diag(np.asarray(k.r))), np.mean(np.diag(np.asarray(k.g)))
   np.testing.assert_allclose(m['ntk_R_share'], r / (r + g), rtol=1e-12)
   np.testing.assert_allclose(m['ntk_reach'], m['ntk_total_offdiag'] / m['ntk_total_diag'], rtol=1e-12)
-  phi = np.asarray(qwen.features(cfg, params['backbone'], probe.tokens, probe.mask)[0])
   phi = phi[np.arange(3), np.asarray(probe.prompt_last)]
   norms = np.linalg.norm(phi, axis=1)
   cos = (phi @ phi.T) / np.outer(norms, norms)
@@ -209,15 +217,10 @@ def test_offdiagonal_r_share_on_a_hand_built_kernel():
 @pytest.mark.slow
 def test_response_feature_cosine_and_offdiagonal_share_against_numpy(model):
   cfg, params = model
-  probe = probes.make_probe_set(*probe_arrays(), positions=2)
-  m = jit(probes.probe_metrics, cfg)(params, probe)
-  k = jit(ntk.logprob_kernel, cfg)(params, probe.points)
-  seq = np.asarray(probe.seq)
-  other = seq[:, None] != seq[None, :]
+  probe, m, k, other, phi = probed(cfg, params)
   r_abs, g_abs = np.abs(np.asarray(k.r))[other].mean(), np.abs(np.asarray(k.g))[other].mean()
   np.testing.assert_allclose(m['ntk_R_share_offdiag'], r_abs / (r_abs + g_abs), rtol=1e-12)
-  phi = np.asarray(qwen.features(cfg, params['backbone'], probe.tokens, probe.mask)[0])
-  entries = phi[seq, np.asarray(probe.pos)]
+  entries = phi[np.asarray(probe.seq), np.asarray(probe.pos)]
   unit = entries / np.linalg.norm(entries, axis=1, keepdims=True)
   np.testing.assert_allclose(m['phi_cosine_response'], (unit @ unit.T)[other].mean(), rtol=1e-12)
 

@@ -20,8 +20,9 @@ def contains_e(prompts, completions, **_):
   return [1.0 if 'e' in c else 0.0 for c in completions]
 
 
-def toy_task():
-  rows = [{'prompt': f'Hello {i}', 'answer': 'e'} for i in range(16)]
+def toy_task(n=16):
+  """n prompts 'Hello <i>' whose reward is contains_e (the first 4 are the eval set)."""
+  rows = [{'prompt': f'Hello {i}', 'answer': 'e'} for i in range(n)]
   return Task(name='toy', train=rows, eval=rows[:4], reward_fns=[(contains_e, 1.0)], formats=None,
               prompt_template='{question}', use_chat_template=False, system_prompt='',
               answer_key=lambda c: c, is_correct=lambda c, a: a in c)
