@@ -309,7 +309,8 @@ def validate(c: mc.ConfigDict) -> None:
   _one_of(c, 'rl.aggregation', AGGREGATION_MODES)
   _one_of(c, 'rl.baseline', BASELINES)
   _one_of(c, 'rl.reinforce_style', ('plain', 'echo_chamber'))
-  if rl.reinforce_style == 'echo_chamber' and rl.algorithm == 'reinforce' and rl.baseline != 'group_mean':
+  # kl_in_returns: the Echo Chamber's REINFORCE (rl.algorithm='reinforce', rl.reinforce_style='echo_chamber')
+  if algorithm(rl.algorithm).kl_in_returns(rl) and rl.baseline != 'group_mean':
     _fail('rl.baseline', rl.baseline, "reinforce_style='echo_chamber' subtracts the group mean, as the "
           "original's reinforce_baseline does; set rl.baseline='group_mean'")
   for f in ('lr', 'head_lr', 'warmup_steps', 'weight_decay', 'grad_clip'):

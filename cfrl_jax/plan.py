@@ -525,11 +525,11 @@ class Shapes:
 
 def step_shapes(config, cfg: qwen.QwenConfig, prompt_width: int, mesh) -> Shapes:
   rl = config.rl
-  group = rl.ei.samples_per_prompt if rl.algorithm == 'expert_iteration' else rl.group_size
-  rows = rl.prompts_per_step * (1 if rl.algorithm == 'sft' else group)
-  if rl.algorithm == 'expert_iteration':
+  alg = algorithms.algorithm(rl.algorithm)
+  rows = rl.prompts_per_step * alg.rows_per_prompt(rl)
+  if alg.step == algorithms.EXPERT_ITERATION:
     minibatch = rl.ei.batch_size
-  elif rl.algorithm == 'sft':
+  elif alg.step == algorithms.SFT:
     minibatch = rows
   else:
     if rows % rl.minibatches:
@@ -551,18 +551,18 @@ def _rows(mesh, n, *cols, dtype=jnp.float32):
   return _sds((n,) + tuple(cols), dtype, mesh, sharding.batch_spec(mesh, n))
 
 
-def _learner_batch(config, mesh, rows: int, prompt_len: int, N: int, kind: str) -> dict:
-  """The minibatch dict Trainer._policy_gradient_step hands the update (keys as it builds them)."""
+def _learner_batch(config, mesh, rows: int, prompt_len: int, N: int, alg: algorithms.Algorithm) -> dict:
+  """The minibatch dict the trainer's step of `alg` hands the update (keys as it builds them)."""
   rl = config.rl
   T = prompt_len + N
   batch = {'tokens': _rows(mesh, rows, T, dtype=jnp.int32), 'mask': _rows(mesh, rows, T, dtype=jnp.int32),
            'completion_mask': _rows(mesh, rows, N)}
-  if kind == 'sft':
+  if alg.step != algorithms.POLICY_GRADIENT:   # Expert Iteration and SFT: cross-entropy on the tokens
     return batch
   batch['old_logp'] = _rows(mesh, rows, N)
-  if rl.kl_coef > 0 and rl.algorithm != 'ppo':    # PPO folds the KL into its token rewards
+  if alg.loss_takes_reference(rl):
     batch['ref_logp'] = _rows(mesh, rows, N)
-  if rl.algorithm == 'ppo':
+  if alg.critic:
     batch.update(returns=_rows(mesh, rows, N), old_values=_rows(mesh, rows, N), advantages=_rows(mesh, rows, N))
   else:
     batch['advantages'] = _rows(mesh, rows)
@@ -614,7 +614,7 @@ def build_programs(config, cfg: qwen.QwenConfig, mesh, prompt_width: int, platfo
   # The sampler, as sampling.sample(..., mesh=...) runs it on an accelerator (scanned layers, XLA
   # attention, one decode segment: sampling.unroll_layers_default / decode_segments_default off the
   # CPU backend).
-  if rl.algorithm != 'sft':
+  if alg.samples:
     B, Pp = shapes.sampler_rows, shapes.sampler_prompt_len
     greedy, top_k, use_top_p = sampling.decoding_statics(cfg, False, rl.top_k, rl.top_p)
     stops = sampling.stop_id_array(cfg.eos_token_id or (0,))
@@ -629,7 +629,7 @@ def build_programs(config, cfg: qwen.QwenConfig, mesh, prompt_width: int, platfo
 
   # Old-policy / reference log-probs over the rollout batch, in rl.minibatches row chunks (Trainer._logp).
   calls = int(bool(rl.recompute_old_logp)) + int(rl.kl_coef > 0)
-  if calls and rl.algorithm not in ('sft', 'expert_iteration'):
+  if calls and alg.step == algorithms.POLICY_GRADIENT:
     bspec = sharding.batch_spec(mesh, shapes.rows)
     chunks = trainer.logp_chunks(rl, shapes.rows)
     fn = trainer.row_chunked(lambda p, t, m: rollout.completion_stats(cfg, p, t, m, P)[0], chunks)
@@ -641,7 +641,7 @@ def build_programs(config, cfg: qwen.QwenConfig, mesh, prompt_width: int, platfo
                                   f'{"s" if chunks > 1 else ""} of {shapes.rows // chunks} rows'))
 
   # PPO: the critic's values over the batch and its update per minibatch.
-  if rl.algorithm == 'ppo':
+  if alg.critic:
     critic0 = {'backbone': params0['backbone'],
                'value_head': jax.eval_shape(lambda: ppo.init_value_head(cfg.hidden_size, jax.random.PRNGKey(0)))}
     cspecs = sharding.partition_specs(critic0, rules, mesh)
@@ -657,7 +657,7 @@ def build_programs(config, cfg: qwen.QwenConfig, mesh, prompt_width: int, platfo
     seq = _rows(mesh, shapes.rows, P + N, dtype=jnp.int32)
     programs.append(Program('critic values', 1, sharding.jit_sharded(values, mesh, (cspecs, bspec, bspec), bspec).jitted,
                             (critic, seq, seq), {}, ('critic',), 'values', notes=f'{shapes.rows} rows'))
-    mb = _learner_batch(config, mesh, shapes.minibatch_rows, P, N, 'ppo')
+    mb = _learner_batch(config, mesh, shapes.minibatch_rows, P, N, alg)
     step = critic_step(objectives.critic_objective(cfg, P, rl), ctx)
     jitted = sharding.jit_sharded(step, mesh, (cspecs, cospecs, sharding.batch_spec(mesh, shapes.minibatch_rows)),
                                   (cspecs, cospecs, rep), donate_argnums=(0, 1)).jitted
@@ -668,10 +668,14 @@ def build_programs(config, cfg: qwen.QwenConfig, mesh, prompt_width: int, platfo
   kind = alg.name if alg.step == algorithms.POLICY_GRADIENT else 'sft'   # EI and SFT steps: cross-entropy
   loss_fn = objectives.algorithm_objective(cfg, P, rl, kind)
   stages = (1, 2) if config.cfrl.enabled else (0,)
-  updates = rl.epochs * rl.minibatches if kind != 'sft' else (
-      rl.ei.sft_epochs * max(1, math.ceil(shapes.rows / shapes.minibatch_rows)) if rl.algorithm == 'expert_iteration' else 1)
+  if alg.step == algorithms.POLICY_GRADIENT:
+    updates = rl.epochs * rl.minibatches
+  elif alg.step == algorithms.EXPERT_ITERATION:   # at most: every sample kept
+    updates = rl.ei.sft_epochs * max(1, math.ceil(shapes.rows / shapes.minibatch_rows))
+  else:
+    updates = 1
   opt_groups, stage_resident = {}, {}
-  mb = _learner_batch(config, mesh, shapes.minibatch_rows, P, N, kind)
+  mb = _learner_batch(config, mesh, shapes.minibatch_rows, P, N, alg)
   lrs = {label: rep_sds(jnp.float32) for label in learner.LABELS}
   for stage in stages:
     tx = learner.make_optimizer(cfg, params0, stage, ocfg)

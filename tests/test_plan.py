@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from cfrl_jax import plan
+from cfrl_jax.config import base_config
 from cfrl_jax.models import presets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -219,6 +220,47 @@ def test_presets_have_the_public_parameter_counts():
   assert presets.resolve('/data/my-finetune') is None
   with pytest.raises(ValueError, match='qwen2.5-7b'):
     presets.resolve('preset:qwen9')
+
+
+def _tiny_config(algorithm: str):
+  c = base_config('arithmetic')
+  c.model.source = 'init'
+  a = c.model.arch
+  a.hidden_size, a.intermediate_size, a.num_layers, a.num_heads, a.num_kv_heads, a.tied = D, F, L, HQ, HKV, True
+  c.rl.algorithm, c.rl.prompts_per_step, c.rl.group_size = algorithm, PROMPTS, GROUP
+  c.rl.max_new_tokens, c.rl.minibatches, c.rl.epochs = N, MINIBATCHES, 2
+  c.rl.kl_coef, c.rl.recompute_old_logp = 0.05, True
+  c.rl.ei.samples_per_prompt, c.rl.ei.batch_size, c.rl.ei.sft_epochs = 3, 5, 2
+  return c
+
+
+# Per algorithm, as the trainer runs its step (4 prompts, group 4, 2 minibatches, 2 epochs, KL on,
+# old log-probs recomputed; EI: 3 samples a prompt, SFT batches of 5 rows, 2 SFT epochs): the programs
+# and their calls per step, the learner minibatch's rows, and the keys the trainer puts in it beyond
+# tokens / mask / completion_mask with their trailing shape.
+_STEPS = {
+    'grpo': ({'sampler': 1, 'log-probs': 2, 'learner update': 4}, 8,
+             {'old_logp': (N,), 'ref_logp': (N,), 'advantages': ()}),
+    'ppo': ({'sampler': 1, 'log-probs': 2, 'critic values': 1, 'critic update': 4, 'learner update': 4}, 8,
+            {'old_logp': (N,), 'returns': (N,), 'old_values': (N,), 'advantages': (N,)}),
+    'expert_iteration': ({'sampler': 1, 'learner update': 2 * 3}, 5, {}),   # 12 samples: at most 3 batches of 5
+    'sft': ({'learner update': 1}, PROMPTS, {}),
+}
+
+
+@pytest.mark.parametrize('algorithm', sorted(_STEPS))
+def test_programs_and_learner_batch_follow_the_algorithm(algorithm):
+  calls, rows, extra = _STEPS[algorithm]
+  config = _tiny_config(algorithm)
+  cfg, _ = plan.model_config(config, V)
+  mesh = jax.make_mesh((1, 1, 1), ('data', 'fsdp', 'tensor'), devices=jax.devices()[:1])
+  built = plan.build_programs(config, cfg, mesh, P, 'cpu')
+  assert {p.name: p.calls for p in built.programs} == calls
+  learner_update, = [p for p in built.programs if p.name == 'learner update']
+  batch = learner_update.args[2]
+  assert {k: v.shape for k, v in batch.items()} == {
+      'tokens': (rows, P + N), 'mask': (rows, P + N), 'completion_mask': (rows, N),
+      **{k: (rows,) + tail for k, tail in extra.items()}}
 
 
 def _written_summary(totals_gib, refused=(), hbm_gib=16.0):

@@ -57,6 +57,21 @@ class Algorithm:
   kl_in_returns: Callable[[Any], bool] = _never
   cfrl_arms: bool = False
 
+  @property
+  def samples(self) -> bool:
+    """Its step samples completions from the policy (SFT trains on reference solutions instead)."""
+    return self.step != SFT
+
+  def rows_per_prompt(self, rl) -> int:
+    """Rows each prompt puts into a step's batch: rl.group_size samples (policy gradient),
+    rl.ei.samples_per_prompt (Expert Iteration, before filtering) or its one reference solution (SFT)."""
+    return {POLICY_GRADIENT: rl.group_size, EXPERT_ITERATION: rl.ei.samples_per_prompt, SFT: 1}[self.step]
+
+  def loss_takes_reference(self, rl) -> bool:
+    """The learner's batch carries the reference policy's log-probs (B, N) for a KL term in the loss.
+    PPO folds the KL into its token rewards instead."""
+    return self.step == POLICY_GRADIENT and rl.kl_coef > 0 and not self.critic
+
 
 # --- advantages ---------------------------------------------------------------------
 def _group_normalized(rewards, rl):
