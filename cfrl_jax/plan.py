@@ -563,9 +563,8 @@ def _learner_batch(config, mesh, rows: int, prompt_len: int, N: int, alg: algori
   if alg.loss_takes_reference(rl):
     batch['ref_logp'] = _rows(mesh, rows, N)
   if alg.critic:
-    batch.update(returns=_rows(mesh, rows, N), old_values=_rows(mesh, rows, N), advantages=_rows(mesh, rows, N))
-  else:
-    batch['advantages'] = _rows(mesh, rows)
+    batch.update(returns=_rows(mesh, rows, N), old_values=_rows(mesh, rows, N))
+  batch['advantages'] = _rows(mesh, rows, N) if alg.token_advantages(rl) else _rows(mesh, rows)
   return batch
 
 

@@ -222,7 +222,7 @@ def test_presets_have_the_public_parameter_counts():
     presets.resolve('preset:qwen9')
 
 
-def _tiny_config(algorithm: str):
+def _tiny_config(algorithm: str, **rl):
   c = base_config('arithmetic')
   c.model.source = 'init'
   a = c.model.arch
@@ -231,13 +231,15 @@ def _tiny_config(algorithm: str):
   c.rl.max_new_tokens, c.rl.minibatches, c.rl.epochs = N, MINIBATCHES, 2
   c.rl.kl_coef, c.rl.recompute_old_logp = 0.05, True
   c.rl.ei.samples_per_prompt, c.rl.ei.batch_size, c.rl.ei.sft_epochs = 3, 5, 2
+  c.rl.update(rl)
   return c
 
 
-# Per algorithm, as the trainer runs its step (4 prompts, group 4, 2 minibatches, 2 epochs, KL on,
+# Per algorithm (and rl settings), as the trainer runs its step (4 prompts, group 4, 2 minibatches, 2 epochs, KL on,
 # old log-probs recomputed; EI: 3 samples a prompt, SFT batches of 5 rows, 2 SFT epochs): the programs
 # and their calls per step, the learner minibatch's rows, and the keys the trainer puts in it beyond
-# tokens / mask / completion_mask with their trailing shape.
+# tokens / mask / completion_mask with their trailing shape. The Echo Chamber's REINFORCE puts the
+# KL into whitened token returns, so its batch has token advantages and no reference log-probs.
 _STEPS = {
     'grpo': ({'sampler': 1, 'log-probs': 2, 'learner update': 4}, 8,
              {'old_logp': (N,), 'ref_logp': (N,), 'advantages': ()}),
@@ -245,15 +247,18 @@ _STEPS = {
             {'old_logp': (N,), 'returns': (N,), 'old_values': (N,), 'advantages': (N,)}),
     'expert_iteration': ({'sampler': 1, 'learner update': 2 * 3}, 5, {}),   # 12 samples: at most 3 batches of 5
     'sft': ({'learner update': 1}, PROMPTS, {}),
+    'reinforce echo_chamber': ({'sampler': 1, 'log-probs': 2, 'learner update': 4}, 8,
+                               {'old_logp': (N,), 'advantages': (N,)}),
 }
 
 
 @pytest.mark.parametrize('algorithm', sorted(_STEPS))
 def test_programs_and_learner_batch_follow_the_algorithm(algorithm):
   calls, rows, extra = _STEPS[algorithm]
-  config = _tiny_config(algorithm)
+  name, *style = algorithm.split()
+  config = _tiny_config(name, **(dict(reinforce_style=style[0], baseline='group_mean') if style else {}))
   cfg, _ = plan.model_config(config, V)
-  mesh = jax.make_mesh((1, 1, 1), ('data', 'fsdp', 'tensor'), devices=jax.devices()[:1])
+  mesh = plan.sharding.MeshConfig.from_config(config.mesh).make_mesh(jax.devices()[:1])
   built = plan.build_programs(config, cfg, mesh, P, 'cpu')
   assert {p.name: p.calls for p in built.programs} == calls
   learner_update, = [p for p in built.programs if p.name == 'learner update']

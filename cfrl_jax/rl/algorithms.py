@@ -69,8 +69,13 @@ class Algorithm:
 
   def loss_takes_reference(self, rl) -> bool:
     """The learner's batch carries the reference policy's log-probs (B, N) for a KL term in the loss.
-    PPO folds the KL into its token rewards instead."""
-    return self.step == POLICY_GRADIENT and rl.kl_coef > 0 and not self.critic
+    PPO and the Echo Chamber's REINFORCE fold the KL into token rewards / returns instead."""
+    return self.step == POLICY_GRADIENT and rl.kl_coef > 0 and not self.critic and not self.kl_in_returns(rl)
+
+  def token_advantages(self, rl) -> bool:
+    """The learner's advantages are per token, (B, N) (GAE over the critic's values, or whitened
+    KL-penalised returns), rather than one per sequence, (B,)."""
+    return self.critic or self.kl_in_returns(rl)
 
 
 # --- advantages ---------------------------------------------------------------------
