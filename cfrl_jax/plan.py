@@ -44,7 +44,11 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from absl import flags
+from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import config_flags
 
 from cfrl_jax import sampling, sharding
 from cfrl_jax.models import presets, qwen
@@ -113,8 +117,8 @@ def parse_topology(spec: str) -> tuple[str, str, str]:
 def prepare_cpu_devices(n: int) -> None:
   """Asks for n host devices before JAX starts its CPU backend (a no-op afterwards: see topology)."""
   flag = f'--xla_force_host_platform_device_count={n}'
-  flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '', os.environ.get('XLA_FLAGS', ''))
-  os.environ['XLA_FLAGS'] = f'{flags} {flag}'.strip()
+  others = re.sub(r'--xla_force_host_platform_device_count=\d+', '', os.environ.get('XLA_FLAGS', ''))
+  os.environ['XLA_FLAGS'] = f'{others} {flag}'.strip()
 
 
 def topology(spec: str, chip: str = 'v5e') -> Target:
@@ -131,7 +135,6 @@ def topology(spec: str, chip: str = 'v5e') -> Target:
     if chip not in CHIPS:
       raise ValueError(f'--chip={chip!r}; expected one of {sorted(CHIPS)}.')
     return Target(f'cpu:{n}', 'cpu', CHIPS[chip], tuple(devices))
-  from jax.experimental import topologies
   # Compiling only: several planners may share this host's libtpu (it would otherwise hold a lock file).
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   try:
@@ -570,7 +573,6 @@ def _learner_batch(config, mesh, rows: int, prompt_len: int, N: int, alg: algori
 
 def critic_step(loss_fn: Callable, tx) -> Callable:
   """The PPO critic update as Trainer._critic_update builds it: (critic, opt, batch) -> (critic, opt, metrics)."""
-  import optax
 
   def step(critic, opt, batch):
     (loss, m), g = jax.value_and_grad(loss_fn, has_aux=True)(critic, batch)
@@ -594,7 +596,6 @@ class Plan:
 
 def build_programs(config, cfg: qwen.QwenConfig, mesh, prompt_width: int, platform: str = 'tpu') -> Plan:
   """The jitted programs of one training step of `config` on `mesh`, with abstract sharded inputs."""
-  import optax
   rl = config.rl
   alg = algorithms.algorithm(rl.algorithm)   # a ValueError naming the valid ones
   rules = sharding.MeshConfig.from_config(config.mesh).all_rules(qwen.param_axes())
@@ -965,8 +966,6 @@ def run_plan(config, target: Target, *, prompt_width: int, hbm_gib: float | None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from absl import flags
-  from ml_collections import config_flags
   argv = list(sys.argv if argv is None else argv)
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).', flag_values=fv,

@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import shutil
 
+from absl import app, flags
+
 from cfrl_jax.analysis import report_figures, report_markdown, report_numbers, report_runs
 
 
@@ -64,7 +66,6 @@ def update_readme(path: str, readme: str, image_dir: str = 'docs', *, command: s
 
 
 def _main(argv):
-  from absl import app, flags
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
@@ -80,7 +81,6 @@ def _main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app, flags
   flags.DEFINE_string('run', None, 'Run dir (with metrics.jsonl) or study dir (<arm>/seed<k>/metrics.jsonl).')
   flags.DEFINE_string('title', None, 'Report title (default: the config name or the directory name).')
   flags.DEFINE_float('target_accuracy', None, 'pass@1 target for "steps to target" (default: midpoint of the '
