@@ -165,6 +165,8 @@ def test_released_model_is_the_window_end_plus_the_predicted_rank1_vector():
   model4 = rank1.flatten(rank1.released_params(window[-1][1], fits, 0.18))
   q = ('backbone', 'layers', 'q_proj', 'kernel')
   np.testing.assert_allclose(model4[q], rank1.flatten(at(4, c_mult=8))[q], atol=1e-9)
+  with pytest.raises(ValueError, match=r"No released AlphaRL fit for \['backbone/layers/q_proj/kernel'\]"):
+    rank1.released_params(window[-1][1], {p: f for p, f in fits.items() if p != q}, 0.18)
 
 
 def test_fit_released_window_reports_why_it_cannot_run():

@@ -255,6 +255,8 @@ def test_alpharl_and_expo_trees():
   np.testing.assert_array_equal(pred_b[('head', 'w')], rank1.flatten(window[-1][1])[('head', 'w')])
   with pytest.raises(ValueError, match='kept_from'):
     rank1.alpharl_params(base, fits, 12, keep=('head',))
+  with pytest.raises(ValueError, match=r"No extrapolation fit for \['backbone/layers/q_proj/kernel'\]"):
+    rank1.alpharl_params(base, {p: f for p, f in fits.items() if p[2] != 'q_proj'}, 12)
   expo = rank1.flatten(rank1.expo_params(base, window[-1][1], rank1.expo_alpha(0, 4, 12)))
   for p in fb:
     np.testing.assert_allclose(expo[p], truth[p], atol=1e-5)

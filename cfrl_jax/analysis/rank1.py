@@ -606,6 +606,25 @@ def fit_params_extrapolation(base: Mapping, window: Sequence[tuple[int, Mapping]
           for path in matrix_paths(base)}
 
 
+def _kernels_moved(params: Mapping, fits: Mapping[Path, Any], increment: Callable[[Any], np.ndarray], what: str,
+                   other: Callable[[Path, Any], Any] = lambda path, leaf: leaf) -> Params:
+  """`params` with increment(fits[p]) (shaped like the kernel) added in float64 to every analysed
+  kernel p, and other(p, leaf) for every other leaf; each leaf keeps its dtype in `params`. A
+  ValueError names the kernels that have no `what` fit."""
+  kernels = matrix_paths(params)
+  missing = [path_name(p) for p in kernels if p not in fits]
+  if missing:
+    raise ValueError(f'No {what} fit for {missing}.')
+  out = {}
+  for p, w in flatten(params).items():
+    dt = np.asarray(w).dtype
+    if p in kernels:
+      out[p] = (np.asarray(w, np.float64) + increment(fits[p])).astype(dt)
+    else:
+      out[p] = np.asarray(other(p, w)).astype(dt)
+  return unflatten(out, params)
+
+
 def alpharl_params(base: Mapping, fits: Mapping[Path, Rank1Extrapolation], step: float, *,
                    keep: Iterable[str] = VARIANT_A, kept_from: Mapping | None = None) -> Params:
   """The rank-1 step-line model at `step`: every analysed kernel W_0 + predicted rank-1 update.
@@ -616,21 +635,10 @@ def alpharl_params(base: Mapping, fits: Mapping[Path, Rank1Extrapolation], step:
   keep = check_keep(keep)
   if keep and kept_from is None:
     raise ValueError(f'keep={sorted(keep)} needs kept_from (the parameters to take those groups from).')
-  fb = flatten(base)
   fk = flatten(kept_from) if kept_from is not None else {}
   tied = is_tied(base)
-  missing = [path_name(p) for p in matrix_paths(base) if p not in fits]
-  if missing:
-    raise ValueError(f'No extrapolation fit for {missing}.')
-  out = {}
-  for p, w0 in fb.items():
-    dt = np.asarray(w0).dtype
-    group = leaf_group(p, tied)
-    if group == 'matrix':
-      out[p] = (np.asarray(w0, np.float64) + predict_rank1_update(fits[p], step)).astype(dt)
-    else:
-      out[p] = np.asarray(fk[p] if group in keep else w0).astype(dt)
-  return unflatten(out, base)
+  return _kernels_moved(base, fits, lambda fit: predict_rank1_update(fit, step), 'extrapolation',
+                        other=lambda p, w0: fk[p] if leaf_group(p, tied) in keep else w0)
 
 
 def expo_alpha(base_step: float, window_step: float, target_step: float) -> float:
@@ -825,16 +833,7 @@ def released_params(window_params: Mapping, fits: Mapping[Path, ReleasedFit], ta
 
   Every other leaf (head, embeddings, norms, biases) keeps its window-end value; dtypes follow it.
   """
-  fw = flatten(window_params)
-  missing = [path_name(p) for p in matrix_paths(window_params) if p not in fits]
-  if missing:
-    raise ValueError(f'No released AlphaRL fit for {missing}.')
-  out = {}
-  for p, w in fw.items():
-    dt = np.asarray(w).dtype
-    out[p] = (np.asarray(w, np.float64) + released_update(fits[p], target)).astype(dt) if p in fits \
-        else np.asarray(w)
-  return unflatten(out, window_params)
+  return _kernels_moved(window_params, fits, lambda fit: released_update(fit, target), 'released AlphaRL')
 
 
 # --- evaluation --------------------------------------------------------------------------
