@@ -2,21 +2,15 @@
 from __future__ import annotations
 
 import os
-import platform
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # scripts run from bench/
+# host() -> 'x86_64, 2 cores, <CPU model>': the machine a figure was measured on (the README's results
+# block describes its machine with the same function).
+from cfrl_jax.machine import describe as host  # noqa: E402,F401
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'RESULTS.md')
 HEADER = '# Benchmarks\n\nWritten by the scripts in bench/; do not edit figures by hand.\n'
-
-
-def host() -> str:
-  """'x86_64, nproc 2, <CPU model>': the machine a figure was measured on."""
-  cpu = 'unknown CPU'
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  return f'{platform.machine()}, nproc {os.cpu_count()}, {cpu}'
 
 
 def write_section(name: str, title: str, desc: str, lines: list[str]) -> None:
