@@ -10,14 +10,8 @@ import pytest
 from cfrl_jax.rl import advantages as adv
 from cfrl_jax.rl.ppo import (init_value_head, ppo_loss, ppo_policy_loss, token_rewards_with_kl_penalty,
                              value_head, value_loss)
+from test_grpo import LOGP, MASK, OLD   # tests/test_grpo.py's batch: some ratios outside [0.8, 1.2], some inside
 
-MASK = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0],
-                 [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]], np.float32)
-OLD = np.array([[-0.5, -1.2, -0.3, -2.0], [-0.7, -0.9, -1.0, -1.0], [-1.5, -0.2, -0.8, -1.0],
-                [-0.4, -1.0, -1.0, -1.0], [-1.1, -0.6, -0.9, -0.3], [-0.25, -1.3, -0.45, -1.0]], np.float32)
-DELTA = np.array([[0.3, -0.3, 0.1, 0.0], [-0.3, 0.3, 0.0, 0.0], [0.05, -0.1, 0.25, 0.0],
-                  [0.3, 0.0, 0.0, 0.0], [-0.25, 0.4, -0.05, 0.2], [0.0, -0.35, 0.15, 0.0]], np.float32)
-LOGP = (OLD + DELTA).astype(np.float32)
 ADV_T = np.array([[0.9, -0.4, 0.3, 1.2], [-0.6, -0.2, 0, 0], [0.1, -0.8, 0.5, 0],
                   [0.7, 0, 0, 0], [-0.3, 0.6, -1.0, 0.2], [0.4, -0.9, 1.1, 0]], np.float32)
 
