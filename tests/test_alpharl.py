@@ -22,6 +22,7 @@ from cfrl_jax.main import load_config_file
 from cfrl_jax.models import qwen
 from cfrl_jax.run_setup import evaluator_for_run
 from cfrl_jax.train import checkpoint
+from test_rank1 import unit_rank1   # per-layer unit u v^T
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = qwen.QwenConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -40,12 +41,9 @@ def _trajectory(origin):
   directions = {}
   for p in rank1.matrix_paths(base):
     L, m, n = fb[p].shape
-    u = rng.normal(size=(L, m))
-    v = rng.normal(size=(L, n))
-    u /= np.linalg.norm(u, axis=1, keepdims=True)
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    uv = unit_rank1(rng, L, m, n)
     c = 0.002 * rng.uniform(1, 2, size=L) * rng.choice([-1, 1], size=L)
-    directions[p] = np.zeros((L, m, n)) if p[2] == FROZEN else c[:, None, None] * u[:, :, None] * v[:, None, :]
+    directions[p] = np.zeros((L, m, n)) if p[2] == FROZEN else c[:, None, None] * uv
   head_dir = 0.001 * rng.normal(size=fb[('head', 'w')].shape)
 
   def at(t):

@@ -8,6 +8,7 @@ import pytest
 
 from cfrl_jax import alpharl
 from cfrl_jax.analysis import alpharl_fit, alpharl_report, rank1
+from test_rank1 import unit_rank1   # per-layer unit u v^T
 
 
 # --- PLS1 ------------------------------------------------------------------------------------
@@ -324,11 +325,7 @@ def test_window_checkpoints_to_released_models_and_report(tmp_path):
   fb = rank1.flatten(base)
   dirs = {}
   for p in rank1.matrix_paths(base):
-    L, m, n = fb[p].shape
-    u = rng.normal(size=(L, m))
-    v = rng.normal(size=(L, n))
-    dirs[p] = 0.01 * (u / np.linalg.norm(u, axis=1, keepdims=True))[:, :, None] * \
-        (v / np.linalg.norm(v, axis=1, keepdims=True))[:, None, :]
+    dirs[p] = 0.01 * unit_rank1(rng, *fb[p].shape)
   head = rng.normal(size=fb[('head', 'w')].shape)
 
   def at(t, k=None):

@@ -19,6 +19,7 @@ from cfrl_jax import analyze
 from cfrl_jax.analysis import rank1, update_dynamics, update_dynamics_report
 from cfrl_jax.models import qwen
 from cfrl_jax.train import checkpoint
+from test_rank1 import unit_rank1   # per-layer unit u v^T
 
 STEPS = (0, 2, 4, 6, 8, 10, 12)
 FROZEN = 'k_proj'
@@ -42,12 +43,9 @@ def _trajectory():
   directions = {}
   for p in rank1.matrix_paths(base):
     L, m, n = fb[p].shape
-    u = rng.normal(size=(L, m))
-    v = rng.normal(size=(L, n))
+    uv = unit_rank1(rng, L, m, n)
     c = 0.002 * rng.uniform(1, 2, size=L)
-    directions[p] = 0.0 if p[2] == FROZEN else (
-        c[:, None, None] * (u / np.linalg.norm(u, axis=1, keepdims=True))[:, :, None]
-        * (v / np.linalg.norm(v, axis=1, keepdims=True))[:, None, :])
+    directions[p] = 0.0 if p[2] == FROZEN else c[:, None, None] * uv
   head_dir = 0.001 * rng.normal(size=fb[('head', 'w')].shape)
 
   def at(t):

@@ -14,6 +14,13 @@ def _unit(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+def unit_rank1(rng, L: int, m: int, n: int) -> np.ndarray:
+  """(L, m, n): per layer u_l v_l^T, u_l and v_l drawn from rng (u first) and scaled to unit length:
+  the update direction of the exactly rank-1 trajectories here and in test_alpharl*, test_analyze."""
+  u, v = _unit(rng.normal(size=(L, m))), _unit(rng.normal(size=(L, n)))
+  return u[:, :, None] * v[:, None, :]
+
+
 def _tiny_tree(rng, tied=False, L=2, d=6, f=8, V=10):
   """A cfrl_jax-shaped parameter tree (Qwen2 layout with biases) of random numbers."""
   n = lambda *s: rng.normal(size=s).astype(np.float32)
