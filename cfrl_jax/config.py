@@ -73,6 +73,9 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
   c.pretrain.batching = 'random'  # 'random' | 'length_sorted' (less padding, but one format per batch: learns slower)
   c.pretrain.loss_on_prompt = True  # next-token loss on prompt + completion (False: completion only)
   c.pretrain.length_bucket = 8    # completion lengths are padded to multiples of this (one compile per bucket)
+  c.pretrain.micro_batches = 4    # a step's rows sorted by length into this many micro-batches, each cut to
+                                  # its longest row (less padding computed); one optimizer step on their
+                                  # token-weighted sum, equal to the whole batch's up to float order
   c.pretrain.cache_dir = 'cache'  # cached bases: <cache_dir>/base-<hash of the pretraining config>
   c.pretrain.seed = 0             # the base's own seed: RL seeds (config.seed) do not change the base
   # Stop at an accuracy, not a step count, so that bases from different CPUs (whose float order differs)
@@ -274,7 +277,7 @@ def validate(c: mc.ConfigDict) -> None:
   p = 'pretrain'
   for f in ('steps', 'warmup_steps', 'seed'):
     _at_least(c, f'{p}.{f}', 0)
-  for f in ('batch_size', 'num_examples', 'length_bucket'):
+  for f in ('batch_size', 'num_examples', 'length_bucket', 'micro_batches'):
     _at_least(c, f'{p}.{f}', 1)
   _at_least(c, f'{p}.lr', 0, strict=True)
   _at_least(c, f'{p}.weight_decay', 0)

@@ -2,14 +2,17 @@
 import json
 
 import ml_collections
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from cfrl_jax import tokenization
 from cfrl_jax.config import validate
-from cfrl_jax.models import hf
+from cfrl_jax.models import hf, qwen
 from cfrl_jax.policy import make_policy
 from cfrl_jax.tasks import build_task
-from cfrl_jax.train import pretrain
+from cfrl_jax.train import learner, objectives, pretrain
 from configs import demo
 
 
@@ -82,3 +85,55 @@ def test_out_of_range_band_and_a_task_without_validation_are_clear_errors():
   task.validation_fn = None
   with pytest.raises(ValueError, match='stop_accuracy=0'):
     task.validation_rows(4)
+
+
+def _ragged_batch(rng, B, P, N, vocab):
+  """[prompt left-padded to P | completion right-padded to N] rows of random lengths, pad id 0."""
+  tokens = np.zeros((B, P + N), np.int32)
+  mask = np.zeros((B, P + N), np.int32)
+  cmask = np.zeros((B, N), np.float32)
+  for i in range(B):
+    lp, lc = rng.randint(2, P + 1), rng.randint(1, N + 1)
+    tokens[i, P - lp:P + lc] = rng.randint(1, vocab, lp + lc)
+    mask[i, P - lp:P + lc] = 1
+    cmask[i, :lc] = 1
+  return {'tokens': tokens, 'mask': mask, 'completion_mask': cmask}
+
+
+@pytest.mark.parametrize('whole_text', [True, False])
+def test_micro_batched_step_equals_the_whole_batch_step_in_float64(whole_text):
+  with jax.enable_x64(True):
+    cfg = qwen.QwenConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=4, tie='untied', dtype='float64', param_dtype='float64')
+    params = qwen.init_params(cfg, jax.random.PRNGKey(0))
+    P, N = 8, 10
+    data = _ragged_batch(np.random.RandomState(1), 12, P, N, cfg.vocab_size)
+    loss_fn = objectives.lm_objective(cfg) if whole_text else objectives.sft_objective(cfg, P)
+    chunks, weights = pretrain.micro_batches(data, P, 3, 4, whole_text=whole_text)
+    # padding was cut: no micro-batch is as wide as the batch, and every real token is kept
+    assert all(c['tokens'].shape[1] < P + N for c in chunks[:1])
+    assert sum(int(c['mask'].sum()) for c in chunks) == int(data['mask'].sum())
+    assert abs(sum(weights) - 1) < 1e-12
+    lrs = {'head': jnp.float64(1e-2), 'backbone': jnp.float64(1e-2)}
+    copy = lambda t: jax.tree_util.tree_map(jnp.array, t)
+    tx, opt = learner.init_stage(cfg, params, 0, learner.OptimConfig(grad_clip=1.0))
+    whole = learner.make_update(cfg, loss_fn, tx, 0)(copy(params), copy(opt),
+                                                     {k: jnp.asarray(v) for k, v in data.items()}, lrs)
+    tx, opt = learner.init_stage(cfg, params, 0, learner.OptimConfig(grad_clip=1.0))
+    micro = learner.make_accumulating_update(cfg, loss_fn, tx, 0)(
+        copy(params), copy(opt), [{k: jnp.asarray(v) for k, v in c.items()} for c in chunks], weights, lrs)
+    assert abs(float(micro.loss) - float(whole.loss)) < 1e-12
+    for a, b in zip(jax.tree_util.tree_leaves(micro.params), jax.tree_util.tree_leaves(whole.params)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-12)
+    moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(micro.params),
+                                                            jax.tree_util.tree_leaves(params)))
+    assert moved > 1e-4   # the step did something
+    for key in ('grad_norm_head', 'grad_norm_backbone'):
+      assert abs(float(micro.metrics[key]) - float(whole.metrics[key])) < 1e-10
+
+
+def test_micro_batches_rejects_a_batch_with_nothing_to_learn():
+  data = _ragged_batch(np.random.RandomState(0), 4, 4, 4, 10)
+  data['completion_mask'][:] = 0
+  with pytest.raises(ValueError, match='no token to learn from'):
+    pretrain.micro_batches(data, 4, 2, 4, whole_text=False)

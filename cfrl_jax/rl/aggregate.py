@@ -80,7 +80,7 @@ def aggregate(per_token, loss_mask, mode: str = 'token_mean', max_tokens: int | 
   per_token = jnp.asarray(per_token)
   mask = as_mask(loss_mask)
   check_per_token('per_token', per_token, mask)
-  x = masked(per_token.astype(jnp.float32), mask) * mask
+  x = masked(per_token.astype(jnp.promote_types(per_token.dtype, jnp.float32)), mask) * mask
   if mode == 'token_mean':
     return jnp.sum(x) / jnp.maximum(jnp.sum(mask), 1.0)
   if mode == 'seq_mean':

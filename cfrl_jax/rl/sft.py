@@ -28,7 +28,8 @@ def sft_loss(logp, loss_mask, aggregation: str = 'token_mean', max_tokens: int |
   """
   check_aggregation(aggregation, max_tokens)
   mask = as_mask(loss_mask)
-  logp = jnp.asarray(logp, jnp.float32)
+  logp = jnp.asarray(logp)
+  logp = logp.astype(jnp.promote_types(logp.dtype, jnp.float32))   # never below float32; float64 stays
   check_per_token('logp', logp, mask)
   nll = -masked(logp, mask)
   loss = aggregate(nll, mask, aggregation, max_tokens)

@@ -129,15 +129,59 @@ def make_update(cfg: qwen.QwenConfig, loss_fn: LossFn, tx: optax.GradientTransfo
       return loss_fn(p, batch)
 
     (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
-    norms = group_norms(cfg, grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(norms['head']) & jnp.isfinite(norms['backbone'])
-    updates, new_opt = tx.update(grads, with_learning_rates(opt_state, lrs), params)
-    new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
-    metrics = dict(metrics, grad_norm_head=norms['head'], grad_norm_backbone=norms['backbone'])
-    return UpdateResult(keep(new_params, params), keep(new_opt, opt_state), loss, finite, metrics)
+    return _apply_gradients(cfg, tx, params, opt_state, grads, loss, lrs, metrics)
 
   return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _apply_gradients(cfg, tx, params, opt_state, grads, loss, lrs, metrics) -> UpdateResult:
+  norms = group_norms(cfg, grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(norms['head']) & jnp.isfinite(norms['backbone'])
+  updates, new_opt = tx.update(grads, with_learning_rates(opt_state, lrs), params)
+  new_params = optax.apply_updates(params, updates)
+  keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+  metrics = dict(metrics, grad_norm_head=norms['head'], grad_norm_backbone=norms['backbone'])
+  return UpdateResult(keep(new_params, params), keep(new_opt, opt_state), loss, finite, metrics)
+
+
+def make_accumulating_update(cfg: qwen.QwenConfig, loss_fn: LossFn, tx: optax.GradientTransformation,
+                             stage: int):
+  """update(params, opt_state, micro_batches, weights, lrs) -> UpdateResult: one optimizer step on
+  sum_i weights[i] * loss_fn(params, micro_batches[i]).
+
+  Micro-batches may differ in shape (each is cut to its own longest row, so padding is not computed):
+  one compiled gradient pass per shape accumulates into one gradient tree, then one jitted step clips,
+  applies the optimizer and checks finiteness as `make_update` does. With weights n_i / sum n (n_i: the
+  tokens a token-mean loss averages over in micro-batch i) the step equals make_update's on the whole
+  batch, up to floating-point summation order. Metrics are the gradient norms only.
+  """
+
+  def accumulate(params, batch, weight, grads):
+    def objective(p):
+      p = freeze_backbone(cfg, p) if stage == 1 else p
+      return weight * loss_fn(p, batch)[0]
+
+    value, g = jax.value_and_grad(objective)(params)
+    return jax.tree_util.tree_map(jnp.add, grads, g), value
+
+  accumulate = jax.jit(accumulate, donate_argnums=(3,))
+  apply = jax.jit(lambda params, opt_state, grads, loss, lrs:
+                  _apply_gradients(cfg, tx, params, opt_state, grads, loss, lrs, {}), donate_argnums=(0, 1))
+
+  def update(params, opt_state, micro_batches, weights, lrs) -> UpdateResult:
+    if len(micro_batches) != len(weights) or not micro_batches:
+      raise ValueError(f'make_accumulating_update: {len(micro_batches)} micro-batches and {len(weights)} weights; '
+                       'give one weight per micro-batch, at least one.')
+    grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+    # weights in the parameters' dtype: a float32 weight would round a float64 model's loss
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    loss = 0.0
+    for batch, weight in zip(micro_batches, weights):
+      grads, value = accumulate(params, batch, jnp.asarray(weight, dtype), grads)
+      loss = loss + value
+    return apply(params, opt_state, grads, loss, lrs)
+
+  return update
 
 
 def init_stage(cfg: qwen.QwenConfig, params, stage: int, ocfg: OptimConfig, previous_state=None):

@@ -99,7 +99,7 @@ def lm_objective(cfg: qwen.QwenConfig, aggregation: str = 'token_mean'):
     tokens, mask = batch['tokens'], batch['mask']
     logp, entropy, max_prob, phi = completion_stats(cfg, params, tokens, mask, 1)
     # a target counts when it is real and so is its predecessor (left padding, right padding excluded)
-    loss_mask = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
+    loss_mask = (mask[:, 1:] * mask[:, :-1]).astype(logp.dtype)
     loss, m = sft.sft_loss(logp, loss_mask, aggregation=aggregation)
     return loss, dict(m, **_policy_metrics(logp, entropy, max_prob, loss_mask))
 

@@ -36,7 +36,9 @@ def cache_key(config) -> str:
       # The base's seed is pretrain.seed alone: RL seeds share one base. Kept under the old 'seed' key
       # (out of the pretrain section) so that bases cached before pretrain.seed existed stay valid.
       'vocab': config.tokenizer.vocab_size, 'seed': config.pretrain.seed,
-      'pretrain': {k: v for k, v in config.pretrain.to_dict().items() if k not in ('cache_dir', 'seed')},
+      # micro_batches changes only the order of float sums (like another CPU), not the recipe.
+      'pretrain': {k: v for k, v in config.pretrain.to_dict().items()
+                   if k not in ('cache_dir', 'seed', 'micro_batches')},
       'version': 1,
   }
   return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -92,6 +94,46 @@ def _random_batches(n: int, batch_size: int, rng: np.random.RandomState) -> list
   return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
 
+def micro_batches(data: dict, prompt_len: int, n: int, bucket: int, *, whole_text: bool) -> tuple[list, list]:
+  """One step's batch as n micro-batches of rows of similar length, each cut to its longest row.
+
+  data: tokens, mask (B, P+N) (prompts left-padded to P, completions right-padded to N) and
+  completion_mask (B, N). whole_text (the loss on every real token): rows are left-aligned and cut to
+  the micro-batch's longest text; otherwise the prompt columns stay and the completion columns are cut
+  to its longest completion. Widths round up to a multiple of `bucket` (one compile per width).
+  Returns (micro_batches, weights): weights n_i / sum n, n_i the tokens the token-mean loss averages
+  over in micro-batch i, so sum_i w_i * loss_i is the whole batch's token mean. Positions come from the
+  mask, so cutting padding changes no real token's position, attention or target.
+  """
+  tokens, mask, cmask = data['tokens'], data['mask'], data['completion_mask']
+  B, T = tokens.shape
+  if whole_text:
+    lengths = mask.sum(1)
+    # A row's real tokens are contiguous (left-padded prompt, then its completion): roll them to column 0.
+    start = np.argmax(mask > 0, axis=1)
+    cols = (start[:, None] + np.arange(T)[None]) % T
+    tokens, mask = np.take_along_axis(tokens, cols, 1), np.take_along_axis(mask, cols, 1)
+    counts = (mask[:, 1:] * mask[:, :-1]).sum(1)
+  else:
+    lengths = cmask.sum(1)
+    counts = lengths
+  total = counts.sum()
+  if total <= 0:
+    raise ValueError('micro_batches: the batch has no token to learn from (every mask is empty).')
+  out, weights = [], []
+  for idx in np.array_split(np.argsort(lengths, kind='stable'), min(n, B)):
+    width = max(bucket, int(math.ceil(lengths[idx].max() / bucket) * bucket))
+    if whole_text:
+      w = min(width, T)
+      out.append({'tokens': tokens[idx, :w], 'mask': mask[idx, :w]})
+    else:
+      w = min(width, T - prompt_len)
+      out.append({'tokens': tokens[idx, :prompt_len + w], 'mask': mask[idx, :prompt_len + w],
+                  'completion_mask': cmask[idx, :w]})
+    weights.append(float(counts[idx].sum()) / float(total))
+  return out, weights
+
+
 def pretrain(config, task, out_dir: str, *, progress: bool = True) -> dict:
   """Trains tokenizer + model from scratch on task.pretraining_corpus; writes an HF dir. Returns a summary."""
   pc = config.pretrain
@@ -133,11 +175,12 @@ def pretrain(config, task, out_dir: str, *, progress: bool = True) -> dict:
       # loss_on_prompt: language modelling on the whole text, as pretraining on a corpus does (the
       # prompts' numbers and names teach copying); otherwise completion tokens only.
       loss_fn = objectives.lm_objective(cfg) if pc.loss_on_prompt else objectives.sft_objective(cfg, P)
-      updates[P] = learner.make_update(cfg, loss_fn, tx, 0)
+      updates[P] = learner.make_accumulating_update(cfg, loss_fn, tx, 0)
     # Warmup then cosine decay to 10%: a from-scratch run needs the decay to settle.
     frac = min(1.0, (step + 1) / max(pc.warmup_steps, 1))
     lr = pc.lr * frac * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / pc.steps)))
-    res = updates[P](params, opt_state, {k: jnp.asarray(v) for k, v in data.items()},
+    chunks, weights = micro_batches(data, P, pc.micro_batches, pc.length_bucket, whole_text=pc.loss_on_prompt)
+    res = updates[P](params, opt_state, [{k: jnp.asarray(v) for k, v in c.items()} for c in chunks], weights,
                      {'head': jnp.float32(lr), 'backbone': jnp.float32(lr)})
     if not bool(res.finite):
       raise FloatingPointError(f'Pretraining step {step}: non-finite loss; lower config.pretrain.lr (now {pc.lr}).')

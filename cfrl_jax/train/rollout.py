@@ -64,13 +64,14 @@ def completion_stats(cfg: qwen.QwenConfig, params, tokens, mask, prompt_len: int
   """Per-token statistics of the completion part of [prompt | completion] sequences.
 
   Only the N completion positions go through the head, which at real vocabulary
-  sizes is most of the cost. Returns logp, entropy, max_prob (all (B, N) float32)
+  sizes is most of the cost. Returns logp, entropy, max_prob (all (B, N) float32; float64 for a float64 model)
   and phi (B, P+N, d). Only logp carries a gradient: entropy and max_prob are
   metrics, computed from the same exp pass (the learner step is ~1.2x faster than
   with autodiff through log_softmax; bench/bench_learner.py).
   """
   phi, _ = qwen.features(cfg, params['backbone'], tokens, mask)
-  z = qwen.logits(cfg, qwen.head_params(cfg, params), phi[:, prompt_len - 1:-1]).astype(jnp.float32)
+  z = qwen.logits(cfg, qwen.head_params(cfg, params), phi[:, prompt_len - 1:-1])
+  z = z.astype(qwen.promoted(z.dtype))
   logp, lse = logp_and_lse(z, tokens[:, prompt_len:])
   zs, lses = jax.lax.stop_gradient(z), jax.lax.stop_gradient(lse)
   probs = jnp.exp(zs - lses[..., None])
