@@ -40,7 +40,7 @@ def get_config(arg: str = ''):
 
   set_base(c)
 
-  c.rl.steps = 100
+  c.rl.steps = 60                  # the study (apply_study) runs 100
   c.rl.prompts_per_step = 16
   c.rl.group_size = 8
   c.rl.temperature = 1.0
@@ -115,6 +115,7 @@ def apply_study(c):
   """
   c.name = 'demo_study'
   c.run_dir = 'runs/demo_study'
+  c.rl.steps = 100
   c.arms = 'grpo,cfgrpo,grpo_headlr,cfgrpo_samelr,cfgrpo_adaptive'
   c.seeds = '0,1,2'
   c.eval.every = 10
