@@ -137,3 +137,19 @@ def test_micro_batches_rejects_a_batch_with_nothing_to_learn():
   data['completion_mask'][:] = 0
   with pytest.raises(ValueError, match='no token to learn from'):
     pretrain.micro_batches(data, 4, 2, 4, whole_text=False)
+
+
+def test_the_echo_chamber_config_shares_the_demos_base_but_a_corpus_change_does_not():
+  from configs import echo_chamber
+  demo_key = pretrain.cache_key(demo.get_config(''))
+  # 512 instead of 2048 RL prompts: the corpus and validation rows are the same, so is the base
+  assert pretrain.cache_key(echo_chamber.get_config('')) == demo_key
+  assert pretrain.cache_key(demo.get_config('study')) == demo_key
+  changed = demo.get_config('')
+  changed.unlock()
+  changed.task.operand_max = 8   # other problems in the corpus: another base
+  assert pretrain.cache_key(changed) != demo_key
+  micro = demo.get_config('')
+  micro.unlock()
+  micro.pretrain.micro_batches = 1   # float order only
+  assert pretrain.cache_key(micro) == demo_key

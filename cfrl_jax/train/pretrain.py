@@ -27,12 +27,21 @@ from cfrl_jax import evaluate, tokenization
 from cfrl_jax.models import hf, qwen
 from cfrl_jax.policy import arch_config, make_policy
 from cfrl_jax.tasks import tokenizer_training
+from cfrl_jax.tasks.registry import task_config
 from cfrl_jax.train import learner, objectives, sft_data
 
 
 def cache_key(config) -> str:
+  task = config.task.to_dict()
+  # How many RL and held-out rows the task draws changes neither the corpus nor the validation rows
+  # (each has its own stream), so those counts enter the key at the task's defaults: configs that
+  # differ only there (configs/echo_chamber.py's 512 RL prompts) share the demo's base.
+  defaults = task_config(task['name']).to_dict() if task.get('name') else {}
+  for k in ('num_train', 'num_eval'):
+    if k in task and k in defaults:
+      task[k] = defaults[k]
   parts = {
-      'task': config.task.to_dict(), 'arch': config.model.arch.to_dict(),
+      'task': task, 'arch': config.model.arch.to_dict(),
       # The base's seed is pretrain.seed alone: RL seeds share one base. Kept under the old 'seed' key
       # (out of the pretrain section) so that bases cached before pretrain.seed existed stay valid.
       'vocab': config.tokenizer.vocab_size, 'seed': config.pretrain.seed,
