@@ -107,11 +107,11 @@ def apply_study(c):
                      falls below 0.5 (at most 30 steps)
   The report gives per seed steps to target and AUC of held-out pass@1, and per designed comparison the
   paired difference with a 95% t interval over the 3 seeds.
-  Hardware: a 2-core x86-64 CPU. Time: 15 runs of 100 steps with an eval every 10 steps; run here in four
-  processes sharing 2 cores (docs/study.md), 10-32 min per run while sharing, ~4 h of run time in all.
-  Result (README, generated; seeds 0-2, adaptive arm seed 0 only): CF-GRPO not distinguishable from GRPO
-  on steps to target, AUC or final pass@1; grpo_headlr's AUC higher than GRPO's; cfgrpo_samelr reaches
-  the target 10 steps later than GRPO in every seed.
+  Hardware: a 2-core x86-64 CPU. Time: 15 runs of 100 steps with an eval every 10 steps; run here in
+  several processes sharing 2 cores (docs/study.md), 9-32 min per run while sharing, 4.3 h of run time.
+  Result (README, generated; seeds 0-2): CF-GRPO not distinguishable from GRPO on steps to target, AUC
+  or final pass@1; grpo_headlr's AUC higher than GRPO's; cfgrpo_samelr reaches the target 10 steps
+  later than GRPO in every seed; cfgrpo_adaptive hits its 30-step cap in every seed (switch at 31).
   """
   c.name = 'demo_study'
   c.run_dir = 'runs/demo_study'
