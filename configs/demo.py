@@ -40,7 +40,7 @@ def get_config(arg: str = ''):
 
   set_base(c)
 
-  c.rl.steps = 60                  # the study (apply_study) runs 100
+  c.rl.steps = 40                  # the study (apply_study) runs 100
   c.rl.prompts_per_step = 16
   c.rl.group_size = 8
   c.rl.temperature = 1.0
