@@ -150,3 +150,26 @@ def test_other_studies_get_no_echo_chamber_section(tmp_path):
   assert 'Echo Chamber' not in open(path).read()
   # Echo Chamber's REINFORCE marks a study as one even under another name.
   assert report_numbers.is_echo_chamber(_study(tmp_path / 'renamed', name='mine', reinforce_style='echo_chamber'))
+
+
+def test_readme_gets_the_echo_chamber_block_and_leaves_the_demo_block_alone(tmp_path):
+  study_dir = tmp_path / 'echo_chamber'
+  _study(study_dir)
+  readme = tmp_path / 'README.md'
+  readme.write_text('# x\n\n<!-- demo-results -->\nDEMO\n<!-- /demo-results -->\n\n'
+                    '<!-- echo-chamber-results -->\nold\n<!-- /echo-chamber-results -->\ntail\n')
+  image = report.update_readme(str(study_dir), str(readme), image_dir=str(tmp_path / 'docs'),
+                               command='python -m cfrl_jax.main --config=configs/echo_chamber.py')
+  assert image.endswith('echo_chamber_echo_chamber.png') and os.path.getsize(image) > 10_000
+  text = readme.read_text()
+  assert 'DEMO' in text and 'old' not in text and text.endswith('tail\n')
+  block = text.split('<!-- echo-chamber-results -->')[1].split('<!-- /echo-chamber-results -->')[0]
+  assert '`python -m cfrl_jax.main --config=configs/echo_chamber.py`' in block
+  assert '| PPO | code | 0.200 → 0.900 | 0.000 → 1.000 |' in block
+  assert '| PPO | code (0.10 → 1.00) | 5 | 3 → 6 (+0.250) | yes |' in block
+  assert f'![Echo Chamber formats and accuracy]({image})' in block
+  # A README without the markers: a clear error naming them.
+  bare = tmp_path / 'bare.md'
+  bare.write_text('# nothing\n')
+  with pytest.raises(ValueError, match='echo-chamber-results'):
+    report.update_readme(str(study_dir), str(bare), image_dir=str(tmp_path / 'docs'))
