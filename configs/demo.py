@@ -9,12 +9,14 @@ What it does: builds the task and its tokenizer, pretrains a 1.6M-parameter Qwen
 (cached under cache/ after the first run), runs GRPO and CF-GRPO from the same base with the same seeds and
 rollout budget, probes NTK components / confidence / diversity / formats, and writes runs/demo/report.md.
 Base: pretraining stops at the first validation reading (greedy, 256 train-pattern problems, every 10
-steps from 150) >= 0.65, cap 450 steps. Expected base range (bench/bench_base_robustness.py, one 2-core AMD
-EPYC, native vs AVX2-only XLA): 330-340 steps, held-out greedy 0.68-0.72, sampled pass@1 0.42-0.46.
-Cost on a 2-core CPU: pretraining took 23 min sharing the CPU with other jobs; the demo's end-to-end time
-with this base has not been re-measured on a quiet machine (the fixed 330-step base took 21 min in all on
-an AVX-512 Xeon). Expected result: see configs/demo.py:study (3 seeds) rather than this one-seed run;
-there CF-GRPO is not distinguishable from GRPO.
+steps from 150) >= 0.65, cap 450 steps. Bases measured on one 2-core AMD EPYC: native and AVX2-only XLA
+(bench/bench_base_robustness.py) stopped at 340 / 330 steps with held-out greedy 0.72 / 0.68 and sampled
+pass@1 0.46 / 0.42; a third, AVX2-only with micro-batched pretraining (bench/bench_demo_budget.py), at 320
+steps with 0.62 / 0.37. Expected base range: 320-340 steps, held-out greedy 0.62-0.72, pass@1 0.37-0.46.
+Hardware and time: a 2-core x86-64 CPU. With XLA limited to AVX2 on a 2-core AMD EPYC the first run took
+23.7 min (pretraining 10.1) and a cached run 13.7 min (bench/RESULTS.md, bench_demo_budget). Expected
+result: see configs/demo.py:study (3 seeds) rather than this 40-step one-seed run; there CF-GRPO is not
+distinguishable from GRPO.
 Tuning history is in the commit log.
 
   python -m cfrl_jax.main --config=configs/demo.py
