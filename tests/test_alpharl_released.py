@@ -1,13 +1,18 @@
 """The released AlphaRL procedure (caiyuchen-ustc/AlphaRL), tuned ExPO and the across-seed verdicts, against
 hand-computed numbers: PLS1 fit and inversion, sign chaining, the window-end + rank-1 increment model, the
 window target rule, the ExPO alpha choice, the pooled share."""
+import dataclasses
 import math
 
+import jax
 import numpy as np
 import pytest
 
 from cfrl_jax import alpharl
 from cfrl_jax.analysis import alpharl_fit, alpharl_report, rank1
+from cfrl_jax.config import base_config
+from cfrl_jax.models import qwen
+from cfrl_jax.train import checkpoint
 from test_rank1 import unit_rank1   # per-layer unit u v^T
 
 
@@ -228,7 +233,6 @@ def test_selection_rows_are_disjoint_from_the_reported_problems():
 
 
 def alpharl_config(**values):
-  from cfrl_jax.config import base_config
   c = base_config('arithmetic')
   c.rl.steps = 10
   c.cfrl.enabled = False
@@ -313,10 +317,6 @@ def test_window_checkpoints_to_released_models_and_report(tmp_path):
   accuracy 0.3 + 0.01 t: fit_window + fit_released_window give W_8 + (T c) u v^T on every kernel at the
   target accuracy 0.3 + 0.01 T, the window-end head kept; summarize and the Markdown label the oracle as an
   upper bound."""
-  import dataclasses
-  import jax
-  from cfrl_jax.models import qwen
-  from cfrl_jax.train import checkpoint
   cfg = qwen.QwenConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
                         num_kv_heads=1, head_dim=8)
   shapes = jax.eval_shape(lambda key: qwen.init_params(cfg, key), jax.random.PRNGKey(0))
