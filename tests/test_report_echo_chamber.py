@@ -165,7 +165,7 @@ def test_readme_gets_the_echo_chamber_block_and_leaves_the_demo_block_alone(tmp_
   assert 'DEMO' in text and 'old' not in text and text.endswith('tail\n')
   block = text.split('<!-- echo-chamber-results -->')[1].split('<!-- /echo-chamber-results -->')[0]
   assert '`python -m cfrl_jax.main --config=configs/echo_chamber.py`' in block
-  assert '| PPO | code | 0.200 → 0.900 | 0.000 → 1.000 |' in block
+  assert f'`{study_dir}/report.md`' in block
   assert '| PPO | code (0.10 → 1.00) | 5 | 3 → 6 (+0.250) | yes |' in block
   assert f'![Echo Chamber formats and accuracy]({image})' in block
   # A README without the markers: a clear error naming them.
