@@ -1,7 +1,6 @@
 """Echo Chamber's RL settings (Zhao et al. 2025, as their released code runs them) on the arithmetic task.
 
-NOT RUN YET as a study: only the :smoke variant has been run end to end. docs/echo_chamber.md maps every
-setting to the original's file.
+Run once (seed 0; README, generated). docs/echo_chamber.md maps every setting to the original's file.
 
 Command, hardware, time:
   python -m cfrl_jax.main --config=configs/echo_chamber.py           # the study: 4 arms, seed 0
@@ -10,8 +9,11 @@ Command, hardware, time:
   the demo's cached base (or pretrains it once), then runs 100 RL steps of 8 prompts x 8 samples for each
   of ppo, grpo and reinforce and 10 EI rounds over 512 prompts x 8 samples, with a 512-problem eval every
   10 steps.
-  Expected time of the study: not yet measured. The :smoke variant (two seeds) has run end to end on a
-  2-core CPU shared with other jobs; its time is not benchmarked.
+  Time: 42 min on a 2-core AMD EPYC shared with a test run (PPO 11.0, GRPO 7.4, REINFORCE 9.4, EI 14.2
+  min), base from the cache.
+  Result (seed 0): PPO and GRPO collapse onto the step-by-step format (held-out samples 0.53 -> 0.98 /
+  0.99), EI does not, REINFORCE's training samples drift to unlabelled text; no collapse falls in the
+  interval of the largest pass@1 rise. One seed: no interval.
 
 What the report shows (runs/echo_chamber/report.md, written when the study ends; cfrl_jax.report):
   echo_chamber.png, one panel per arm: the fraction of training samples in each solution format over RL
