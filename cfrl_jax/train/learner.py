@@ -172,9 +172,11 @@ def make_accumulating_update(cfg: qwen.QwenConfig, loss_fn: LossFn, tx: optax.Gr
     if len(micro_batches) != len(weights) or not micro_batches:
       raise ValueError(f'make_accumulating_update: {len(micro_batches)} micro-batches and {len(weights)} weights; '
                        'give one weight per micro-batch, at least one.')
-    grads = jax.tree_util.tree_map(jnp.zeros_like, params)
-    # weights in the parameters' dtype: a float32 weight would round a float64 model's loss
-    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    # Sums and weights at least in float32 (a 16-bit sum over micro-batches would round each one away),
+    # and in float64 for a float64 model (a float32 weight would round its loss).
+    wide = lambda dtype: jnp.promote_types(dtype, jnp.float32)
+    grads = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, wide(p.dtype)), params)
+    dtype = wide(jax.tree_util.tree_leaves(params)[0].dtype)
     loss = 0.0
     for batch, weight in zip(micro_batches, weights):
       grads, value = accumulate(params, batch, jnp.asarray(weight, dtype), grads)
