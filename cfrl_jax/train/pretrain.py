@@ -180,16 +180,17 @@ def pretrain(config, task, out_dir: str, *, progress: bool = True) -> dict:
     n_new = int(math.ceil(completion_lengths[idx].max() / pc.length_bucket) * pc.length_bucket)
     data = sft_data.encode_pairs(policy, [pairs[i] for i in idx], max_new_tokens=n_new)
     P = data.pop('prompt_len')
-    if P not in updates:
+    key = None if pc.loss_on_prompt else P   # the whole-text loss ignores P: one compile per width
+    if key not in updates:
       # loss_on_prompt: language modelling on the whole text, as pretraining on a corpus does (the
       # prompts' numbers and names teach copying); otherwise completion tokens only.
       loss_fn = objectives.lm_objective(cfg) if pc.loss_on_prompt else objectives.sft_objective(cfg, P)
-      updates[P] = learner.make_accumulating_update(cfg, loss_fn, tx, 0)
+      updates[key] = learner.make_accumulating_update(cfg, loss_fn, tx, 0)
     # Warmup then cosine decay to 10%: a from-scratch run needs the decay to settle.
     frac = min(1.0, (step + 1) / max(pc.warmup_steps, 1))
     lr = pc.lr * frac * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / pc.steps)))
     chunks, weights = micro_batches(data, P, pc.micro_batches, pc.length_bucket, whole_text=pc.loss_on_prompt)
-    res = updates[P](params, opt_state, [{k: jnp.asarray(v) for k, v in c.items()} for c in chunks], weights,
+    res = updates[key](params, opt_state, [{k: jnp.asarray(v) for k, v in c.items()} for c in chunks], weights,
                      {'head': jnp.float32(lr), 'backbone': jnp.float32(lr)})
     if not bool(res.finite):
       raise FloatingPointError(f'Pretraining step {step}: non-finite loss; lower config.pretrain.lr (now {pc.lr}).')
