@@ -391,6 +391,7 @@ def _run(args, devices, kernels=True):
 def _wait(proc, timeout=900):
   out, _ = proc.communicate(timeout=timeout)
   assert proc.returncode == 0, f'worker failed ({proc.args[2:]}):\n{out[-4000:]}'
+  return out
 
 
 @pytest.fixture
@@ -415,9 +416,17 @@ def sharded_runs(tmp_path_factory):
   """Runs the mesh and checkpoint workers concurrently (one per core)."""
   out = tmp_path_factory.mktemp('parallel')
   procs = [_run(['meshes', out] + [','.join(map(str, s)) for s in MESHES], 8), _run(['checkpoint', out], 8)]
-  for p in procs:
-    _wait(p)
+  logs = [_wait(p) for p in procs]
+  (out / 'meshes.log').write_text(logs[0])
   return out
+
+
+def test_sharded_programs_need_no_involuntary_rematerialization(sharded_runs):
+  # XLA's SPMD partitioner logs this when it cannot reshard an op's output and replicates it instead
+  # (memory and traffic of the whole tensor on every device). The embedding lookup did so on tensor=2
+  # meshes until the table was given a vocab-parallel layout for the gather.
+  log = (sharded_runs / 'meshes.log').read_text()
+  assert 'Involuntary full rematerialization' not in log, log[-4000:]
 
 
 @pytest.fixture(scope='module')

@@ -441,7 +441,11 @@ class Backbone(nn.Module):
     rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, promoted(cfg.compute_dtype))
     embed = self.param('embed', nn.with_logical_partitioning(_normal(self.init_std), ('vocab', 'embed')),
                        (cfg.vocab_size, cfg.hidden_size), pdt)
-    # The embedding gather would otherwise follow the table's sharding.
+    # A vocab-parallel lookup: the table keeps its vocab split (tensor) and is gathered over fsdp only,
+    # as every ZeRO-3 weight is. Left to follow the table's ('vocab', 'embed') sharding, XLA's gather
+    # came out split on d and had to be replicated to reach the batch-sharded activations
+    # ("involuntary full rematerialization", tests/test_parallel.py).
+    embed = sharding.constrain_logical(embed, ('vocab', None))
     h = jnp.take(embed, tokens, axis=0).astype(cfg.compute_dtype)
     h = sharding.constrain_logical(h, sharding.ACTIVATION_AXES)
 
