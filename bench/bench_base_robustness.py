@@ -1,23 +1,26 @@
-"""Does the demo's base depend on the CPU? Pretrain it under two instruction sets and compare.
+"""Does the demo's base depend on the CPU? Pretrain it under several float orders and compare.
 
-The quantity: the embedded demo's from-scratch base (configs/demo.py), pretrained once with XLA's
-native code path and once with XLA limited to AVX2 (`XLA_FLAGS=--xla_cpu_max_isa=AVX2`, kernels built
-for -march=x86-64-v3): the float order of the two differs, as it does between CPUs. Pretraining stops
-at a validation-accuracy band (config.pretrain.stop_accuracy, on train-pattern problems), so the two
-bases should land within one eval interval of each other on the held-out set, where a fixed step count
-left them apart (issue 24: greedy 0.57 vs 0.66 between two machines at 330 steps).
+The quantity: the embedded demo's from-scratch base (configs/demo.py), pretrained with XLA's native
+code path, with XLA limited to AVX2 (`XLA_FLAGS=--xla_cpu_max_isa=AVX2`, kernels built for
+-march=x86-64-v3) or to SSE4.2 (kernels for x86-64-v2), and natively with whole-batch steps instead of
+micro-batches: each is a float order another CPU could have. Pretraining ends its main phase when the mean of the last
+`stop_window` validation readings meets the band (config.pretrain.stop_accuracy, train-pattern
+problems), then anneals the learning rate to zero over `cooldown_steps`, so the bases should land close
+together on the held-out set, where a fixed step count left them apart (issue 24: greedy 0.57 vs 0.66
+between two machines at 330 steps) and a single-reading stop without a cooldown left 0.62-0.72.
 
-Each base is pretrained in its own process under its ISA (or reused from --cache_<isa> when that
-directory already holds it), then both are evaluated in this process, natively, exactly as a study's
-step-0 eval does: greedy accuracy and sampled pass@1 (+/- s.e.) on the demo's held-out problems.
+Each base is pretrained in its own process (or reused from its cache directory when that already holds
+it), then all are evaluated in this process, natively, exactly as a study's step-0 eval does: greedy
+accuracy and sampled pass@1 (+/- s.e.) on the demo's held-out problems.
 
-    python bench/bench_base_robustness.py [--cache_native cache --cache_avx2 cache_avx2 --no_write]
+    python bench/bench_base_robustness.py [--parallel --variants=native,SSE4.2,... --cache_root DIR --no_write]
 
 Writes its section of bench/RESULTS.md (between <!-- bench_base_robustness --> markers) unless --no_write.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -28,25 +31,30 @@ import results_md  # bench/results_md.py: this directory is on sys.path when a s
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-ISAS = {
-    'native': {},
-    'AVX2': {'XLA_FLAGS': '--xla_cpu_max_isa=AVX2', 'CFRL_JAX_CPU_KERNELS_MARCH': 'x86-64-v3'},
+VARIANTS = {   # name: (environment, pretrain overrides)
+    'native': ({}, {}),
+    'AVX2': ({'XLA_FLAGS': '--xla_cpu_max_isa=AVX2', 'CFRL_JAX_CPU_KERNELS_MARCH': 'x86-64-v3'}, {}),
+    # On jax 0.10.2 / an AMD EPYC the AVX2 path computed bit for bit what the native one did; SSE4.2 does not.
+    'SSE4.2': ({'XLA_FLAGS': '--xla_cpu_max_isa=SSE4_2', 'CFRL_JAX_CPU_KERNELS_MARCH': 'x86-64-v2'}, {}),
+    # Whole-batch steps instead of micro-batches: another summation order on the same CPU.
+    'native whole-batch': ({}, {'micro_batches': 1}),
 }
 
 
-def demo_config(cache_dir: str):
+def demo_config(cache_dir: str, overrides: dict | None = None):
   import ml_collections
   from configs import demo
   c = ml_collections.ConfigDict(demo.get_config('').to_dict())
   c.pretrain.cache_dir = cache_dir
+  c.pretrain.update(overrides or {})
   return c
 
 
-def child(cache_dir: str) -> None:
+def child(cache_dir: str, overrides: dict) -> None:
   """Pretrains (or finds) the demo base under this process's ISA; prints its directory."""
   from cfrl_jax.tasks import build_task
   from cfrl_jax.train import pretrain
-  c = demo_config(cache_dir)
+  c = demo_config(cache_dir, overrides)
   print(json.dumps({'path': pretrain.pretrained_base(c, build_task(c.task), progress=True)}), flush=True)
 
 
@@ -67,50 +75,84 @@ def evaluate_base(path: str, cache_dir: str) -> dict:
   return out
 
 
+def _f(x) -> str:
+  return 'n/a' if x is None else f'{x:.3f}'
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  ap.add_argument('--cache_native', default=os.path.join(ROOT, 'cache'))
-  ap.add_argument('--cache_avx2', default=os.path.join(ROOT, 'cache_avx2'))
+  ap.add_argument('--cache_root', default=os.path.join(ROOT, 'cache_bases'),
+                  help='one cache directory per variant under this one (native: <root>/native, ...)')
+  ap.add_argument('--variants', default=','.join(VARIANTS), help=f'a subset of {", ".join(VARIANTS)}')
+  ap.add_argument('--parallel', action='store_true',
+                  help='pretrain the bases in parallel processes (their times then share the CPU)')
   ap.add_argument('--child', default='', help=argparse.SUPPRESS)
+  ap.add_argument('--overrides', default='{}', help=argparse.SUPPRESS)
   ap.add_argument('--no_write', action='store_true')
   args = ap.parse_args()
   if args.child:
-    return child(args.child)
-  caches = {'native': args.cache_native, 'AVX2': args.cache_avx2}
+    return child(args.child, json.loads(args.overrides))
+  names = [v.strip() for v in args.variants.split(',') if v.strip()]
+  unknown = [v for v in names if v not in VARIANTS]
+  if unknown or len(names) < 2:
+    raise SystemExit(f'--variants={args.variants!r}: give two or more of {", ".join(VARIANTS)} (unknown: {unknown}).')
+  caches = {v: os.path.join(args.cache_root, v.replace(' ', '_').replace('.', '')) for v in names}
+  procs = {}
+  for name in names:
+    env, overrides = VARIANTS[name]
+    os.makedirs(caches[name], exist_ok=True)
+    log = open(os.path.join(caches[name], 'bench_base_robustness.log'), 'w')
+    procs[name] = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--child', caches[name],
+                                    '--overrides', json.dumps(overrides)], cwd=ROOT, env=dict(os.environ, **env),
+                                   stdout=subprocess.PIPE, stderr=log, text=True)
+    if not args.parallel:
+      procs[name].wait()
   rows = {}
-  for isa, env in ISAS.items():
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), '--child', caches[isa]], cwd=ROOT,
-                       env=dict(os.environ, **env), stdout=subprocess.PIPE, text=True, check=True)
-    path = json.loads(p.stdout.strip().splitlines()[-1])['path']
-    rows[isa] = evaluate_base(path, caches[isa])
-    print(isa, {k: v for k, v in rows[isa].items() if k != 'pretrain'}, flush=True)
+  for name, p in procs.items():
+    out, _ = p.communicate()
+    if p.returncode:
+      raise SystemExit(f'{name}: pretraining failed (exit {p.returncode}); see {caches[name]}/bench_base_robustness.log')
+    path = json.loads(out.strip().splitlines()[-1])['path']
+    rows[name] = dict(evaluate_base(path, caches[name]), path=path)
+    print(name, {k: v for k, v in rows[name].items() if k not in ('pretrain', 'path')}, flush=True)
 
-  c = demo_config('')
-  lines = [f'Config: configs/demo.py base (stop at validation greedy accuracy >= {c.pretrain.stop_accuracy} on '
-           f'{c.pretrain.validation_problems} train-pattern problems, read every {c.pretrain.eval_every} steps '
-           f'from step {c.pretrain.eval_from}, cap {c.pretrain.steps} steps). Held-out eval: '
-           f'{c.eval.num_problems} problems, greedy and {c.eval.samples} samples at T={c.rl.temperature}, '
-           'the key of a study\'s step-0 eval; both bases evaluated natively in one process.', '',
-           '| XLA code path | pretrain steps | stopped by the band | pretrain min | final loss | validation greedy '
-           'at stop | held-out greedy | held-out pass@1 ± s.e. |', '|---|---|---|---|---|---|---|---|']
-  for isa, r in rows.items():
+  pc = demo_config('').pretrain
+  lines = [f'Config: configs/demo.py base (main phase until the mean of the last {pc.stop_window} validation '
+           f'readings >= {pc.stop_accuracy} (greedy, {pc.validation_problems} train-pattern problems, every '
+           f'{pc.eval_every} steps from step {pc.eval_from}, cap {pc.steps}), then {pc.cooldown_steps} cooldown '
+           'steps to lr 0). Held-out eval: the key of a study\'s step-0 eval, every base evaluated natively in '
+           f'this process. Bases pretrained {"in parallel processes" if args.parallel else "one after another"}.',
+           '', '| variant | band met at step | steps in all | pretrain min | final loss | validation mean at the '
+           'band | validation after cooldown | held-out greedy | held-out pass@1 ± s.e. |',
+           '|---|---|---|---|---|---|---|---|---|']
+  for name, r in rows.items():
     pt = r['pretrain']
-    val = pt['validation'][-1]['validation_greedy_accuracy'] if pt.get('validation') else float('nan')
-    lines.append(f"| {isa} | {pt['steps']} | {'yes' if pt.get('stopped_at') else 'no (cap)'} | "
-                 f"{pt['seconds'] / 60:.1f} | {pt['final_loss']:.3f} | {val:.3f} | {r['greedy_accuracy']:.3f} | "
+    val = pt.get('validation') or []
+    window = [v['validation_greedy_accuracy'] for v in val[-pt.get('stop_window', 1):]]
+    lines.append(f"| {name} | {pt.get('stopped_at') or 'no (cap)'} | {pt['steps']} | {pt['seconds'] / 60:.1f} | "
+                 f"{pt['final_loss']:.3f} | {_f(sum(window) / len(window) if window else None)} | "
+                 f"{_f(pt.get('final_validation_greedy_accuracy'))} | {r['greedy_accuracy']:.3f} | "
                  f"{r['pass@1']:.3f} ± {r['pass@1_stderr']:.3f} |")
-  for isa, r in rows.items():
+  digest = {n: hashlib.sha256(open(os.path.join(r['path'], 'model.safetensors'), 'rb').read()).hexdigest()
+            for n, r in rows.items()}
+  first = names[0]
+  lines += ['', f'Weights bit-identical to {first}\'s: ' + ', '.join(
+      f"{n}: {'yes' if digest[n] == digest[first] else 'no'}" for n in names[1:]) + '.']
+  for name, r in rows.items():
     if r['pretrain'].get('validation'):
-      lines += ['', f'{isa} validation readings (step: greedy accuracy): ' + ', '.join(
+      lines += ['', f'{name} validation readings (step: greedy accuracy): ' + ', '.join(
           f"{v['step']}: {v['validation_greedy_accuracy']:.3f}" for v in r['pretrain']['validation'])]
-  a, b = rows['native'], rows['AVX2']
-  lines += ['', f"Difference native - AVX2: held-out greedy {a['greedy_accuracy'] - b['greedy_accuracy']:+.3f}, "
-            f"pass@1 {a['pass@1'] - b['pass@1']:+.3f} (2 s.e. of that difference: "
-            f"{2 * (a['pass@1_stderr'] ** 2 + b['pass@1_stderr'] ** 2) ** 0.5:.3f}). Pretraining times are "
-            'whatever the machine gave each process (a cached base reports the time of the run that made it).']
+  greedy = [r['greedy_accuracy'] for r in rows.values()]
+  pass1 = [r['pass@1'] for r in rows.values()]
+  se = max(r['pass@1_stderr'] for r in rows.values())
+  lines += ['', f'Range over the {len(rows)} bases: held-out greedy {min(greedy):.3f}-{max(greedy):.3f} (spread '
+            f'{max(greedy) - min(greedy):.3f}), pass@1 {min(pass1):.3f}-{max(pass1):.3f} (spread '
+            f'{max(pass1) - min(pass1):.3f}; 2 s.e. of a difference of two: {2 * 2 ** 0.5 * se:.3f}). Pretraining '
+            'times are whatever the machine gave each process (a cached base reports the time of the run that '
+            'made it).']
   print('\n'.join(lines))
   if not args.no_write:
-    results_md.write_section('bench_base_robustness', 'Demo base under two XLA code paths '
+    results_md.write_section('bench_base_robustness', 'Demo base under several float orders '
                              '(bench/bench_base_robustness.py)', results_md.host(), lines)
 
 

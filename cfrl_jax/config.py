@@ -81,8 +81,12 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
   # Stop at an accuracy, not a step count, so that bases from different CPUs (whose float order differs)
   # land in one band: every eval_every steps from eval_from, greedy accuracy on validation_problems
   # problems of the task's *train* patterns (never the held-out eval set); the first reading at or above
-  # stop_accuracy ends pretraining, and `steps` is the cap. 0 = off (run all `steps`).
+  # stop_accuracy (as the mean of the last stop_window readings) ends the main phase, and `steps` is the
+  # cap. 0 = off (run all `steps`). Then cooldown_steps anneal the learning rate linearly to zero, so the
+  # saved base is a settled point, not one sample of the main phase's step-to-step jitter.
   c.pretrain.stop_accuracy = 0.0
+  c.pretrain.stop_window = 1
+  c.pretrain.cooldown_steps = 0
   c.pretrain.eval_every = 10
   c.pretrain.eval_from = 100
   c.pretrain.validation_problems = 256
@@ -284,9 +288,10 @@ def validate(c: mc.ConfigDict) -> None:
   _within(c, f'{p}.b2', 0, 1, open_high=True)
   _one_of(c, f'{p}.batching', ('random', 'length_sorted'))
   _within(c, f'{p}.stop_accuracy', 0, 1)
-  for f in ('eval_every', 'validation_problems'):
+  for f in ('eval_every', 'validation_problems', 'stop_window'):
     _at_least(c, f'{p}.{f}', 1)
-  _at_least(c, f'{p}.eval_from', 0)
+  for f in ('eval_from', 'cooldown_steps'):
+    _at_least(c, f'{p}.{f}', 0)
 
   rl = c.rl
   _one_of(c, 'rl.algorithm', ALGORITHMS)

@@ -42,20 +42,63 @@ def test_stops_at_the_first_reading_at_or_above_the_band(tmp_path, monkeypatch):
   assert seen == [16, 16, 16]
 
 
+def test_the_band_is_met_by_the_mean_of_the_last_stop_window_readings(tmp_path, monkeypatch):
+  # One reading of 0.7 would stop a single-reading rule at step 10; the mean of two first reaches 0.5 at 15.
+  readings = iter([0.1, 0.7, 0.4, 0.9])
+  monkeypatch.setattr(pretrain, 'validation_accuracy', lambda *a: next(readings))
+  c = _smoke(stop_accuracy=0.5, stop_window=2)
+  summary = pretrain.pretrain(c, build_task(c.task), str(tmp_path), progress=False)
+  assert summary['stopped_at'] == 15 and summary['steps'] == 15 and summary['stop_window'] == 2
+  assert summary['final_validation_greedy_accuracy'] == 0.4   # the last reading is of the saved step
+
+
+def test_the_cooldown_follows_the_band_reads_the_saved_base_and_decays_to_zero(tmp_path, monkeypatch):
+  readings = iter([0.1, 0.9, 0.77])   # two in the main phase, then one of the cooled-down base
+  seen, lrs = [], []
+  monkeypatch.setattr(pretrain, 'validation_accuracy', lambda *a: seen.append(1) or next(readings))
+  real = learner.make_accumulating_update
+
+  def recording(*a, **k):
+    update = real(*a, **k)
+
+    def update_recording(params, opt_state, chunks, weights, step_lrs):
+      lrs.append(float(step_lrs['head']))
+      return update(params, opt_state, chunks, weights, step_lrs)
+
+    return update_recording
+
+  monkeypatch.setattr(learner, 'make_accumulating_update', recording)
+  c = _smoke(stop_accuracy=0.5, cooldown_steps=4)
+  summary = pretrain.pretrain(c, build_task(c.task), str(tmp_path), progress=False)
+  assert summary['stopped_at'] == 10 and summary['steps'] == 14 and summary['cooldown_steps'] == 4
+  assert [r['step'] for r in summary['validation']] == [5, 10] and len(seen) == 3
+  assert summary['final_validation_greedy_accuracy'] == 0.77
+  # Main phase: the warmup-cosine schedule; cooldown: from the trigger step's rate linearly to zero.
+  main = [pretrain.learning_rate(c.pretrain, s) for s in range(10)]
+  np.testing.assert_allclose(lrs[:10], main, rtol=1e-6)
+  np.testing.assert_allclose(lrs[10:], [main[-1] * f for f in (1.0, 0.75, 0.5, 0.25)], rtol=1e-6)
+
+
 def test_the_saved_base_is_the_one_that_was_read(tmp_path):
   # A reading of 0 is enough to stop; the accuracy of the saved checkpoint, loaded back as a user would,
-  # must equal the reading that stopped it (the stop does not save a later or an earlier step).
-  c = _smoke(stop_accuracy=1e-6, eval_from=10, eval_every=10)
-  task = build_task(c.task)
-  summary = pretrain.pretrain(c, task, str(tmp_path), progress=False)
-  tok = tokenization.load_tokenizer(str(tmp_path))
-  cfg, params = hf.load_pretrained(str(tmp_path), tie='untie')
-  policy = make_policy(cfg, tok, None)
-  again = pretrain.validation_accuracy(policy, params, task.validation_rows(16), task, c.rl.max_new_tokens)
-  if summary['stopped_at'] is None:   # every reading was 0: it ran to the cap, and so must the check
-    assert summary['steps'] == 20 and all(r['validation_greedy_accuracy'] == 0 for r in summary['validation'])
-  else:
-    assert again == summary['validation'][-1]['validation_greedy_accuracy'] > 0
+  # must equal its recorded final reading: the trigger's own without a cooldown, a fresh one after it.
+  for cooldown in (0, 3):
+    c = _smoke(stop_accuracy=1e-6, eval_from=10, eval_every=10, cooldown_steps=cooldown)
+    task = build_task(c.task)
+    out = tmp_path / f'cooldown{cooldown}'
+    out.mkdir()
+    summary = pretrain.pretrain(c, task, str(out), progress=False)
+    tok = tokenization.load_tokenizer(str(out))
+    cfg, params = hf.load_pretrained(str(out), tie='untie')
+    policy = make_policy(cfg, tok, None)
+    again = pretrain.validation_accuracy(policy, params, task.validation_rows(16), task, c.rl.max_new_tokens)
+    assert again == summary['final_validation_greedy_accuracy']
+    if summary['stopped_at'] is None:   # every reading was 0: it ran to the cap (then the cooldown)
+      assert summary['steps'] == 20 + cooldown
+    else:
+      assert summary['steps'] == summary['stopped_at'] + cooldown
+      if not cooldown:
+        assert again == summary['validation'][-1]['validation_greedy_accuracy'] > 0
 
 
 def test_an_unreached_band_runs_to_the_cap_and_says_so(tmp_path, monkeypatch, capsys):
@@ -63,6 +106,7 @@ def test_an_unreached_band_runs_to_the_cap_and_says_so(tmp_path, monkeypatch, ca
   c = _smoke(stop_accuracy=0.9)
   summary = pretrain.pretrain(c, build_task(c.task), str(tmp_path), progress=False)
   assert summary['stopped_at'] is None and summary['steps'] == 20
+  assert summary['final_validation_greedy_accuracy'] == 0.2
   assert [r['step'] for r in summary['validation']] == [5, 10, 15, 20]
   out = capsys.readouterr().out
   assert 'config.pretrain.steps=20' in out and 'lower config.pretrain.stop_accuracy' in out
@@ -81,6 +125,10 @@ def test_out_of_range_band_and_a_task_without_validation_are_clear_errors():
   c = _smoke(stop_accuracy=1.5)
   with pytest.raises(ValueError, match=r'config\.pretrain\.stop_accuracy=1\.5.*\[0, 1\]'):
     validate(c)
+  with pytest.raises(ValueError, match=r'config\.pretrain\.stop_window=0.*>= 1'):
+    validate(_smoke(stop_window=0))
+  with pytest.raises(ValueError, match=r'config\.pretrain\.cooldown_steps=-1.*>= 0'):
+    validate(_smoke(cooldown_steps=-1))
   task = build_task(c.task)
   task.validation_fn = None
   with pytest.raises(ValueError, match='stop_accuracy=0'):

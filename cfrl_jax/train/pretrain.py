@@ -160,12 +160,11 @@ def pretrain(config, task, out_dir: str, *, progress: bool = True) -> dict:
   batches = []
   if pc.batching not in ('random', 'length_sorted'):
     raise ValueError(f"config.pretrain.batching={pc.batching!r}; expected 'random' or 'length_sorted'.")
-  while len(batches) < pc.steps:
+  while len(batches) < pc.steps + pc.cooldown_steps:
     # Measured on the demo (200 steps): random batches reach ~0.5 loss where length-sorted ones,
     # each holding one solution format, are still at ~0.7.
     batches += (_random_batches(len(pairs), pc.batch_size, rng) if pc.batching == 'random' else
                 _length_sorted_batches(completion_lengths, pc.batch_size, rng))
-  batches = batches[:pc.steps]
 
   ocfg = learner.OptimConfig(b2=pc.b2, weight_decay=pc.weight_decay, grad_clip=1.0)
   tx, opt_state = learner.init_stage(cfg, params, 0, ocfg)
@@ -174,8 +173,12 @@ def pretrain(config, task, out_dir: str, *, progress: bool = True) -> dict:
   validation, readings, stopped_at = None, [], None
   if pc.stop_accuracy > 0:
     validation = task.validation_rows(pc.validation_problems)
-  bar = tqdm(range(pc.steps), desc='pretrain', disable=not progress, dynamic_ncols=True)
-  for step in bar:
+  read = lambda: validation_accuracy(policy, params, validation, task, config.rl.max_new_tokens)
+  cooldown = None   # (first cooldown step, the learning rate it decays from) once the main phase ended
+  end = pc.steps    # becomes the trigger step + cooldown_steps once the band (or the cap) ends the main phase
+  bar = tqdm(total=pc.steps + pc.cooldown_steps, desc='pretrain', disable=not progress, dynamic_ncols=True)
+  step = 0
+  while step < end:
     idx = batches[step]
     n_new = int(math.ceil(completion_lengths[idx].max() / pc.length_bucket) * pc.length_bucket)
     data = sft_data.encode_pairs(policy, [pairs[i] for i in idx], max_new_tokens=n_new)
@@ -186,9 +189,7 @@ def pretrain(config, task, out_dir: str, *, progress: bool = True) -> dict:
       # prompts' numbers and names teach copying); otherwise completion tokens only.
       loss_fn = objectives.lm_objective(cfg) if pc.loss_on_prompt else objectives.sft_objective(cfg, P)
       updates[key] = learner.make_accumulating_update(cfg, loss_fn, tx, 0)
-    # Warmup then cosine decay to 10%: a from-scratch run needs the decay to settle.
-    frac = min(1.0, (step + 1) / max(pc.warmup_steps, 1))
-    lr = pc.lr * frac * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / pc.steps)))
+    lr = learning_rate(pc, step, cooldown)
     chunks, weights = micro_batches(data, P, pc.micro_batches, pc.length_bucket, whole_text=pc.loss_on_prompt)
     res = updates[key](params, opt_state, [{k: jnp.asarray(v) for k, v in c.items()} for c in chunks], weights,
                      {'head': jnp.float32(lr), 'backbone': jnp.float32(lr)})
@@ -196,26 +197,55 @@ def pretrain(config, task, out_dir: str, *, progress: bool = True) -> dict:
       raise FloatingPointError(f'Pretraining step {step}: non-finite loss; lower config.pretrain.lr (now {pc.lr}).')
     params, opt_state = res.params, res.opt_state
     losses.append(float(res.loss))
+    bar.update(1)
     bar.set_postfix(loss=f'{np.mean(losses[-10:]):.3f}')
-    done = step + 1
-    if validation is not None and done >= pc.eval_from and done % pc.eval_every == 0:
-      acc = validation_accuracy(policy, params, validation, task, config.rl.max_new_tokens)
-      readings.append({'step': done, 'validation_greedy_accuracy': acc, 'loss': float(np.mean(losses[-10:]))})
+    step += 1
+    if cooldown is not None:
+      continue
+    if validation is not None and step >= pc.eval_from and step % pc.eval_every == 0:
+      acc = read()
+      readings.append({'step': step, 'validation_greedy_accuracy': acc, 'loss': float(np.mean(losses[-10:]))})
+      # The band is met by the mean of the last stop_window readings: one reading moves by up to 0.1
+      # between neighbouring steps, and its first excursion above the band would stop at a lucky point.
+      window = [r['validation_greedy_accuracy'] for r in readings[-pc.stop_window:]]
       bar.set_postfix(loss=f'{np.mean(losses[-10:]):.3f}', val_acc=f'{acc:.3f}')
-      if acc >= pc.stop_accuracy:
-        stopped_at = done
-        break
+      if len(window) == pc.stop_window and np.mean(window) >= pc.stop_accuracy:
+        stopped_at = step
+    if stopped_at is not None or step == pc.steps:
+      # The cooldown anneals the learning rate linearly to zero, so that the saved base is a settled
+      # point rather than one sample of the main phase's step-to-step jitter.
+      cooldown, end = (step, lr), step + pc.cooldown_steps
+      bar.total = end
+      bar.refresh()
   bar.close()
-  steps = stopped_at or pc.steps
   if validation is not None and stopped_at is None:
     print(f'cfrl_jax: pretraining reached its cap config.pretrain.steps={pc.steps} before validation greedy '
-          f'accuracy {pc.stop_accuracy} (last reading '
+          f'accuracy {pc.stop_accuracy} (mean of the last {pc.stop_window} readings; last reading '
           f'{readings[-1]["validation_greedy_accuracy"] if readings else "none"}); the base lies outside its '
           'stated band. Raise config.pretrain.steps or lower config.pretrain.stop_accuracy.', flush=True)
+  final = None
+  if validation is not None:   # the saved base's own reading (the last one already is, without a cooldown)
+    final = readings[-1]['validation_greedy_accuracy'] if readings and readings[-1]['step'] == step else read()
   hf.save_pretrained(cfg, params, out_dir)
-  return {'steps': steps, 'examples': steps * pc.batch_size, 'final_loss': float(np.mean(losses[-10:])),
+  return {'steps': step, 'examples': step * pc.batch_size, 'final_loss': float(np.mean(losses[-10:])),
           'seconds': time.time() - t0, 'num_params': qwen.count_params(params), 'cache_key': cache_key(config),
-          'stop_accuracy': pc.stop_accuracy, 'stopped_at': stopped_at, 'validation': readings}
+          'stop_accuracy': pc.stop_accuracy, 'stop_window': pc.stop_window, 'stopped_at': stopped_at,
+          'cooldown_steps': step - cooldown[0] if cooldown else 0, 'validation': readings,
+          'final_validation_greedy_accuracy': final}
+
+
+def learning_rate(pc, step: int, cooldown: tuple[int, float] | None = None) -> float:
+  """The pretraining learning rate of 0-based `step`.
+
+  Main phase: linear warmup over warmup_steps, then cosine decay to 10% of pc.lr at the cap pc.steps
+  (a from-scratch run needs the decay to settle). Cooldown (from step `start`, the main phase's last
+  rate `lr0`): linear to zero over pc.cooldown_steps, lr0 * (start + cooldown_steps - step) / cooldown_steps.
+  """
+  if cooldown is not None:
+    start, lr0 = cooldown
+    return lr0 * (start + pc.cooldown_steps - step) / pc.cooldown_steps
+  frac = min(1.0, (step + 1) / max(pc.warmup_steps, 1))
+  return pc.lr * frac * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / pc.steps)))
 
 
 def validation_accuracy(policy, params, rows, task, max_new_tokens: int) -> float:
