@@ -34,7 +34,8 @@ sys.path.insert(0, ROOT)
 VARIANTS = {   # name: (environment, pretrain overrides)
     'native': ({}, {}),
     'AVX2': ({'XLA_FLAGS': '--xla_cpu_max_isa=AVX2', 'CFRL_JAX_CPU_KERNELS_MARCH': 'x86-64-v3'}, {}),
-    # On jax 0.10.2 / an AMD EPYC the AVX2 path computed bit for bit what the native one did; SSE4.2 does not.
+    # On jax 0.10.2 / an Intel Xeon with AVX-512 the AVX2 path computed bit for bit what the native one did;
+    # SSE4.2 does not.
     'SSE4.2': ({'XLA_FLAGS': '--xla_cpu_max_isa=SSE4_2', 'CFRL_JAX_CPU_KERNELS_MARCH': 'x86-64-v2'}, {}),
     # Whole-batch steps instead of micro-batches: another summation order on the same CPU.
     'native whole-batch': ({}, {'micro_batches': 1}),

@@ -52,7 +52,7 @@ def run_demo(config: str, work: str, name: str, env: dict) -> dict:
       step0 = next((r for r in map(json.loads, f) if r.get('kind') == 'eval' and r.get('step') == 0), {})
   return {'wall': wall, 'pretrain': float(base.get('seconds_this_run', 0.0)), 'step0': step0,
           'arms': {k: float(v) for k, v in timings.items() if '/' in k},
-          'base_steps': base.get('steps'), 'base_validation': (base.get('validation') or [{}])[-1]}
+          'base': base}
 
 
 def main():
@@ -77,12 +77,13 @@ def main():
     arms = ', '.join(f'{k} {v / 60:.1f}' for k, v in r['arms'].items())
     lines.append(f'| {name} | {r["wall"] / 60:.1f} | {LIMITS_MIN[name]:.0f} | {r["wall"] / 60 / LIMITS_MIN[name]:.2f} '
                  f'| {r["pretrain"] / 60:.1f} | {arms} |')
-  v = first['base_validation']
-  e = first['step0']
-  lines += ['', f'Base of the first run: stopped at step {first["base_steps"]}, last validation greedy accuracy '
-            f'{v.get("validation_greedy_accuracy", float("nan")):.3f}; held-out (step-0 eval) greedy '
-            f'{e.get("greedy_accuracy", float("nan")):.3f}, pass@1 {e.get("pass@1", float("nan")):.3f} '
-            f'± {e.get("pass@1_stderr", float("nan")):.3f}.']
+  b, e = first['base'], first['step0']
+  nan = float('nan')
+  lines += ['', f'Base of the first run: band met at step {b.get("stopped_at")}, {b.get("steps")} steps in all '
+            f'(cooldown {b.get("cooldown_steps", 0)}); validation greedy after the cooldown '
+            f'{b.get("final_validation_greedy_accuracy") or nan:.3f}; held-out (step-0 eval) greedy '
+            f'{e.get("greedy_accuracy", nan):.3f}, pass@1 {e.get("pass@1", nan):.3f} '
+            f'± {e.get("pass@1_stderr", nan):.3f}.']
   for line in lines:
     print(line)
   results_md.write_section('bench_demo_budget', 'The demo against its time budget (bench/bench_demo_budget.py)',

@@ -80,8 +80,8 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
   c.pretrain.seed = 0             # the base's own seed: RL seeds (config.seed) do not change the base
   # Stop at an accuracy, not a step count, so that bases from different CPUs (whose float order differs)
   # land in one band: every eval_every steps from eval_from, greedy accuracy on validation_problems
-  # problems of the task's *train* patterns (never the held-out eval set); the first reading at or above
-  # stop_accuracy (as the mean of the last stop_window readings) ends the main phase, and `steps` is the
+  # problems of the task's *train* patterns (never the held-out eval set); the first time the mean of the
+  # last stop_window readings is at or above stop_accuracy ends the main phase, and `steps` is the
   # cap. 0 = off (run all `steps`). Then cooldown_steps anneal the learning rate linearly to zero, so the
   # saved base is a settled point, not one sample of the main phase's step-to-step jitter.
   c.pretrain.stop_accuracy = 0.0

@@ -8,13 +8,14 @@ What it reproduces, at toy scale:
 What it does: builds the task and its tokenizer, pretrains a 1.6M-parameter Qwen2-architecture model
 (cached under cache/ after the first run), runs GRPO and CF-GRPO from the same base with the same seeds and
 rollout budget, probes NTK components / confidence / diversity / formats, and writes runs/demo/report.md.
-Base: pretraining stops at the first validation reading (greedy, 256 train-pattern problems, every 10
-steps from 150) >= 0.65, cap 450 steps. Bases measured on one 2-core AMD EPYC: native and AVX2-only XLA
-(bench/bench_base_robustness.py) stopped at 340 / 330 steps with held-out greedy 0.72 / 0.68 and sampled
-pass@1 0.46 / 0.42; a third, AVX2-only with micro-batched pretraining (bench/bench_demo_budget.py), at 320
-steps with 0.62 / 0.37. Expected base range: 320-340 steps, held-out greedy 0.62-0.72, pass@1 0.37-0.46.
-Hardware and time: a 2-core x86-64 CPU. With XLA limited to AVX2 on a 2-core AMD EPYC the first run took
-23.7 min (pretraining 10.1) and a cached run 13.7 min (bench/RESULTS.md, bench_demo_budget). Expected
+Base: the main phase (cosine over a 450-step cap) ends when the mean of the last two validation readings
+(greedy, 256 train-pattern problems, every 10 steps from 250) reaches 0.65; then 30 cooldown steps anneal
+the lr to zero. Four bases on one 2-core Intel Xeon (native, AVX2-only and SSE4.2-only XLA, whole-batch
+steps; bench/bench_base_robustness.py) took 330-380 steps and scored held-out sampled pass@1 0.557-0.565
+and greedy 0.85-0.93 (bench/RESULTS.md): that is the expected range.
+Hardware and time: a 2-core x86-64 CPU. With XLA limited to AVX2 on a 2-core Intel Xeon the first run took
+15.5 min (pretraining 6.2) and a cached run 9.2 min (bench/RESULTS.md, bench_demo_budget); the earlier
+recipe (single-reading stop, no cooldown) took 23.7 / 13.7 min on a slower 2-core AMD EPYC. Expected
 result: see configs/demo.py:study (3 seeds) rather than this 40-step one-seed run; there CF-GRPO is not
 distinguishable from GRPO.
 Tuning history is in the commit log.
@@ -113,7 +114,8 @@ def apply_study(c):
   paired difference with a 95% t interval over the 3 seeds.
   Hardware: a 2-core x86-64 CPU. Time: 15 runs of 100 steps with an eval every 10 steps; run here in
   several processes sharing 2 cores (docs/study.md), 9-32 min per run while sharing, 4.3 h of run time.
-  Result (README, generated; seeds 0-2): CF-GRPO not distinguishable from GRPO on steps to target, AUC
+  Result (README, generated; seeds 0-2; run on the base of the earlier pretraining recipe, a single
+  reading >= 0.65 and no cooldown, and not yet rerun on the cooled-down base): CF-GRPO not distinguishable from GRPO on steps to target, AUC
   or final pass@1; grpo_headlr's AUC higher than GRPO's; cfgrpo_samelr reaches the target 10 steps
   later than GRPO in every seed; cfgrpo_adaptive hits its 30-step cap in every seed (switch at 31).
   """

@@ -11,7 +11,8 @@ Command, hardware, time:
   10 steps.
   Time: 42 min on a 2-core AMD EPYC shared with a test run (PPO 11.0, GRPO 7.4, REINFORCE 9.4, EI 14.2
   min), base from the cache.
-  Result (seed 0): PPO and GRPO collapse onto the step-by-step format (held-out samples 0.53 -> 0.98 /
+  Result (seed 0, on the demo base of the earlier pretraining recipe, not yet rerun on the cooled-down
+  one): PPO and GRPO collapse onto the step-by-step format (held-out samples 0.53 -> 0.98 /
   0.99), EI does not, REINFORCE's training samples drift to unlabelled text; no collapse falls in the
   interval of the largest pass@1 rise. One seed: no interval.
 
