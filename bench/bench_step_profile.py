@@ -6,6 +6,9 @@ completions and scoring them), the learner update (forward + backward over the p
 batch, clip, AdamW), the eval (512 problems: greedy, then 4 samples each) and the NTK probe. Each
 part's median over its calls after the first (the first compiles).
 
+The RL part runs twice: with the whole minibatch in one learner update, and with it split into
+`--rl_micro_batches` length-sorted micro-batches cut to their longest completion (`rl.micro_batches`).
+
 Pretraining: the same demo batches through the whole-batch update (`learner.make_update`, every row
 padded to the batch's width) and through the micro-batched one the pretrainer runs
 (`pretrain.micro_batches`: rows sorted by length into micro-batches cut to their longest row). Both
@@ -120,6 +123,7 @@ def main():
   ap.add_argument('--steps', type=int, default=8)
   ap.add_argument('--pretrain_batches', type=int, default=6)
   ap.add_argument('--rounds', type=int, default=2)
+  ap.add_argument('--rl_micro_batches', type=int, default=4)
   ap.add_argument('--isa_note', default='native', help='the XLA code path, as you set it (label only)')
   ap.add_argument('--cache_dir', default='cache', help="where the demo's base is cached (config.pretrain.cache_dir)")
   args = ap.parse_args()
@@ -132,7 +136,11 @@ def main():
   config.checkpoint.every = 10 ** 6
 
   pre = pretrain_steps(config, args.pretrain_batches, args.rounds)
+  config.rl.micro_batches = 1
   parts = rl_parts(config, args.steps)
+  # The same arm with the learner's minibatch split into length-sorted micro-batches (rl.micro_batches).
+  config.rl.micro_batches = args.rl_micro_batches
+  micro_parts = rl_parts(config, args.steps)
 
   step = after_first(parts['rollout']) + after_first(parts['learner update'])
   lines = [f'Config: configs/demo.py (1.64M parameters, 128 rows per step); XLA code path: {args.isa_note}. '
@@ -143,6 +151,10 @@ def main():
                  f'{after_first(parts[name]) / step:.0%} |')
   for name in ('eval', 'probe'):
     lines.append(f'| {name} (per call) | {len(parts[name]) - 1} | {after_first(parts[name]):.2f} | - |')
+  w_rl, m_rl = after_first(parts['learner update']), after_first(micro_parts['learner update'])
+  lines += ['', f'RL learner update, whole minibatch {w_rl:.2f} s vs rl.micro_batches={args.rl_micro_batches} '
+            f'{m_rl:.2f} s: **{w_rl / m_rl:.2f}x** (medians over {len(micro_parts["learner update"]) - 1} steps, '
+            'first excluded; a step whose micro-batch widths are new also compiles).']
   w, m = (statistics.median(pre['times'][k]) for k in ('whole batch', 'micro-batched'))
   lines += ['', f'Pretraining step ({args.pretrain_batches} demo batches x {args.rounds} rounds): whole batch '
             f'{w:.2f} s, micro-batched ({config.pretrain.micro_batches}) {m:.2f} s: **{w / m:.2f}x**; padded '

@@ -103,6 +103,9 @@ def base_config(task: str = 'arithmetic') -> mc.ConfigDict:
   c.rl.max_new_tokens = 64
   c.rl.epochs = 1                # passes over each rollout
   c.rl.minibatches = 1           # updates per pass
+  c.rl.micro_batches = 1         # >1: each minibatch's rows sorted by completion length into this many micro-
+                                 # batches, each cut to its longest completion; one optimizer step on their
+                                 # weighted sum, equal to the whole minibatch's up to float order (one device)
   c.rl.clip_low = 0.2
   c.rl.clip_high = 0.2           # DAPO's epsilon_high (e.g. 0.28)
   c.rl.kl_coef = 0.0             # 0: no reference model is kept or run
@@ -307,6 +310,7 @@ def validate(c: mc.ConfigDict) -> None:
   _at_least(c, 'rl.max_new_tokens', 1)
   _at_least(c, 'rl.epochs', 1)
   _at_least(c, 'rl.minibatches', 1)
+  _at_least(c, 'rl.micro_batches', 1)
   if (rl.prompts_per_step * rl.group_size) % rl.minibatches:
     _fail('rl.minibatches', rl.minibatches, f'it must divide the rollout batch of rl.prompts_per_step x '
           f'rl.group_size = {rl.prompts_per_step * rl.group_size} rows')

@@ -12,7 +12,7 @@ from cfrl_jax import metrics as metrics_lib
 from cfrl_jax.config import base_config
 from cfrl_jax.run_setup import load_policy
 from cfrl_jax.tasks.base import Task
-from cfrl_jax.train import checkpoint, trainer
+from cfrl_jax.train import checkpoint, placement, trainer
 
 
 def contains_e(prompts, completions, **_):
@@ -338,3 +338,37 @@ def test_chunked_log_prob_pass_equals_the_whole_batch_pass():
   chunked = np.asarray(jax.jit(trainer.row_chunked(logp, 4))(params, tokens, mask))
   assert whole.shape == chunked.shape == (B, N)
   np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_micro_batched_learner_takes_the_same_steps(tiny_tokenizer_dir, tmp_path):
+  # rl.micro_batches cuts padding, not maths: across the CF-RL switch, with a KL reference and two
+  # minibatches, the records and parameters equal the whole-minibatch run's up to float32 order.
+  results = {}
+  for n in (1, 3):
+    c = toy_config(tiny_tokenizer_dir, str(tmp_path / f'micro{n}'), steps=2, max_new_tokens=12, kl_coef=0.05,
+                   minibatches=2, micro_batches=n, aggregation='seq_mean')
+    c.cfrl.enabled = True
+    c.cfrl.stage1_steps = 1
+    c.cfrl.stage1_head_lr = 1e-2
+    res = run(c)
+    results[n] = (metrics_lib.read_metrics(c.run_dir, 'train'), res.params)
+  (rec1, p1), (rec3, p3) = results[1], results[3]
+  assert [r['stage'] for r in rec3] == [1, 2]
+  for a, b in zip(rec1, rec3):
+    assert set(a) == set(b)
+    for k in ('loss', 'pg_loss', 'kl', 'clip_fraction', 'entropy', 'reward_mean', 'grad_norm_head',
+              'grad_norm_backbone', 'num_tokens'):
+      np.testing.assert_allclose(b[k], a[k], rtol=2e-4, atol=1e-6, err_msg=k)
+  # Adam divides by sqrt(v): where a gradient is ~0 (embedding rows of tokens no rollout used), float
+  # order alone changes its update by up to ~lr. So: all but 0.1% of entries to 1e-5, every entry within
+  # two steps of lr.
+  diff = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel()
+                         for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p3))])
+  assert np.mean(diff > 1e-5) < 1e-3 and diff.max() < 2 * 3e-3, (np.mean(diff > 1e-5), diff.max())
+
+
+def test_micro_batches_on_a_mesh_is_a_clear_error(tiny_tokenizer_dir, tmp_path, monkeypatch):
+  monkeypatch.setattr(placement.Placement, 'sharded', property(lambda self: True))
+  c = toy_config(tiny_tokenizer_dir, str(tmp_path), micro_batches=2)
+  with pytest.raises(ValueError, match=r'config\.rl\.micro_batches=2 runs on one device only.*set it to 1'):
+    run(c)

@@ -50,6 +50,12 @@ def check_per_token(name: str, x, loss_mask) -> None:
                      'per-token arrays must be (B, T) and aligned with loss_mask.')
 
 
+def wide(x):
+  """x as an array of at least float32: 16-bit inputs are promoted, float64 stays float64 (never a downcast)."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def as_mask(loss_mask):
   """loss_mask as float32 (accepts bool or integer masks)."""
   return jnp.asarray(loss_mask).astype(jnp.float32)

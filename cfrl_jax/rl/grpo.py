@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cfrl_jax.rl.aggregate import aggregate, as_mask, check_aggregation, check_per_token, token_mean
+from cfrl_jax.rl.aggregate import aggregate, as_mask, check_aggregation, check_per_token, token_mean, wide
 from cfrl_jax.rl.kl import kl_penalty
 from cfrl_jax.rl.ppo import clipped_surrogate
 
@@ -62,7 +62,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, loss_mask, *, clip_low=0.2, 
   metrics.update(kl_metrics)
   metrics['pg_loss'] = sg(pg_loss)
   metrics['loss'] = sg(loss)
-  advantages = jnp.asarray(advantages, jnp.float32)
+  advantages = wide(advantages)
   metrics['advantage_mean'] = sg(token_mean(jnp.broadcast_to(
       advantages[:, None] if advantages.ndim == 1 else advantages, mask.shape), mask))
   metrics['num_tokens'] = jnp.sum(mask)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cfrl_jax.rl.aggregate import aggregate, as_mask, check_per_token, masked, token_mean
+from cfrl_jax.rl.aggregate import aggregate, as_mask, check_per_token, masked, token_mean, wide
 
 KL_ESTIMATORS = ('k1', 'k2', 'k3')
 
@@ -55,8 +55,8 @@ def kl_per_token(logp, ref_logp, estimator: str = 'k3', clip: float | None = Non
   check_estimator(estimator)
   if clip is not None and not clip > 0:
     raise ValueError(f'clip={clip!r}; expected a positive bound or None.')
-  logp = jnp.asarray(logp, jnp.float32)
-  ref_logp = jnp.asarray(ref_logp, jnp.float32)
+  logp = wide(logp)
+  ref_logp = wide(ref_logp)
   if logp.shape != ref_logp.shape:
     raise ValueError(f'logp has shape {logp.shape} but ref_logp has shape {ref_logp.shape}.')
   x = logp - ref_logp
@@ -98,8 +98,8 @@ def kl_penalty(logp, ref_logp, loss_mask, *, kl_coef=0.0, estimator: str = 'k3',
   mask = as_mask(loss_mask)
   check_per_token('logp', jnp.asarray(logp), mask)
   check_per_token('ref_logp', jnp.asarray(ref_logp), mask)
-  ref_logp = jax.lax.stop_gradient(jnp.asarray(ref_logp, jnp.float32))
-  kl = kl_per_token(masked(jnp.asarray(logp, jnp.float32), mask), masked(ref_logp, mask), estimator)
+  ref_logp = jax.lax.stop_gradient(wide(ref_logp))
+  kl = kl_per_token(masked(wide(logp), mask), masked(ref_logp, mask), estimator)
   penalty = kl_coef * aggregate(kl, mask, aggregation, max_tokens)
   metrics = {'kl': jax.lax.stop_gradient(token_mean(kl, mask)),
              'kl_penalty': jax.lax.stop_gradient(penalty)}

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from cfrl_jax.rl.advantages import terminal_token_rewards
-from cfrl_jax.rl.aggregate import aggregate, as_mask, check_aggregation, check_per_token, masked, token_mean
+from cfrl_jax.rl.aggregate import aggregate, as_mask, check_aggregation, check_per_token, masked, token_mean, wide
 from cfrl_jax.rl.kl import kl_penalty, kl_per_token
 
 
@@ -36,7 +36,7 @@ def _check_clip(clip_low, clip_high) -> None:
 
 def _token_advantages(advantages, mask):
   """(B,) or (B, T) -> (B, T) broadcast over tokens, held constant."""
-  advantages = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))
+  advantages = jax.lax.stop_gradient(wide(advantages))
   B, T = mask.shape
   if advantages.shape == (B,):
     return jnp.broadcast_to(advantages[:, None], (B, T))
@@ -64,10 +64,10 @@ def clipped_surrogate(logp, old_logp, advantages, loss_mask, *, clip_low=0.2, cl
   """
   _check_clip(clip_low, clip_high)
   mask = as_mask(loss_mask)
-  logp = jnp.asarray(logp, jnp.float32)
+  logp = wide(logp)
   check_per_token('logp', logp, mask)
   check_per_token('old_logp', jnp.asarray(old_logp), mask)
-  old_logp = jax.lax.stop_gradient(jnp.asarray(old_logp, jnp.float32))
+  old_logp = jax.lax.stop_gradient(wide(old_logp))
   A = _token_advantages(advantages, mask)
   # Masking the log-ratio (not the ratio) keeps exp() finite at padding positions.
   log_ratio = masked(logp - old_logp, mask)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from cfrl_jax.rl import advantages as adv
-from cfrl_jax.rl.aggregate import aggregate, as_mask, check_aggregation, check_per_token, masked, token_mean
+from cfrl_jax.rl.aggregate import aggregate, as_mask, check_aggregation, check_per_token, masked, token_mean, wide
 from cfrl_jax.rl.kl import kl_penalty
 
 BASELINES = ('none', 'batch_mean', 'group_mean', 'rloo')
@@ -67,7 +67,7 @@ def reinforce_loss(logp, rewards, loss_mask, *, baseline: str = 'batch_mean',
   """
   check_aggregation(aggregation, max_tokens)
   mask = as_mask(loss_mask)
-  logp = jnp.asarray(logp, jnp.float32)
+  logp = wide(logp)
   check_per_token('logp', logp, mask)
   A = reinforce_advantages(rewards, baseline, group_size)
   if A.shape != (mask.shape[0],):

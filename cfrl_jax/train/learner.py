@@ -146,29 +146,31 @@ def _apply_gradients(cfg, tx, params, opt_state, grads, loss, lrs, metrics) -> U
 
 def make_accumulating_update(cfg: qwen.QwenConfig, loss_fn: LossFn, tx: optax.GradientTransformation,
                              stage: int):
-  """update(params, opt_state, micro_batches, weights, lrs) -> UpdateResult: one optimizer step on
-  sum_i weights[i] * loss_fn(params, micro_batches[i]).
+  """update(params, opt_state, micro_batches, weights, lrs, combine=None) -> UpdateResult: one optimizer
+  step on sum_i weights[i] * loss_fn(params, micro_batches[i]).
 
   Micro-batches may differ in shape (each is cut to its own longest row, so padding is not computed):
   one compiled gradient pass per shape accumulates into one gradient tree, then one jitted step clips,
-  applies the optimizer and checks finiteness as `make_update` does. With weights n_i / sum n (n_i: the
-  tokens a token-mean loss averages over in micro-batch i) the step equals make_update's on the whole
-  batch, up to floating-point summation order. Metrics are the gradient norms only.
+  applies the optimizer and checks finiteness as `make_update` does. With weights that make the sum the
+  whole batch's loss (pretrain.micro_batches, micro_batching.split) the step equals make_update's on the
+  whole batch, up to floating-point summation order. Metrics: the gradient norms, plus
+  combine([loss_fn's metrics of each micro-batch]) when `combine` is given.
   """
 
   def accumulate(params, batch, weight, grads):
     def objective(p):
       p = freeze_backbone(cfg, p) if stage == 1 else p
-      return weight * loss_fn(p, batch)[0]
+      loss, metrics = loss_fn(p, batch)
+      return weight * loss, metrics
 
-    value, g = jax.value_and_grad(objective)(params)
-    return jax.tree_util.tree_map(jnp.add, grads, g), value
+    (value, metrics), g = jax.value_and_grad(objective, has_aux=True)(params)
+    return jax.tree_util.tree_map(jnp.add, grads, g), value, metrics
 
   accumulate = jax.jit(accumulate, donate_argnums=(3,))
   apply = jax.jit(lambda params, opt_state, grads, loss, lrs:
                   _apply_gradients(cfg, tx, params, opt_state, grads, loss, lrs, {}), donate_argnums=(0, 1))
 
-  def update(params, opt_state, micro_batches, weights, lrs) -> UpdateResult:
+  def update(params, opt_state, micro_batches, weights, lrs, combine=None) -> UpdateResult:
     if len(micro_batches) != len(weights) or not micro_batches:
       raise ValueError(f'make_accumulating_update: {len(micro_batches)} micro-batches and {len(weights)} weights; '
                        'give one weight per micro-batch, at least one.')
@@ -177,11 +179,15 @@ def make_accumulating_update(cfg: qwen.QwenConfig, loss_fn: LossFn, tx: optax.Gr
     wide = lambda dtype: jnp.promote_types(dtype, jnp.float32)
     grads = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, wide(p.dtype)), params)
     dtype = wide(jax.tree_util.tree_leaves(params)[0].dtype)
-    loss = 0.0
+    loss, per_micro = 0.0, []
     for batch, weight in zip(micro_batches, weights):
-      grads, value = accumulate(params, batch, jnp.asarray(weight, dtype), grads)
+      grads, value, metrics = accumulate(params, batch, jnp.asarray(weight, dtype), grads)
       loss = loss + value
-    return apply(params, opt_state, grads, loss, lrs)
+      per_micro.append(metrics)
+    res = apply(params, opt_state, grads, loss, lrs)
+    if combine is not None:
+      res = res._replace(metrics=dict(res.metrics, **combine(per_micro)))
+    return res
 
   return update
 

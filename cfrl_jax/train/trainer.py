@@ -25,9 +25,10 @@ from cfrl_jax.rl import advantages as adv_lib
 from cfrl_jax.rl import expert_iteration, ppo
 from cfrl_jax.rl import algorithms
 from cfrl_jax.train import checkpoint as ckpt_lib
-from cfrl_jax.train import learner, objectives, placement, rollout, schedule, sft_data
+from cfrl_jax.train import learner, micro_batching, objectives, placement, rollout, schedule, sft_data
 
 PROMPT_BUCKET = 16
+MICRO_BUCKET = 16    # completion widths of rl.micro_batches, a multiple of this (one compile per width)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -225,6 +226,9 @@ class Trainer:
     self._jitted: dict = {}     # compiled forward passes and the critic step
     # One device: arrays as given. Several: a mesh from config.mesh, everything below sharded by its rules.
     self.place = placement.Placement(config.mesh, params)
+    if rl.micro_batches > 1 and self.place.sharded:
+      raise ValueError(f'config.rl.micro_batches={rl.micro_batches} runs on one device only (its micro-batches '
+                       f'have no sharding rules); on this {jax.device_count()}-device mesh set it to 1.')
     self.params = self.place.put(params, self.place.param_specs)
     self.ref_params = self.place.put(_copy(params), self.place.param_specs) if rl.kl_coef > 0 else None
     # Offline Expert Iteration fine-tunes the starting model afresh every round.
@@ -375,10 +379,25 @@ class Trainer:
   def _lrs(self) -> dict:
     return learning_rates(self.rl, self.config.cfrl, self.stage, self.step, self.stage_start)
 
+  def _micro_update_fn(self, kind: str, prompt_len: int):
+    k = ('micro', kind, prompt_len, self.stage)
+    if k not in self._updates:
+      self._updates[k] = learner.make_accumulating_update(self.cfg, self._loss_fn(kind, prompt_len), self.tx,
+                                                          self.stage)
+    return self._updates[k]
+
   def _apply(self, kind, prompt_len, batch: dict, lrs: dict | None = None):
-    update = self._update_fn(kind, prompt_len)
     lrs = {k: jnp.float32(v) for k, v in (self._lrs() if lrs is None else lrs).items()}
-    res = update(self.params, self.opt_state, batch, lrs)
+    if self.rl.micro_batches > 1 and kind == self.algorithm.name and self.algorithm.step == algorithms.POLICY_GRADIENT:
+      # Length-sorted micro-batches cut to their longest completion: the same step, less padding computed.
+      chunks, loss_w, token_w = micro_batching.split(
+          {k: v for k, v in batch.items() if v is not None}, prompt_len, self.rl.micro_batches, MICRO_BUCKET,
+          self.rl.aggregation, self.rl.max_new_tokens)
+      res = self._micro_update_fn(kind, prompt_len)(
+          self.params, self.opt_state, [{k: jnp.asarray(v) for k, v in c.items()} for c in chunks], loss_w, lrs,
+          combine=lambda ms: micro_batching.combine_metrics(ms, loss_w, token_w))
+    else:
+      res = self._update_fn(kind, prompt_len)(self.params, self.opt_state, batch, lrs)
     if not bool(res.finite):
       self.params, self.opt_state = res.params, res.opt_state   # unchanged by the skipped update
       self.save()
