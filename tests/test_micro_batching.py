@@ -1,13 +1,14 @@
 """Length-sorted micro-batches of a policy-gradient minibatch (config.rl.micro_batches) take the whole
 minibatch's optimizer step: checked in float64 against learner.make_update on the uncut batch."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cfrl_jax.config import base_config
 from cfrl_jax.models import qwen
-from cfrl_jax.train import learner, micro_batching, objectives
+from cfrl_jax.train import micro_batching, objectives
+
+import accumulation_check
 
 P, N, B = 6, 12, 10
 
@@ -63,21 +64,10 @@ def test_micro_batched_step_equals_the_whole_minibatch_step_in_float64(case):
     assert sum(float(c['completion_mask'].sum()) for c in chunks) == float(batch['completion_mask'].sum())
     assert abs(sum(loss_w) - 1) < 1e-12 and abs(sum(token_w) - 1) < 1e-12
     loss_fn = objectives.algorithm_objective(cfg, P, rl, name)
-    lrs = {'head': jnp.float64(1e-2), 'backbone': jnp.float64(1e-2)}
-    copy = lambda t: jax.tree_util.tree_map(jnp.array, t)
-    tx, opt = learner.init_stage(cfg, params, 0, learner.OptimConfig(grad_clip=1.0))
-    whole = learner.make_update(cfg, loss_fn, tx, 0)(copy(params), copy(opt),
-                                                     {k: jnp.asarray(v) for k, v in batch.items()}, lrs)
-    tx, opt = learner.init_stage(cfg, params, 0, learner.OptimConfig(grad_clip=1.0))
-    micro = learner.make_accumulating_update(cfg, loss_fn, tx, 0)(
-        copy(params), copy(opt), [{k: jnp.asarray(v) for k, v in c.items()} for c in chunks], loss_w, lrs,
+    whole, micro = accumulation_check.whole_and_accumulated_steps(
+        cfg, loss_fn, params, batch, chunks, loss_w,
         combine=lambda ms: micro_batching.combine_metrics(ms, loss_w, token_w))
-  assert abs(float(micro.loss) - float(whole.loss)) < 1e-12
-  for a, b in zip(jax.tree_util.tree_leaves(micro.params), jax.tree_util.tree_leaves(whole.params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-12)
-  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-              for a, b in zip(jax.tree_util.tree_leaves(micro.params), jax.tree_util.tree_leaves(params)))
-  assert moved > 1e-4   # the step did something
+  accumulation_check.assert_same_step(whole, micro, params)
   assert float(whole.metrics['clip_fraction']) > 0   # and the clip acted on some tokens
   # Every metric of these losses is a loss part, a count, a maximum or a token mean: all combine exactly,
   # up to float32 rounding (the clip fractions and other diagnostics are token means of float32 masks).

@@ -3,7 +3,6 @@ import json
 
 import ml_collections
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -14,6 +13,8 @@ from cfrl_jax.policy import make_policy
 from cfrl_jax.tasks import build_task
 from cfrl_jax.train import learner, objectives, pretrain
 from configs import demo
+
+import accumulation_check
 
 
 def _smoke(**pretrain_fields):
@@ -162,20 +163,9 @@ def test_micro_batched_step_equals_the_whole_batch_step_in_float64(whole_text):
     assert all(c['tokens'].shape[1] < P + N for c in chunks[:1])
     assert sum(int(c['mask'].sum()) for c in chunks) == int(data['mask'].sum())
     assert abs(sum(weights) - 1) < 1e-12
-    lrs = {'head': jnp.float64(1e-2), 'backbone': jnp.float64(1e-2)}
-    copy = lambda t: jax.tree_util.tree_map(jnp.array, t)
-    tx, opt = learner.init_stage(cfg, params, 0, learner.OptimConfig(grad_clip=1.0))
-    whole = learner.make_update(cfg, loss_fn, tx, 0)(copy(params), copy(opt),
-                                                     {k: jnp.asarray(v) for k, v in data.items()}, lrs)
-    tx, opt = learner.init_stage(cfg, params, 0, learner.OptimConfig(grad_clip=1.0))
-    micro = learner.make_accumulating_update(cfg, loss_fn, tx, 0)(
-        copy(params), copy(opt), [{k: jnp.asarray(v) for k, v in c.items()} for c in chunks], weights, lrs)
-    assert abs(float(micro.loss) - float(whole.loss)) < 1e-12
-    for a, b in zip(jax.tree_util.tree_leaves(micro.params), jax.tree_util.tree_leaves(whole.params)):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-12)
-    moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(micro.params),
-                                                            jax.tree_util.tree_leaves(params)))
-    assert moved > 1e-4   # the step did something
+    whole, micro = accumulation_check.whole_and_accumulated_steps(cfg, loss_fn, params, data, chunks,
+                                                                  weights)
+    accumulation_check.assert_same_step(whole, micro, params)
     for key in ('grad_norm_head', 'grad_norm_backbone'):
       assert abs(float(micro.metrics[key]) - float(whole.metrics[key])) < 1e-10
 
