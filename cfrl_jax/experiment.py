@@ -8,6 +8,7 @@ seed differ only by their arm and are paired by seed.
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import os
 import struct
@@ -140,7 +141,7 @@ def run(config, explicit: frozenset[str] = frozenset()) -> str:
       trainer.check_fresh_run_dir(os.path.join(run_dir, arm, f'seed{seed}'))
   arms = list(dict.fromkeys(arm for arm, _, _ in jobs))
   seeds = list(dict.fromkeys(seed for _, seed, _ in jobs))
-  earlier = earlier_study_record(config, run_dir)   # before any work: an incompatible one is an error
+  earlier_study_record(config, run_dir)   # before any work: an incompatible study is an error
   bases = {}
   if config.model.source == 'pretrain':
     # Only the bases the runs use: one per study, or one per seed with study.vary_base.
@@ -169,10 +170,7 @@ def run(config, explicit: frozenset[str] = frozenset()) -> str:
     record = {'arms': arms, 'seeds': seeds, 'config': json.loads(config.to_json_best_effort()),
               'bases': list(bases.values()), 'base_varies_with_seed': bool(config.study.vary_base),
               'timings': timings}
-    record = merge_study_records(earlier, record) if earlier else record
-    record['base'] = record['bases'][0] if len(record['bases']) == 1 else {}
-    with open(os.path.join(run_dir, STUDY_FILE), 'w') as f:
-      json.dump(record, f, indent=1)
+    write_study_record(config, run_dir, record)
   if config.report and jax.process_index() == 0:
     print(f'Report: {report.write_report(run_dir, title=config.name)}')
   return run_dir
@@ -232,6 +230,29 @@ def earlier_study_record(config, run_dir: str) -> dict | None:
                      f'{" ..." if len(diff) > 5 else ""}. Its runs would not be comparable with these: use '
                      'another --config.run_dir, or the settings of that study.')
   return earlier
+
+
+def write_study_record(config, run_dir: str, record: dict) -> dict:
+  """Merges this invocation's record into run_dir/study.json and returns what was written.
+
+  The file is read again here, after the runs, not only at the start: invocations of one study that
+  run at the same time (one per seed) all start before any has written it, and a record merged with
+  the start-time copy would drop the seeds of every invocation that finished in between. An exclusive
+  lock (fcntl.flock on study.json.lock) orders the read-merge-write of processes on one machine; the
+  file is replaced atomically, so a reader never sees half a record.
+  """
+  path = os.path.join(run_dir, STUDY_FILE)
+  with open(path + '.lock', 'a') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    earlier = earlier_study_record(config, run_dir)   # checked again: it may have appeared meanwhile
+    if earlier is not None:
+      record = merge_study_records(earlier, record)
+    record['base'] = record['bases'][0] if len(record['bases']) == 1 else {}
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+      json.dump(record, f, indent=1)
+    os.replace(tmp, path)
+  return record
 
 
 def merge_study_records(earlier: dict, now: dict) -> dict:

@@ -112,12 +112,13 @@ def apply_study(c):
                      falls below 0.5 (at most 30 steps)
   The report gives per seed steps to target and AUC of held-out pass@1, and per designed comparison the
   paired difference with a 95% t interval over the 3 seeds.
-  Hardware: a 2-core x86-64 CPU. Time: 15 runs of 100 steps with an eval every 10 steps; run here in
-  several processes sharing 2 cores (docs/study.md), 9-32 min per run while sharing, 4.3 h of run time.
-  Result (README, generated; seeds 0-2; run on the base of the earlier pretraining recipe, a single
-  reading >= 0.65 and no cooldown, and not yet rerun on the cooled-down base): CF-GRPO not distinguishable from GRPO on steps to target, AUC
-  or final pass@1; grpo_headlr's AUC higher than GRPO's; cfgrpo_samelr reaches the target 10 steps
-  later than GRPO in every seed; cfgrpo_adaptive hits its 30-step cap in every seed (switch at 31).
+  Hardware: a 2-core x86-64 CPU. Time: 15 runs of 100 steps with an eval every 10 steps; run here in three
+  processes (one per seed) sharing a 2-core Intel Xeon with two other jobs (docs/study.md): 12-17 min per
+  run while sharing, 3.8 h of run time, about 1.5 h wall including the 6-minute base.
+  Result (README, generated; seeds 0-2, the cooled-down base): CF-GRPO not distinguishable from GRPO on
+  steps to target, AUC or final pass@1; grpo_headlr reaches the target sooner and has a higher AUC than
+  GRPO; cfgrpo_samelr's AUC is lower; cfgrpo_adaptive hits its 30-step cap in every seed (switch at 31)
+  and reaches the target at step 20, in stage one; no arm's final pass@1 differs from GRPO's.
   """
   c.name = 'demo_study'
   c.run_dir = 'runs/demo_study'

@@ -9,12 +9,11 @@ Command, hardware, time:
   the demo's cached base (or pretrains it once), then runs 100 RL steps of 8 prompts x 8 samples for each
   of ppo, grpo and reinforce and 10 EI rounds over 512 prompts x 8 samples, with a 512-problem eval every
   10 steps.
-  Time: 42 min on a 2-core AMD EPYC shared with a test run (PPO 11.0, GRPO 7.4, REINFORCE 9.4, EI 14.2
-  min), base from the cache.
-  Result (seed 0, on the demo base of the earlier pretraining recipe, not yet rerun on the cooled-down
-  one): PPO and GRPO collapse onto the step-by-step format (held-out samples 0.53 -> 0.98 /
-  0.99), EI does not, REINFORCE's training samples drift to unlabelled text; no collapse falls in the
-  interval of the largest pass@1 rise. One seed: no interval.
+  Time: 73.5 min on a 2-core Intel Xeon shared with the CF-RL study (PPO 18.5, GRPO 13.9,
+  REINFORCE 13.9, EI 27.3 min), base from the cache.
+  Result (seed 0, the demo's cooled-down base): GRPO and REINFORCE collapse onto the step-by-step format
+  (held-out samples 0.52 -> 0.99 / 1.00), PPO drifts towards it (0.79), EI towards compact (0.49); no
+  collapse falls in the interval of the largest pass@1 rise. One seed: no interval.
 
 What the report shows (runs/echo_chamber/report.md, written when the study ends; cfrl_jax.report):
   echo_chamber.png, one panel per arm: the fraction of training samples in each solution format over RL

@@ -79,3 +79,26 @@ def test_joining_a_study_with_other_settings_is_refused_before_any_work(tmp_path
   with pytest.raises(ValueError, match=r'other settings: rl\.lr \(0\.001 there, 0\.002 now\).*another --config\.run_dir'):
     experiment.earlier_study_record(_config(**{'rl.lr': 2e-3, 'eval': same.eval}), run_dir)
   assert experiment.earlier_study_record(_config(), str(tmp_path / 'fresh')) is None
+
+
+def test_concurrent_invocations_keep_every_seed_in_the_study_record(tmp_path):
+  # Three processes of one study (one per seed) all start before any has written study.json; each
+  # writes when its runs end. The record must hold all three seeds and every run's time, whatever
+  # order they finish in (a record merged only with the start-time copy kept the last writer's seed).
+  run_dir = str(tmp_path)
+  for seed in (1, 0, 2):
+    c = _config(seeds=str(seed), run_dir=run_dir, resume=True)
+    experiment.write_study_record(c, run_dir, _record(c, ['grpo', 'cfgrpo'], [seed],
+                                                      {f'grpo/seed{seed}': 10.0 + seed, f'cfgrpo/seed{seed}': 20.0}))
+  record = json.load(open(tmp_path / experiment.STUDY_FILE))
+  assert record['seeds'] == [0, 1, 2] and record['arms'] == ['grpo', 'cfgrpo']
+  assert sorted(k for k in record['timings'] if '/' in k) == sorted(
+      f'{a}/seed{s}' for a in ('grpo', 'cfgrpo') for s in (0, 1, 2))
+  assert record['timings']['total'] == 10 + 11 + 12 + 3 * 20
+  assert record['base']['seeds'] == [0, 1, 2]
+  assert not [p for p in os.listdir(run_dir) if '.tmp' in p]   # replaced atomically, nothing left over
+  # one with other settings that appeared meanwhile is refused at write time too
+  with pytest.raises(ValueError, match='other settings'):
+    other = _config(**{'rl.lr': 2e-3, 'seeds': '3', 'run_dir': run_dir})
+    experiment.write_study_record(other, run_dir, _record(other, ['grpo'], [3], {'grpo/seed3': 1.0}))
+  assert json.load(open(tmp_path / experiment.STUDY_FILE))['seeds'] == [0, 1, 2]
