@@ -18,10 +18,9 @@ def whole_and_accumulated_steps(cfg, loss_fn, params, batch, chunks, weights, co
   whole = learner.make_update(cfg, loss_fn, tx, 0)(copy(params), copy(opt),
                                                    {k: jnp.asarray(v) for k, v in batch.items()}, lrs)
   tx, opt = learner.init_stage(cfg, params, 0, learner.OptimConfig(grad_clip=1.0))
-  kwargs = {} if combine is None else {'combine': combine}
   micro = learner.make_accumulating_update(cfg, loss_fn, tx, 0)(
       copy(params), copy(opt), [{k: jnp.asarray(v) for k, v in c.items()} for c in chunks], weights, lrs,
-      **kwargs)
+      combine=combine)
   return whole, micro
 
 
